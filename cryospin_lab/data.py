@@ -1,0 +1,400 @@
+"""Particle stacks (memory-mapped ``.mrcs`` + STAR/.cs metadata) and MRC map input/output.
+
+* ``ParticleStack`` opens every stack with ``mrcfile.mmap`` and reads only the
+  images of a batch (nothing is loaded whole). Headers are checked up front
+  (file exists, real pixel mode, square images of the metadata's box size, every
+  index inside the stack); pixel values are checked for NaN/Inf when a batch is
+  read, and for the whole stack by :meth:`ParticleStack.validate`.
+* Downsampling: ``box_size=`` crops the centred spectrum (``fourier.fourier_crop``),
+  and the pixel size grows by ``D_in / D_out``. Shifts stay in Å; CTF parameters
+  do not change.
+* Normalisation (``normalize=True``): from each (downsampled) image subtract the
+  mean of its background, the pixels outside the inscribed circle (radius
+  ``D // 2``) as RELION does, then divide by one global standard deviation,
+  estimated once over at most ``n_normalization_images`` images at evenly spaced
+  indices (deterministic) after the same background subtraction. The contrast
+  is not changed (RELION stacks keep their inverted contrast).
+* ``half_split(seed)`` is a seeded random permutation cut in two sorted halves.
+
+Hand-written: mrcfile does the I/O; this module is bookkeeping and checks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+from torch import Tensor
+
+from .ctf import CTFParams
+from .fourier import fourier_crop_images
+from .star import ParticleMetadata, PathMap, peek_stack, read_cs, read_star
+
+__all__ = ["ParticleBatch", "ParticleStack", "read_map", "write_map"]
+
+# MRC modes holding real pixels: int8, int16, float32, uint16, float16. Modes 3 and 4 are complex.
+_REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+_MAX_OPEN_STACKS = 64
+
+
+@dataclass(frozen=True)
+class ParticleBatch:
+    """Images of rows ``indices`` with their metadata subsets (None where the metadata has none).
+
+    ``images`` are float32 ``(B, D, D)`` indexed ``[y, x]``; ``rotations`` and
+    ``shifts_angstrom`` keep the metadata's dtype (float64).
+    """
+
+    indices: Tensor
+    images: Tensor
+    rotations: Tensor | None
+    shifts_angstrom: Tensor | None
+    ctf: CTFParams | None
+    pixel_size_angstrom: float
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def to(self, device) -> ParticleBatch:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return ParticleBatch(
+            indices=self.indices.to(device),
+            images=self.images.to(device),
+            rotations=move(self.rotations),
+            shifts_angstrom=move(self.shifts_angstrom),
+            ctf=move(self.ctf),
+            pixel_size_angstrom=self.pixel_size_angstrom,
+        )
+
+
+def _peek_checked(stack_path: str, source: str) -> tuple[int, int, int]:
+    """``(nz, ny, nx)`` of a stack after checking it exists and holds real pixels; warns on a lenient read."""
+    if not os.path.isfile(stack_path):
+        raise FileNotFoundError(f"{source}: image stack {stack_path} does not exist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            shape, _, mode = peek_stack(stack_path)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{stack_path}: not a readable MRC stack ({err})") from err
+    if any("map id" in str(w.message).lower() for w in caught):
+        warnings.warn(f"{stack_path}: MRC header lacks the 'MAP ' id; reading it leniently", stacklevel=3)
+    if mode not in _REAL_MODES:
+        kind = "complex" if mode in (3, 4) else "unsupported"
+        raise ValueError(f"{stack_path}: MRC mode {mode} ({kind}) is not a real-valued image stack")
+    nz, ny, nx = shape
+    if nx != ny:
+        raise ValueError(f"{stack_path}: images are {nx} x {ny} (nx x ny); square images are required")
+    return nz, ny, nx
+
+
+class ParticleStack:
+    """A particle data set: a STAR (.star), cryoSPARC (.cs) or bare stack (.mrcs/.mrc) file.
+
+    ``mrcs_path_map`` renames stacks that moved (see ``star.read_star``);
+    ``pixel_size_angstrom`` overrides the file's pixel size (needed for a bare stack
+    whose header has none); ``box_size`` Fourier-downsamples on load.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        mrcs_path_map: PathMap = None,
+        box_size: int | None = None,
+        normalize: bool = True,
+        pixel_size_angstrom: float | None = None,
+        n_normalization_images: int = 256,
+    ):
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".star":
+            metadata = read_star(path, path_map=mrcs_path_map, pixel_size_angstrom=pixel_size_angstrom)
+        elif suffix == ".cs":
+            metadata = read_cs(path, path_map=mrcs_path_map, pixel_size_angstrom=pixel_size_angstrom)
+        elif suffix in (".mrcs", ".mrc", ".st"):
+            metadata = _metadata_from_stack(path, pixel_size_angstrom)
+        else:
+            raise ValueError(f"{path}: unknown particle file type {suffix!r} (expected .star, .cs or .mrcs)")
+        self.path = path
+        self.metadata = metadata
+        self._check_stacks()
+        self.original_box_size = metadata.box_size
+        self.box_size = metadata.box_size if box_size is None else int(box_size)
+        if not 0 < self.box_size <= metadata.box_size:
+            raise ValueError(
+                f"{path}: box_size {box_size} must be between 1 and the stack's {metadata.box_size}"
+            )
+        self.pixel_size_angstrom = metadata.pixel_size_angstrom * metadata.box_size / self.box_size
+        self._mmaps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.normalize = normalize
+        self.normalization_std = 1.0  # the estimate below reads images with this value
+        if normalize:
+            self.normalization_std = self._estimate_std(n_normalization_images)
+
+    # ------------------------------------------------------------------ checks and file access
+
+    def _check_stacks(self) -> None:
+        meta, source = self.metadata, str(self.path)
+        # One id per distinct stack file; rows are grouped by it when reading.
+        self._stack_paths, self._stack_ids = np.unique(
+            np.asarray(meta.image_paths, dtype=object), return_inverse=True
+        )
+        last_index = np.full(len(self._stack_paths), -1, dtype=np.int64)
+        np.maximum.at(last_index, self._stack_ids, meta.image_indices)
+        for stack_id, stack_path in enumerate(self._stack_paths):
+            nz, _, nx = _peek_checked(str(stack_path), source)
+            if nx != meta.box_size:
+                raise ValueError(
+                    f"{source}: image size {meta.box_size} (rlnImageSize / blob/shape) differs from {nx} "
+                    f"in {stack_path}"
+                )
+            if last_index[stack_id] >= nz:
+                row = np.flatnonzero(
+                    (self._stack_ids == stack_id) & (meta.image_indices == last_index[stack_id])
+                )[0]
+                raise ValueError(
+                    f"{source}: row {row + 1} asks for image {last_index[stack_id] + 1} (rlnImageName / "
+                    f"blob/idx) but {stack_path} holds {nz} images"
+                )
+
+    def _stack(self, stack_path: str) -> np.ndarray:
+        data = self._mmaps.get(stack_path)
+        if data is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # already reported by _peek_checked
+                with mrcfile.mmap(stack_path, mode="r", permissive=True) as mrc:
+                    data = mrc.data
+            if data is None:
+                raise ValueError(f"{stack_path}: mrcfile could not map the image data")
+            if data.ndim == 2:
+                data = data[None]
+            if len(self._mmaps) >= _MAX_OPEN_STACKS:
+                self._mmaps.popitem(last=False)
+            self._mmaps[stack_path] = data
+        else:
+            self._mmaps.move_to_end(stack_path)
+        return data
+
+    def _read_raw(self, rows: np.ndarray) -> np.ndarray:
+        """float32 ``(B, D0, D0)`` images of ``rows`` read from the memory maps, checked for NaN/Inf."""
+        meta = self.metadata
+        out = np.empty((len(rows), meta.box_size, meta.box_size), dtype=np.float32)
+        ids = self._stack_ids[rows]
+        for stack_id in np.unique(ids):
+            stack_path = str(self._stack_paths[stack_id])
+            where = np.flatnonzero(ids == stack_id)
+            stack_indices = meta.image_indices[rows[where]]
+            order = np.argsort(stack_indices, kind="stable")  # sequential reads
+            images = np.asarray(self._stack(stack_path)[stack_indices[order]], dtype=np.float32)
+            finite = np.isfinite(images).all(axis=(1, 2))
+            if not finite.all():
+                bad = where[order][np.flatnonzero(~finite)[0]]
+                raise ValueError(
+                    f"{stack_path}: particle {rows[bad]} (image {meta.image_indices[rows[bad]] + 1} of the "
+                    "stack) has NaN or Inf pixels"
+                )
+            out[where[order]] = images
+        return out
+
+    def _process(self, raw: np.ndarray) -> Tensor:
+        images = torch.from_numpy(raw)
+        if self.box_size != self.original_box_size:
+            images = fourier_crop_images(images, self.box_size)
+        if self.normalize:
+            images = _subtract_background(images.double())  # float64: means over many pixels
+            images = images / self.normalization_std
+        return images.float().contiguous()
+
+    def _estimate_std(self, n_images: int) -> float:
+        n = len(self)
+        rows = np.unique(np.linspace(0, n - 1, min(n, max(1, n_images))).round().astype(np.int64))
+        chunks = [self._process(self._read_raw(rows[i : i + 64])) for i in range(0, len(rows), 64)]
+        std = float(torch.cat(chunks).double().std(correction=0))
+        if not std > 0:
+            warnings.warn(f"{self.path}: images are constant; normalisation uses std 1", stacklevel=3)
+            return 1.0
+        return std
+
+    # ------------------------------------------------------------------ public API
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def get_batch(self, indices) -> ParticleBatch:
+        """Images and metadata of rows ``indices`` (int, sequence, numpy array or tensor), in that order."""
+        rows = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(
+                f"{self.path}: particle index out of range 0..{len(self) - 1}: {rows.tolist()[:10]}"
+            )
+        rows = rows % len(self)
+        t = torch.from_numpy(rows)
+        meta = self.metadata
+        return ParticleBatch(
+            indices=t,
+            images=self._process(self._read_raw(rows)),
+            rotations=None if meta.rotations is None else meta.rotations[t],
+            shifts_angstrom=None if meta.shifts_angstrom is None else meta.shifts_angstrom[t],
+            ctf=None if meta.ctf is None else meta.ctf[t],
+            pixel_size_angstrom=self.pixel_size_angstrom,
+        )
+
+    def batches(
+        self, batch_size: int, *, indices=None, shuffle_seed: int | None = None
+    ) -> Iterator[ParticleBatch]:
+        """Consecutive batches over ``indices`` (default all), shuffled once by ``shuffle_seed`` if given."""
+        rows = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle_seed is not None:
+            rows = np.random.default_rng(shuffle_seed).permutation(rows)
+        for start in range(0, len(rows), batch_size):
+            yield self.get_batch(rows[start : start + batch_size])
+
+    def half_split(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Two disjoint sorted halves covering all rows (sizes ceil(N/2), floor(N/2)), fixed by ``seed``."""
+        permutation = np.random.default_rng(seed).permutation(len(self))
+        half = (len(self) + 1) // 2
+        return np.sort(permutation[:half]), np.sort(permutation[half:])
+
+    def validate(self, chunk_size: int = 256, progress: bool = True) -> None:
+        """Read every image once (tqdm bar); raise ValueError naming the first file/particle with NaN/Inf."""
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=len(self), desc=f"checking {self.path.name}", unit="img", disable=not progress
+        ) as bar:
+            for start in range(0, len(self), chunk_size):
+                rows = np.arange(start, min(start + chunk_size, len(self)))
+                self._read_raw(rows)
+                bar.update(len(rows))
+
+    def __getstate__(self):  # memory maps are reopened lazily after unpickling (e.g. DataLoader workers)
+        state = self.__dict__.copy()
+        state["_mmaps"] = OrderedDict()
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"ParticleStack({str(self.path)!r}, n={len(self)}, box_size={self.box_size}, "
+            f"pixel_size_angstrom={self.pixel_size_angstrom:.4g}, normalize={self.normalize})"
+        )
+
+
+def _subtract_background(images: Tensor) -> Tensor:
+    d = images.shape[-1]
+    k = torch.arange(d, dtype=torch.float64) - d // 2
+    outside = (k[:, None] ** 2 + k[None, :] ** 2) >= (d // 2) ** 2
+    return images - images[..., outside].mean(-1)[..., None, None]
+
+
+def _metadata_from_stack(path: Path, pixel_size_angstrom: float | None) -> ParticleMetadata:
+    nz, _, nx = _peek_checked(str(path.absolute()), str(path))
+    if pixel_size_angstrom is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixel_size_angstrom = peek_stack(str(path))[1]
+        if not pixel_size_angstrom > 0:
+            raise ValueError(
+                f"{path}: header voxel size is {pixel_size_angstrom}; pass pixel_size_angstrom= explicitly"
+            )
+    return ParticleMetadata(
+        image_paths=[os.path.abspath(path)] * nz,
+        image_indices=np.arange(nz),
+        rotations=None,
+        shifts_angstrom=None,
+        ctf=None,
+        pixel_size_angstrom=float(pixel_size_angstrom),
+        box_size=nx,
+        optics_groups=np.ones(nz, dtype=np.int64),
+        source_path=str(path),
+    )
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def read_map(path: str | os.PathLike, *, voxel_size_angstrom: float | None = None) -> tuple[Tensor, float]:
+    """``(volume float32 [z, y, x], voxel size in Å)`` of an MRC map.
+
+    The voxel size comes from the header (cell / sampling). A header voxel size of
+    0 (unset) or non-finite raises ValueError unless ``voxel_size_angstrom`` is
+    given; an explicit value always wins (with a warning if the header disagrees).
+    Axes are reordered to ``[z, y, x]`` when the header's mapc/mapr/maps say so.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"map file not found: {path}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with mrcfile.open(path, mode="r", permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError(f"{path}: mrcfile could not read the map data")
+            if int(mrc.header.mode) not in _REAL_MODES:
+                raise ValueError(f"{path}: MRC mode {int(mrc.header.mode)} is not a real-valued map")
+            data = np.array(mrc.data, dtype=np.float32)  # a writable copy; the file is closed below
+            voxel = mrc.voxel_size
+            axes = (int(mrc.header.mapc), int(mrc.header.mapr), int(mrc.header.maps))
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", stacklevel=2)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D map, got shape {data.shape}")
+    if sorted(axes) == [1, 2, 3] and axes != (1, 2, 3):
+        # Data axes are (section, row, column), holding axes (maps, mapr, mapc) with x=1, y=2, z=3.
+        labels = [axes[2], axes[1], axes[0]]
+        data = np.ascontiguousarray(np.transpose(data, [labels.index(3), labels.index(2), labels.index(1)]))
+    header_sizes = tuple(_float32_to_float(v) for v in (voxel.x, voxel.y, voxel.z))
+    if voxel_size_angstrom is not None:
+        if not voxel_size_angstrom > 0:
+            raise ValueError(f"{path}: voxel_size_angstrom={voxel_size_angstrom} must be positive")
+        if header_sizes[0] > 0 and abs(header_sizes[0] - voxel_size_angstrom) > 1e-3 * voxel_size_angstrom:
+            warnings.warn(
+                f"{path}: header voxel size {header_sizes[0]} Å overridden by {voxel_size_angstrom} Å",
+                stacklevel=2,
+            )
+        return torch.from_numpy(data), float(voxel_size_angstrom)
+    if not all(np.isfinite(header_sizes)) or not header_sizes[0] > 0:
+        raise ValueError(
+            f"{path}: header voxel size (cella / mx) is {header_sizes[0]}, i.e. unset; "
+            "pass voxel_size_angstrom= explicitly"
+        )
+    if max(header_sizes) - min(header_sizes) > 1e-4 * header_sizes[0]:
+        raise ValueError(f"{path}: voxel size is anisotropic {header_sizes}; only cubic voxels are supported")
+    return torch.from_numpy(data), header_sizes[0]
+
+
+def _float32_to_float(value) -> float:
+    """The shortest decimal that rounds to this float32 (headers store 11.4 as 11.3999996...)."""
+    return float(str(np.float32(value)))
+
+
+def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> None:
+    """Write a ``[z, y, x]`` volume as a float32 MRC map atomically (temp file in the same dir, renamed)."""
+    path = Path(path)
+    if not voxel_size_angstrom > 0:
+        raise ValueError(f"{path}: voxel_size_angstrom={voxel_size_angstrom} must be positive")
+    array = volume.detach().cpu().numpy() if isinstance(volume, Tensor) else np.asarray(volume)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim != 3:
+        raise ValueError(f"{path}: volume must be 3-D [z, y, x], got shape {array.shape}")
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".mrc")
+    os.close(fd)
+    try:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(array)
+            mrc.voxel_size = float(voxel_size_angstrom)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
