@@ -34,9 +34,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cryosparc import read_cs
 from .ctf import CTFParams
 from .fourier import fourier_crop_images
-from .star import ParticleMetadata, PathMap, peek_stack, read_cs, read_star
+from .metadata import ParticleMetadata, PathMap, peek_stack
+from .star import read_star
 
 __all__ = ["ParticleBatch", "ParticleStack", "read_map", "write_map"]
 
@@ -393,8 +395,16 @@ def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> No
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(array)
             mrc.voxel_size = float(voxel_size_angstrom)
+        _chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _chmod_like_new_file(path: str) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the permissions ``open()`` would: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,4 +1,8 @@
-"""Particle metadata: RELION STAR (3.0, 3.1, 5) and cryoSPARC ``.cs`` readers, RELION 3.1 writer.
+"""RELION STAR (3.0, 3.1, 5) particle reader and RELION 3.1 writer.
+
+``ParticleMetadata`` and the image-path rules live in :mod:`cryospin_lab.metadata`,
+the cryoSPARC ``.cs`` reader in :mod:`cryospin_lab.cryosparc`; both are re-exported
+here (``from cryospin_lab.star import ParticleMetadata, read_cs`` keeps working).
 
 Conventions (tested in ``tests/test_star.py`` against starfile, scipy and cryoDRGN's parsers):
 
@@ -8,17 +12,13 @@ Conventions (tested in ``tests/test_star.py`` against starfile, scipy and cryoDR
   the box centre = ``-(rlnOriginXAngst, rlnOriginYAngst)``; RELION 3.0 origins in
   pixels (rlnOriginX/Y) are multiplied by the pixel size.
 * ``image_indices`` are 0-based (rlnImageName ``000001@stack.mrcs`` is image 0).
-* Image paths are resolved relative to the directory of the STAR/.cs file. A
-  ``path_map`` renames stacks that moved: a dict ``{old: new}`` (old as written in
-  the file, normalised, or its basename; new relative to the file's directory or
-  absolute), or a directory in which stacks are looked up by basename. A path that
-  leaves the file's directory (``..`` or absolute) and is not remapped is warned about.
+* Image paths are resolved relative to the directory of the STAR file, with an
+  optional ``path_map`` (see :mod:`cryospin_lab.metadata`).
 * Per-row optics (voltage, Cs, amplitude contrast, pixel size, image size) come
   from the particles table (RELION 3.0) or the optics table through
   rlnOpticsGroup (3.1 and later), whichever holds the column.
 
-Hand-written on top of ``starfile`` (parsing) and ``numpy`` (``.cs`` files are numpy
-structured arrays: loaded with ``allow_pickle=False``, nothing is ever unpickled).
+Hand-written on top of ``starfile`` (parsing).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,137 +34,12 @@ import starfile
 import torch
 from torch import Tensor
 
+from .cryosparc import read_cs
 from .ctf import CTFParams
-from .so3 import euler_relion_to_matrix, exp_so3, matrix_to_euler_relion
+from .metadata import ParticleMetadata, PathMap, _path_resolver, _single_value, peek_stack
+from .so3 import euler_relion_to_matrix, matrix_to_euler_relion
 
-__all__ = ["ParticleMetadata", "read_star", "read_cs", "write_relion31_star", "PathMap"]
-
-PathMap = Mapping[str, str] | str | os.PathLike | None
-
-
-@dataclass(frozen=True)
-class ParticleMetadata:
-    """Metadata of ``N`` particle images (one row each).
-
-    ``pixel_size_angstrom`` is the pixel size of the images (the most common one
-    when optics groups differ, with a warning; ``pixel_sizes_angstrom`` keeps the
-    per-row values). ``box_size`` is the image side in pixels. ``rotations``,
-    ``shifts_angstrom`` and ``ctf`` are None when the file has no such columns.
-    """
-
-    image_paths: list[str]
-    image_indices: np.ndarray
-    rotations: Tensor | None
-    shifts_angstrom: Tensor | None
-    ctf: CTFParams | None
-    pixel_size_angstrom: float
-    box_size: int
-    optics_groups: np.ndarray
-    pixel_sizes_angstrom: np.ndarray | None = None
-    source_path: str | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.image_paths)
-        object.__setattr__(self, "image_indices", np.asarray(self.image_indices, dtype=np.int64))
-        object.__setattr__(self, "optics_groups", np.asarray(self.optics_groups, dtype=np.int64))
-        if self.pixel_sizes_angstrom is None:
-            object.__setattr__(self, "pixel_sizes_angstrom", np.full(n, float(self.pixel_size_angstrom)))
-        for name in (
-            "image_indices",
-            "optics_groups",
-            "pixel_sizes_angstrom",
-            "rotations",
-            "shifts_angstrom",
-            "ctf",
-        ):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"ParticleMetadata.{name} has {len(value)} rows, image_paths has {n}")
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def subset(self, indices) -> ParticleMetadata:
-        """Rows ``indices`` (integer array, in that order)."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        tidx = torch.as_tensor(idx)
-        return ParticleMetadata(
-            image_paths=[self.image_paths[i] for i in idx],
-            image_indices=self.image_indices[idx],
-            rotations=None if self.rotations is None else self.rotations[tidx],
-            shifts_angstrom=None if self.shifts_angstrom is None else self.shifts_angstrom[tidx],
-            ctf=None if self.ctf is None else self.ctf[tidx],
-            pixel_size_angstrom=self.pixel_size_angstrom,
-            box_size=self.box_size,
-            optics_groups=self.optics_groups[idx],
-            pixel_sizes_angstrom=self.pixel_sizes_angstrom[idx],
-            source_path=self.source_path,
-        )
-
-
-# ----------------------------------------------------------------------------- paths and headers
-
-
-def _inside(path: str, directory: str) -> bool:
-    return os.path.commonpath([path, directory]) == directory
-
-
-def _path_resolver(source: Path, path_map: PathMap):
-    """Return ``resolve(raw) -> absolute path`` for image paths written in ``source``."""
-    base = os.path.abspath(source.parent)
-    mapping: dict[str, str] = {}
-    map_dir = None
-    if isinstance(path_map, Mapping):
-        mapping = {str(k): str(v) for k, v in path_map.items()}
-    elif path_map is not None:
-        map_dir = os.path.abspath(os.fspath(path_map))
-        if not os.path.isdir(map_dir):
-            raise FileNotFoundError(f"{source}: path_map directory {map_dir!r} does not exist")
-    used: set[str] = set()
-    cache: dict[str, str] = {}
-    warned: set[str] = set()
-
-    def resolve(raw: str) -> str:
-        if raw in cache:
-            return cache[raw]
-        for key in (raw, os.path.normpath(raw), os.path.basename(raw)):
-            if key in mapping:
-                used.add(key)
-                result = os.path.normpath(os.path.join(base, mapping[key]))
-                break
-        else:
-            result = os.path.normpath(os.path.join(base, raw))
-            if map_dir is not None and os.path.exists(os.path.join(map_dir, os.path.basename(raw))):
-                result = os.path.join(map_dir, os.path.basename(raw))
-            elif not _inside(result, base) and raw not in warned:
-                warned.add(raw)
-                warnings.warn(
-                    f"{source}: image path {raw!r} points outside the file's directory ({result})",
-                    stacklevel=3,
-                )
-        cache[raw] = result
-        return result
-
-    def unused_keys() -> list[str]:
-        return sorted(set(mapping) - used)
-
-    return resolve, unused_keys
-
-
-def peek_stack(path: str) -> tuple[tuple[int, ...], float, int]:
-    """``(shape, voxel_size_x, mode)`` from an MRC header without reading the data.
-
-    ``shape`` is ``(nz, ny, nx)``. Lenient about a missing "MAP " id (old or
-    third-party writers); mrcfile's warnings are left to the caller.
-    """
-    import mrcfile
-
-    with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-        h = mrc.header
-        shape = (int(h.nz), int(h.ny), int(h.nx))
-        # Shortest decimal of the float32 header value: 4.88, not 4.880000114.
-        return shape, float(str(np.float32(mrc.voxel_size.x))), int(h.mode)
-
+__all__ = ["ParticleMetadata", "read_star", "read_cs", "write_relion31_star", "PathMap", "peek_stack"]
 
 # ----------------------------------------------------------------------------- STAR
 
@@ -264,22 +137,6 @@ def _parse_image_names(path: Path, names: np.ndarray) -> tuple[list[str], np.nda
         raw_paths.append(stack)
         indices[row] = index - 1
     return raw_paths, indices
-
-
-def _single_value(path: Path, field: str, values: np.ndarray, kind: str) -> float:
-    unique, counts = np.unique(values, return_counts=True)
-    chosen = float(unique[np.argmax(counts)])
-    if kind == "pixel size" and np.any(np.abs(unique - chosen) > 1e-4 * chosen):
-        warnings.warn(
-            f"{path}: {field} differs between optics groups ({sorted(unique.tolist())}); using {chosen} "
-            "(per-row values are in ParticleMetadata.pixel_sizes_angstrom)",
-            stacklevel=3,
-        )
-    elif kind == "box size" and len(unique) > 1:
-        raise ValueError(
-            f"{path}: {field} differs between rows ({sorted(unique.tolist())}); one box size is needed"
-        )
-    return chosen
 
 
 def read_star(
@@ -409,115 +266,6 @@ def _header_value(stack_path: str, which: int):
         except (ValueError, OSError):
             return None
     return shape[-1] if which == 0 else voxel
-
-
-# ----------------------------------------------------------------------------- cryoSPARC
-
-
-def read_cs(
-    path: str | os.PathLike,
-    *,
-    path_map: PathMap = None,
-    pixel_size_angstrom: float | None = None,
-) -> ParticleMetadata:
-    """Read a cryoSPARC particle ``.cs`` file (a numpy structured array).
-
-    Fields: blob/path, blob/idx (0-based), blob/shape, blob/psize_A; optional
-    alignments3D/pose (rotation vector), alignments3D/shift (pixels) and the ctf/
-    fields. A leading '>' in blob/path (cryoSPARC's "imported" marker) is dropped.
-
-    Poses: ``exp([pose]x)`` is the transpose of RELION's matrix for the same view
-    (the two programs store opposite directions of the same rotation); cryoDRGN's
-    ``parse_pose_csparc`` transposes it likewise, and its rotations, which for STAR
-    input equal RELION's matrix, agree with ours to 1e-4 on a real file (tests). Shifts: cryoSPARC's
-    alignments3D/shift plays the role of RELION's rlnOrigin (pixels), as in
-    cryoDRGN and pyem's csparc2star, so ``shifts_angstrom = -shift * psize``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cryoSPARC file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise ValueError(f"{path}: not a numpy .cs file without pickled objects ({err})") from err
-    names = data.dtype.names or ()
-    for field in ("blob/path", "blob/idx"):
-        if field not in names:
-            raise ValueError(f"{path}: missing required field {field} (fields: {list(names)})")
-    n = len(data)
-    if n == 0:
-        raise ValueError(f"{path}: 0 particles")
-
-    def field(name: str) -> np.ndarray:
-        values = data[name].astype(np.float64)
-        bad = np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(axis=1))
-        if bad.size:
-            raise ValueError(f"{path}: field {name} has value {values[bad[0]]} in row {bad[0]}")
-        return values
-
-    resolve, unused_keys = _path_resolver(path, path_map)
-    raw = [p.decode() if isinstance(p, bytes) else str(p) for p in data["blob/path"]]
-    image_paths = [resolve(p[1:] if p.startswith(">") else p) for p in raw]
-    if unused_keys():
-        warnings.warn(f"{path}: path_map keys {unused_keys()} match no blob/path", stacklevel=2)
-
-    if pixel_size_angstrom is not None:
-        pixel_sizes = np.full(n, float(pixel_size_angstrom))
-    elif "blob/psize_A" in names:
-        pixel_sizes = field("blob/psize_A")
-    else:
-        raise ValueError(f"{path}: missing field blob/psize_A (pixel size); pass pixel_size_angstrom=")
-    if np.any(pixel_sizes <= 0):
-        raise ValueError(f"{path}: blob/psize_A value {pixel_sizes[pixel_sizes <= 0][0]} is not positive")
-    apix = _single_value(path, "blob/psize_A", pixel_sizes, "pixel size")
-
-    if "blob/shape" not in names:
-        raise ValueError(f"{path}: missing required field blob/shape")
-    shapes = np.unique(data["blob/shape"].reshape(n, -1), axis=0)
-    if len(shapes) != 1 or shapes[0][0] != shapes[0][-1]:
-        raise ValueError(f"{path}: blob/shape must be one square shape, got {shapes.tolist()}")
-    box_size = int(shapes[0][0])
-
-    rotations = None
-    if "alignments3D/pose" in names:
-        rotations = exp_so3(torch.from_numpy(field("alignments3D/pose"))).transpose(-1, -2).contiguous()
-    shifts = None
-    if "alignments3D/shift" in names:
-        shifts = -torch.from_numpy(field("alignments3D/shift") * pixel_sizes[:, None])
-
-    ctf = None
-    if "ctf/df1_A" in names:
-        required = ("ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
-        for name in required:
-            if name not in names:
-                raise ValueError(f"{path}: has ctf/df1_A but misses {name}")
-        ctf = CTFParams(
-            defocus_u_angstrom=field("ctf/df1_A"),
-            defocus_v_angstrom=field("ctf/df2_A"),
-            defocus_angle_deg=np.rad2deg(field("ctf/df_angle_rad")),
-            voltage_kv=field("ctf/accel_kv"),
-            cs_mm=field("ctf/cs_mm"),
-            amplitude_contrast=field("ctf/amp_contrast"),
-            phase_shift_deg=np.rad2deg(field("ctf/phase_shift_rad"))
-            if "ctf/phase_shift_rad" in names
-            else np.zeros(n),
-            b_factor=field("ctf/bfactor") if "ctf/bfactor" in names else np.zeros(n),
-        )
-    groups = (
-        data["ctf/exp_group_id"].astype(np.int64) if "ctf/exp_group_id" in names else np.zeros(n, np.int64)
-    )
-    return ParticleMetadata(
-        image_paths=image_paths,
-        image_indices=data["blob/idx"].astype(np.int64),
-        rotations=rotations,
-        shifts_angstrom=shifts,
-        ctf=ctf,
-        pixel_size_angstrom=apix,
-        box_size=box_size,
-        optics_groups=groups,
-        pixel_sizes_angstrom=pixel_sizes,
-        source_path=str(path),
-    )
 
 
 # ----------------------------------------------------------------------------- writer
