@@ -1,0 +1,284 @@
+"""The ``cryospin-lab`` command line.
+
+One pair of module-level functions per command (cryoDRGN's contract):
+``add_<command>_args(parser)`` declares the options, ``run_<command>(args)``
+does the work and returns the exit status.
+
+* ``cryospin-lab simulate MODEL --out DIR [--box 64] [--apix 3.0] [--n 10000]
+  [--snr 0.1] [--max-shift-angstrom 0] [--no-ctf] [--seed 0]``: a particle
+  stack from a PDB/mmCIF model (optionally ``.gz``) or an MRC map (its header
+  voxel size is used, or ``--map-apix``; it is Fourier-cropped / trilinearly
+  resampled to ``--apix`` and ``--box``, see ``simulate.load_source_volume``).
+* ``cryospin-lab demo [--out runs/demo] [--n 10000]``: the default HSP90 set
+  (``datasets.hsp90``, simulated once and cached), linked into ``--out``.
+
+Bad input ends with exit status 2 (bad option) or 1 (bad file or value) and a
+single ``cryospin-lab: error: ...`` line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from cryospin_lab import __version__
+
+__all__ = ["main", "add_simulate_args", "run_simulate", "add_demo_args", "run_demo"]
+
+PROG = "cryospin-lab"
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse parser whose usage errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _snr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (or inf for no noise), got {text!r}")
+    return value
+
+
+def add_simulate_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cryospin-lab simulate``."""
+    parser.add_argument("model", metavar="MODEL", help="PDB/mmCIF atomic model (optionally .gz) or MRC map")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    parser.add_argument("--box", type=_positive_int, default=64, help="image size D in pixels (default 64)")
+    parser.add_argument("--apix", type=_positive_float, default=3.0, help="pixel size in Å (default 3.0)")
+    parser.add_argument("--n", type=_positive_int, default=10000, help="number of particles (default 10000)")
+    parser.add_argument(
+        "--snr",
+        type=_snr,
+        default=0.1,
+        help="mean var(clean image) / noise variance over the box (default 0.1)",
+    )
+    parser.add_argument(
+        "--max-shift-angstrom",
+        type=_non_negative_float,
+        default=0.0,
+        help="shifts uniform in a disc of this radius in Å (default 0: centred)",
+    )
+    parser.add_argument("--no-ctf", action="store_true", help="no CTF (images are plain projections)")
+    parser.add_argument(
+        "--defocus-um",
+        type=_positive_float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="defocus uniform in [MIN, MAX] µm (default: the real EMPIAR-10028 distribution)",
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--map-apix",
+        type=_positive_float,
+        default=None,
+        help="voxel size of an MRC map whose header has none",
+    )
+    parser.add_argument("--device", default=None, help="torch device for projecting (default cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Simulate a stack and print where it went."""
+    model = Path(args.model)
+    if not model.is_file():
+        raise FileNotFoundError(f"MODEL file not found: {model}")
+    if args.defocus_um is not None and args.defocus_um[0] > args.defocus_um[1]:
+        raise ValueError(
+            f"--defocus-um MIN must be <= MAX, got {args.defocus_um[0]:g} {args.defocus_um[1]:g}"
+        )
+    if args.box < 4:
+        raise ValueError(f"--box must be at least 4, got {args.box}")
+    try:
+        result = _simulate(args, model)
+    except ValueError as exc:
+        if "voxel size" in str(exc) and args.map_apix is None:
+            raise ValueError(f"{exc} (on the command line: --map-apix)") from exc
+        raise
+    _print_result(result, result.seconds)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, model: Path):
+    from cryospin_lab.simulate import simulate_particles
+
+    return simulate_particles(
+        model,
+        out_dir=args.out,
+        box_size=args.box,
+        pixel_size_angstrom=args.apix,
+        n_particles=args.n,
+        snr=args.snr,
+        max_shift_angstrom=args.max_shift_angstrom,
+        ctf=not args.no_ctf,
+        defocus="empiar10028" if args.defocus_um is None else tuple(args.defocus_um),
+        seed=args.seed,
+        progress=not args.no_progress,
+        map_pixel_size_angstrom=args.map_apix,
+        device=args.device,
+    )
+
+
+def add_demo_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cryospin-lab demo``."""
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)"
+    )
+    parser.add_argument("--n", type=_positive_int, default=10000, help="number of particles (default 10000)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="dataset cache (default $CRYOSPIN_LAB_CACHE or ~/.cache)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The default HSP90 set (simulated once, then cached), linked into ``--out``."""
+    from cryospin_lab.datasets import hsp90
+    from cryospin_lab.simulate import SimulationResult
+
+    start = time.perf_counter()
+    cached = hsp90(cache_dir=args.cache_dir, n_particles=args.n, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Star last, as in simulate: a folder with particles.star holds a complete set.
+    for path in (cached.particles_path, cached.ground_truth_path, cached.summary_path, cached.star_path):
+        _link_or_copy(path, out / path.name)
+    result = SimulationResult.load(out)
+    print(f"HSP90 (PDB 2CG9) demo set, cached in {cached.out_dir}")
+    _print_result(result, time.perf_counter() - start)
+    print("(the reconstruction step will be added to `cryospin-lab demo` by the engine)")
+    return 0
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` to ``target`` (copy across file systems), replacing ``target`` atomically."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def _print_result(result, seconds: float) -> None:
+    snr = "inf (noiseless)" if math.isinf(result.snr) else f"{result.snr:g}"
+    if result.ctf:
+        defocus = (
+            f"{result.defocus_min_angstrom / 1e4:.2f}-{result.defocus_max_angstrom / 1e4:.2f} µm "
+            f"({result.defocus})"
+        )
+    else:
+        defocus = "no CTF"
+    print(f"  particles:    {result.particles_path}")
+    print(f"  metadata:     {result.star_path}")
+    print(f"  ground truth: {result.ground_truth_path}")
+    print(
+        f"  {result.n_particles} images, box {result.box_size}, {result.pixel_size_angstrom:g} Å/px, "
+        f"SNR {snr}, defocus {defocus}, max shift {result.max_shift_angstrom:g} Å"
+    )
+    print(f"  time: {seconds:.1f} s")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``cryospin-lab: warning: ...`` line (no source file and line)."""
+    text = " ".join(str(message).split())
+    (file or sys.stderr).write(f"{PROG}: warning: {text}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrorParser(prog=PROG, description="Ab-initio cryo-EM reconstruction with cryoSPIN.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrorParser)
+    for name, add_args, run, help_text in (
+        (
+            "simulate",
+            add_simulate_args,
+            run_simulate,
+            "simulate a particle stack from an atomic model or map",
+        ),
+        ("demo", add_demo_args, run_demo, "make (or reuse) the default HSP90 dataset"),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_args(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cryospin-lab`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error
+        return int(exc.code or 0)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
