@@ -37,7 +37,7 @@ from torch import Tensor
 from .cryosparc import read_cs
 from .ctf import CTFParams
 from .fourier import fourier_crop_images
-from .metadata import ParticleMetadata, PathMap, peek_stack
+from .metadata import ParticleMetadata, PathMap, chmod_like_new_file, peek_stack
 from .star import read_star
 
 __all__ = ["ParticleBatch", "ParticleStack", "read_map", "write_map"]
@@ -395,16 +395,9 @@ def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> No
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(array)
             mrc.voxel_size = float(voxel_size_angstrom)
-        _chmod_like_new_file(tmp)
+        chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def _chmod_like_new_file(path: str) -> None:
-    """Give a ``mkstemp`` file (mode 0600) the permissions ``open()`` would: 0666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

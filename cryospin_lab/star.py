@@ -36,7 +36,14 @@ from torch import Tensor
 
 from .cryosparc import read_cs
 from .ctf import CTFParams
-from .metadata import ParticleMetadata, PathMap, _path_resolver, _single_value, peek_stack
+from .metadata import (
+    ParticleMetadata,
+    PathMap,
+    _path_resolver,
+    _single_value,
+    chmod_like_new_file,
+    peek_stack,
+)
 from .so3 import euler_relion_to_matrix, matrix_to_euler_relion
 
 __all__ = ["ParticleMetadata", "read_star", "read_cs", "write_relion31_star", "PathMap", "peek_stack"]
@@ -344,6 +351,7 @@ def write_relion31_star(path: str | os.PathLike, metadata: ParticleMetadata, ima
             overwrite=True,
             float_format="%.6f",
         )
+        chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
