@@ -1,0 +1,441 @@
+"""Run a training generator on one background thread; commands in through a queue, events out on a bus.
+
+The pattern is napari/superqt's generator worker: the trainer's ``events()`` is a
+generator that yields between optimisation steps, and everything the outside
+world does to the run happens between two ``next()`` calls on the runner's thread:
+
+* ``Runner.switch_now()``, ``pause()``, ``resume()``, ``stop()``, ``fork(**kwargs)``
+  put a :class:`Command` on a ``queue.Queue`` and return at once.
+* Before each ``next()`` the runner drains the queue. ``PAUSE`` blocks the thread on
+  the queue (no busy loop) until ``RESUME`` or ``STOP``; ``STOP`` closes the
+  generator (``gen.close()``: its ``finally`` blocks run, and must not yield) and
+  publishes ``FinishedEvent(reason="stopped")``; ``SWITCH_NOW`` and ``FORK`` are
+  passed to ``trainer.apply_command`` and the events it returns are published.
+* A command therefore takes effect after the event being computed is yielded:
+  within one step when the trainer yields at least once per step (tested: 10 ms
+  steps, ``switch_now`` applied well within 0.5 s). A command that arrives as the
+  run ends is dropped; a command before ``start()`` or after the end raises.
+* An exception in the generator (or in ``apply_command``, other than
+  :class:`CommandError`) is published as ``FailureEvent`` (type, message,
+  traceback text, and the path returned by ``trainer.save_checkpoint()``), then
+  ``FinishedEvent(reason="failed")``; the thread ends and ``join()`` re-raises the
+  original exception object. A trainer rejects a command it cannot apply now by
+  raising :class:`CommandError`; that becomes a ``LogEvent`` and the run goes on.
+* Every run ends with exactly one ``FinishedEvent`` published (if the generator
+  returns without yielding one, the runner publishes ``reason="completed"``).
+
+:class:`EventBus` is the only link to consumers (UI pump, CLI, tests): small
+events are kept in order (bounded history), heavy ones only the latest per
+``(type, branch)``; a :class:`Subscription` drains what is new since its last
+drain, and one made late still starts with the retained history and the current
+heavy state. The bus never touches widgets; one UI pump drains it on the main
+thread (the engine never imports ipywidgets or IPython).
+
+Hand-written on ``threading`` and ``queue`` (no framework: the loop is short and
+its guarantees are tested in ``tests/test_runner.py``).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from .events import Event, FailureEvent, FinishedEvent, LogEvent, Phase
+
+__all__ = ["EventBus", "Subscription", "Command", "CommandError", "Steppable", "Runner"]
+
+E = TypeVar("E", bound=Event)
+
+
+# ----------------------------------------------------------------------------- event bus
+
+
+class EventBus:
+    """Thread-safe store of published events.
+
+    Small events are kept in order, the oldest dropped beyond ``max_history``;
+    for every type (small or heavy) the latest event per ``(type, branch)`` is kept.
+    """
+
+    def __init__(self, max_history: int = 200_000):
+        if max_history < 1:
+            raise ValueError(f"EventBus.max_history must be >= 1, got {max_history}")
+        self.max_history = int(max_history)
+        self._changed = threading.Condition(threading.Lock())
+        self._history: deque[tuple[int, Event]] = deque(maxlen=self.max_history)  # (sequence number, event)
+        self._next_seq = 0
+        self._latest: dict[tuple[type, str], tuple[int, Event]] = {}  # (type, branch) -> (version, event)
+        self._versions = itertools.count(1)
+
+    def publish(self, event: Event) -> None:
+        if not isinstance(event, Event):
+            raise TypeError(f"EventBus.publish expects an Event, got {type(event).__name__}")
+        with self._changed:
+            self._latest[(type(event), event.branch)] = (next(self._versions), event)
+            if not event.heavy:
+                self._history.append((self._next_seq, event))
+                self._next_seq += 1
+            self._changed.notify_all()
+
+    def subscribe(self) -> Subscription:
+        """A reader that first gets the retained history and the current heavy events."""
+        return Subscription(self)
+
+    def latest(self, event_type: type[E], branch: str = "main") -> E | None:
+        """The most recent event of exactly ``event_type`` on ``branch``, None if there is none."""
+        with self._changed:
+            entry = self._latest.get((event_type, branch))
+        return None if entry is None else entry[1]
+
+    def history(self, event_type: type[E] | None = None) -> list[E]:
+        """Retained small events in publication order (only ``event_type`` instances if given)."""
+        with self._changed:
+            events = [event for _, event in self._history]
+        if event_type is not None:
+            events = [event for event in events if isinstance(event, event_type)]
+        return events
+
+    def wait_for(
+        self,
+        event_type: type[E],
+        timeout: float = 10.0,
+        predicate: Callable[[E], bool] | None = None,
+        *,
+        include_past: bool = True,
+        give_up: Callable[[], bool] | None = None,
+    ) -> E:
+        """The first event of ``event_type`` (and ``predicate``) published, waiting up to ``timeout`` s.
+
+        ``include_past=True`` also looks at the retained history and current heavy
+        events. ``give_up()`` (checked while waiting) ends the wait early with a
+        RuntimeError. Raises TimeoutError if nothing matches in time.
+        """
+        subscription = Subscription(self, from_now=not include_past)
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in subscription.drain():
+                if isinstance(event, event_type) and (predicate is None or predicate(event)):
+                    return event
+            remaining = deadline - time.monotonic()
+            if give_up is not None and give_up() and not subscription.pending():
+                raise RuntimeError(f"the run ended without publishing a matching {event_type.__name__}")
+            if remaining <= 0:
+                raise TimeoutError(f"no matching {event_type.__name__} within {timeout} s")
+            subscription.wait(min(remaining, 0.1))
+
+
+class Subscription:
+    """A reader of an :class:`EventBus` with its own position; cheap, needs no unsubscribing."""
+
+    def __init__(self, bus: EventBus, *, from_now: bool = False):
+        self._bus = bus
+        with bus._changed:
+            if from_now:
+                self._next_seq = bus._next_seq
+                self._seen = {key: version for key, (version, _) in bus._latest.items()}
+            else:
+                self._next_seq = bus._history[0][0] if bus._history else bus._next_seq
+                self._seen = {}
+        self.n_dropped = 0  # small events lost because this reader fell more than max_history behind
+
+    def _pending_locked(self) -> bool:
+        bus = self._bus
+        if self._next_seq < bus._next_seq:
+            return True
+        return any(
+            version > self._seen.get(key, 0) for key, (version, event) in bus._latest.items() if event.heavy
+        )
+
+    def pending(self) -> bool:
+        """Whether a drain would return something now."""
+        with self._bus._changed:
+            return self._pending_locked()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until there is something to drain (True) or ``timeout`` s pass (False)."""
+        with self._bus._changed:
+            return self._bus._changed.wait_for(self._pending_locked, timeout)
+
+    def drain(self, max_events: int | None = None) -> list[Event]:
+        """New events since the last drain: small ones in order, then the changed heavy ones.
+
+        ``max_events`` caps the small events returned (the rest wait for the next
+        drain); the changed heavy events, at most one per ``(type, branch)``, are
+        always included so that a reader never starves for the current state.
+        """
+        bus = self._bus
+        with bus._changed:
+            first_seq = bus._history[0][0] if bus._history else bus._next_seq
+            if self._next_seq < first_seq:
+                self.n_dropped += first_seq - self._next_seq
+                self._next_seq = first_seq
+            start = self._next_seq - first_seq
+            stop = len(bus._history) if max_events is None else min(len(bus._history), start + max_events)
+            small = [event for _, event in itertools.islice(bus._history, start, stop)]
+            self._next_seq += len(small)
+            heavy = []
+            for key, (version, event) in bus._latest.items():
+                if event.heavy and version > self._seen.get(key, 0):
+                    heavy.append((version, event))
+                    self._seen[key] = version
+        return small + [event for _, event in sorted(heavy, key=lambda item: item[0])]
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+class Command(enum.Enum):
+    """What the outside world can ask of a running reconstruction."""
+
+    SWITCH_NOW = "switch_now"
+    PAUSE = "pause"
+    RESUME = "resume"
+    STOP = "stop"
+    FORK = "fork"
+
+
+class CommandError(Exception):
+    """Raised by ``Steppable.apply_command`` to reject a command (published as a LogEvent, run goes on)."""
+
+
+@runtime_checkable
+class Steppable(Protocol):
+    """What a trainer offers the runner (``training.Trainer`` implements it)."""
+
+    def events(self) -> Iterator[Event]:
+        """A generator yielding events, at least once per optimisation step; commands run between yields."""
+        ...
+
+    def apply_command(self, command: Command, **kwargs: Any) -> list[Event]:
+        """Apply SWITCH_NOW or FORK between steps; return the events to publish (e.g. PhaseChangeEvent)."""
+        ...
+
+    def save_checkpoint(self) -> str | None:
+        """Save the current state after a failure; return its path (None if nothing was saved)."""
+        ...
+
+
+_ENDED = ("finished", "stopped", "failed")
+
+
+class Runner:
+    """Runs ``trainer.events()`` on one daemon thread and publishes every event on ``bus``.
+
+    ``state`` is one of "created", "running", "paused", "finished" (the generator
+    returned), "stopped" or "failed".
+    """
+
+    def __init__(self, trainer: Steppable, bus: EventBus | None = None):
+        missing = [
+            name for name in ("events", "apply_command", "save_checkpoint") if not hasattr(trainer, name)
+        ]
+        if missing:
+            raise TypeError(f"Runner: {type(trainer).__name__} lacks {missing} (see runner.Steppable)")
+        self.trainer = trainer
+        self.bus = bus if bus is not None else EventBus()
+        self._commands: queue.Queue[tuple[Command, dict[str, Any]]] = queue.Queue()
+        self._state = "created"
+        self._state_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._exception: BaseException | None = None
+        self._start_time = 0.0
+        self._stamp: dict[str, Any] = {"step": 0, "epoch": 0, "phase": Phase.AMORTIZED}
+        self._finished_published = False
+
+    # --------------------------------------------------------------- public API
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def is_running(self) -> bool:
+        """True from ``start()`` until the run has ended (also while paused)."""
+        return self._state in ("running", "paused")
+
+    @property
+    def is_paused(self) -> bool:
+        """True once the thread is actually blocked by a pause (a requested pause waits for the step)."""
+        return self._state == "paused"
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception that failed the run, None otherwise."""
+        return self._exception
+
+    def start(self) -> Runner:
+        with self._state_lock:
+            if self._state != "created":
+                raise RuntimeError(f"Runner.start: the run was already started (state {self._state!r})")
+            self._state = "running"
+        self._start_time = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="cryospin-runner", daemon=True)
+        self._thread.start()
+        return self
+
+    def switch_now(self, **kwargs: Any) -> None:
+        """Switch to the direct phase after the current step (``kwargs`` go to the trainer)."""
+        self._send(Command.SWITCH_NOW, **kwargs)
+
+    def pause(self) -> None:
+        self._send(Command.PAUSE)
+
+    def resume(self) -> None:
+        self._send(Command.RESUME)
+
+    def stop(self) -> None:
+        """End the run after the current step (the generator's ``finally`` runs)."""
+        self._send(Command.STOP)
+
+    def fork(self, **kwargs: Any) -> None:
+        """Fork the run (``kwargs`` go to ``trainer.apply_command(Command.FORK, **kwargs)``)."""
+        self._send(Command.FORK, **kwargs)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread; True if it ended. Re-raises the exception that failed the run."""
+        if self._thread is None:
+            raise RuntimeError("Runner.join: the run was never started (call start() first)")
+        self._thread.join(timeout)
+        if self._exception is not None:
+            raise self._exception
+        return not self._thread.is_alive()
+
+    def wait_for(
+        self,
+        event_type: type[E],
+        timeout: float = 10.0,
+        predicate: Callable[[E], bool] | None = None,
+        *,
+        include_past: bool = True,
+    ) -> E:
+        """The first matching event (``EventBus.wait_for``); RuntimeError early if the run ends without it."""
+        return self.bus.wait_for(
+            event_type,
+            timeout,
+            predicate,
+            include_past=include_past,
+            give_up=lambda: self._thread is not None and not self._thread.is_alive(),
+        )
+
+    # --------------------------------------------------------------- thread
+
+    def _send(self, command: Command, **kwargs: Any) -> None:
+        state = self._state
+        if state == "created":
+            raise RuntimeError(f"Runner.{command.value}: the run has not been started (call start() first)")
+        if state in _ENDED:
+            raise RuntimeError(f"Runner.{command.value}: the run has already ended (state {state!r})")
+        self._commands.put((command, kwargs))
+
+    def _set_state(self, state: str) -> None:
+        with self._state_lock:
+            self._state = state
+
+    def _publish(self, event: Event) -> None:
+        self._stamp = {"step": event.step, "epoch": event.epoch, "phase": event.phase}
+        if isinstance(event, FinishedEvent):
+            self._finished_published = True
+        self.bus.publish(event)
+
+    def _runner_event(self, cls: type[E], **fields: Any) -> E:
+        """An event stamped like the trainer's last one (a FinishedEvent gets Phase.FINISHED)."""
+        stamp = dict(self._stamp, time_s=time.monotonic() - self._start_time)
+        if cls is FinishedEvent:
+            stamp["phase"] = Phase.FINISHED
+        stamp.update(fields)
+        return cls(**stamp)
+
+    def _apply(self, command: Command, kwargs: dict[str, Any]) -> None:
+        try:
+            events = self.trainer.apply_command(command, **kwargs)
+        except CommandError as err:
+            self._publish(self._runner_event(LogEvent, message=f"{command.value} rejected: {err}"))
+            return
+        for event in events or ():
+            self._publish(event)
+
+    def _handle_commands(self) -> bool:
+        """Apply queued commands; return True when the run must stop. Blocks while paused."""
+        paused = False
+        while True:
+            try:
+                command, kwargs = self._commands.get(block=paused)
+            except queue.Empty:
+                return False
+            if command is Command.STOP:
+                return True
+            if command is Command.PAUSE and not paused:
+                paused = True
+                self._set_state("paused")
+                self._publish(self._runner_event(LogEvent, message="paused"))
+            elif command is Command.RESUME and paused:
+                paused = False
+                self._set_state("running")
+                self._publish(self._runner_event(LogEvent, message="resumed"))
+            elif command in (Command.SWITCH_NOW, Command.FORK):
+                self._apply(command, kwargs)
+
+    def _run(self) -> None:
+        generator = None
+        try:
+            generator = iter(self.trainer.events())
+            while True:
+                if self._handle_commands():
+                    generator.close()  # raises GeneratorExit at the yield: the finally blocks run
+                    self._publish(self._runner_event(FinishedEvent, reason="stopped", summary={}))
+                    self._set_state("stopped")  # after the last event: not running => all events published
+                    return
+                try:
+                    event = next(generator)
+                except StopIteration:
+                    break
+                self._publish(event)
+            if not self._finished_published:
+                self._publish(self._runner_event(FinishedEvent, reason="completed", summary={}))
+            self._set_state("finished")
+        except BaseException as exc:  # every failure must surface as an event and on join()
+            self._fail(exc, generator)
+        finally:
+            self._drop_queued_commands()
+
+    def _fail(self, exc: BaseException, generator) -> None:
+        self._exception = exc
+        checkpoint_path, note = None, ""
+        try:
+            checkpoint_path = self.trainer.save_checkpoint()
+        except Exception as err:  # report, the original failure matters more
+            note = f"\n(saving a checkpoint after the failure also failed: {type(err).__name__}: {err})"
+        if generator is not None:
+            try:
+                generator.close()  # a generator suspended at a yield (failure in apply_command) cleans up
+            except Exception:  # already failing; the first exception is the one reported
+                pass
+        try:
+            self._publish(
+                self._runner_event(
+                    FailureEvent,
+                    exception_type=type(exc).__name__,
+                    message=str(exc) + note,
+                    traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                    checkpoint_path=None if checkpoint_path is None else str(checkpoint_path),
+                )
+            )
+            self._publish(self._runner_event(FinishedEvent, reason="failed", summary={}))
+        except Exception:  # the bus itself failed; join() still re-raises
+            pass
+        finally:
+            self._set_state("failed")
+
+    def _drop_queued_commands(self) -> None:
+        while True:
+            try:
+                self._commands.get_nowait()
+            except queue.Empty:
+                return
