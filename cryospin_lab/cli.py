@@ -9,11 +9,20 @@ does the work and returns the exit status.
   stack from a PDB/mmCIF model (optionally ``.gz``) or an MRC map (its header
   voxel size is used, or ``--map-apix``; it is Fourier-cropped / trilinearly
   resampled to ``--apix`` and ``--box``, see ``simulate.load_source_volume``).
-* ``cryospin-lab demo [--out runs/demo] [--n 10000]``: the default HSP90 set
-  (``datasets.hsp90``, simulated once and cached), linked into ``--out``.
+* ``cryospin-lab reconstruct PARTICLES.star --out DIR [--heads 7]
+  [--switch auto|EPOCH|never] [--epochs N] [--box D] [--device auto|cpu|cuda]
+  [--seed 0] [--ground-truth MAP.mrc] [--resume] [--batch-size 32]
+  [--preset light|paper] [--estimate-shifts] [--stack-dir DIR]``: a cryoSPIN
+  reconstruction; the logic and the files it writes are in
+  :mod:`cryospin_lab.reconstruct`.
+* ``cryospin-lab demo [--out runs/demo] [--n 10000] [--epochs N]
+  [--simulate-only]``: the default HSP90 set (``datasets.hsp90``, simulated
+  once and cached), reconstructed into ``--out`` against its ground truth;
+  with ``--simulate-only`` the set is only linked into ``--out``.
 
 Bad input ends with exit status 2 (bad option) or 1 (bad file or value) and a
-single ``cryospin-lab: error: ...`` line on stderr, no traceback.
+single ``cryospin-lab: error: ...`` line on stderr, no traceback. Ctrl-C ends
+with status 130 and one line (``reconstruct`` first saves its state).
 """
 
 from __future__ import annotations
@@ -29,7 +38,15 @@ from pathlib import Path
 
 from cryospin_lab import __version__
 
-__all__ = ["main", "add_simulate_args", "run_simulate", "add_demo_args", "run_demo"]
+__all__ = [
+    "main",
+    "add_simulate_args",
+    "run_simulate",
+    "add_reconstruct_args",
+    "run_reconstruct",
+    "add_demo_args",
+    "run_demo",
+]
 
 PROG = "cryospin-lab"
 
@@ -171,6 +188,64 @@ def _simulate(args: argparse.Namespace, model: Path):
     )
 
 
+def _switch_rule(text: str) -> str:
+    if text in ("auto", "never") or (text.isdigit() and int(text) >= 0):
+        return text if not text.isdigit() else str(int(text))
+    raise argparse.ArgumentTypeError(f"must be auto, never or an epoch number, got {text!r}")
+
+
+def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cryospin-lab reconstruct``.
+
+    Options defaulting to None take the engine's default (``TrainingConfig``) in a
+    new run and the checkpoint's value with ``--resume``.
+    """
+    parser.add_argument("particles", metavar="PARTICLES", help="RELION STAR file (or cryoSPARC .cs / .mrcs)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    parser.add_argument("--heads", type=_positive_int, default=None, help="pose heads H (default 7)")
+    parser.add_argument(
+        "--switch",
+        type=_switch_rule,
+        default=None,
+        metavar="auto|EPOCH|never",
+        help="when to switch to direct pose optimisation (default auto)",
+    )
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 20)")
+    parser.add_argument(
+        "--box", type=_positive_int, default=None, metavar="D", help="Fourier-downsample to D"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available"
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
+    parser.add_argument(
+        "--ground-truth", type=Path, default=None, metavar="MAP.mrc", help="true map: FSC and resolution"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")
+    parser.add_argument(
+        "--preset", choices=("light", "paper"), default=None, help="encoder size (default light)"
+    )
+    parser.add_argument("--estimate-shifts", action="store_true", help="heads also predict 2-D shifts")
+    parser.add_argument(
+        "--max-shift-angstrom",
+        type=_positive_float,
+        default=None,
+        help="bound of estimated shifts in Å (default 10%% of the box)",
+    )
+    parser.add_argument(
+        "--stack-dir", type=Path, default=None, metavar="DIR", help="look the .mrcs stacks up in DIR by name"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    """Run a reconstruction (see :mod:`cryospin_lab.reconstruct`)."""
+    from cryospin_lab.reconstruct import run_reconstruction, settings_from_args
+
+    return run_reconstruction(settings_from_args(args))
+
+
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``cryospin-lab demo``."""
     parser.add_argument(
@@ -180,25 +255,50 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="dataset cache (default $CRYOSPIN_LAB_CACHE or ~/.cache)"
     )
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 20)")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available"
+    )
+    parser.add_argument(
+        "--simulate-only", action="store_true", help="only make the set and link it into --out"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The default HSP90 set (simulated once, then cached), linked into ``--out``."""
+    """The default HSP90 set (simulated once, then cached), reconstructed into ``--out``."""
     from cryospin_lab.datasets import hsp90
-    from cryospin_lab.simulate import SimulationResult
 
     start = time.perf_counter()
     cached = hsp90(cache_dir=args.cache_dir, n_particles=args.n, progress=not args.no_progress)
+    print(f"HSP90 (PDB 2CG9) demo set, cached in {cached.out_dir}")
+    if args.simulate_only:
+        return _link_demo_set(args, cached, start)
+    _print_result(cached, time.perf_counter() - start)
+    from cryospin_lab.reconstruct import ReconstructSettings, run_reconstruction
+
+    settings = ReconstructSettings(
+        particles_path=cached.star_path,
+        out_dir=Path(args.out),
+        n_epochs=args.epochs,
+        device=args.device,
+        ground_truth_path=cached.ground_truth_path,
+        progress=not args.no_progress,
+        replace_checkpoints=True,  # a rerun of the demo starts over
+    )
+    return run_reconstruction(settings)
+
+
+def _link_demo_set(args: argparse.Namespace, cached, start: float) -> int:
+    from cryospin_lab.simulate import SimulationResult
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Star last, as in simulate: a folder with particles.star holds a complete set.
     for path in (cached.particles_path, cached.ground_truth_path, cached.summary_path, cached.star_path):
         _link_or_copy(path, out / path.name)
     result = SimulationResult.load(out)
-    print(f"HSP90 (PDB 2CG9) demo set, cached in {cached.out_dir}")
     _print_result(result, time.perf_counter() - start)
-    print("(the reconstruction step will be added to `cryospin-lab demo` by the engine)")
     return 0
 
 
@@ -249,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
             run_simulate,
             "simulate a particle stack from an atomic model or map",
         ),
-        ("demo", add_demo_args, run_demo, "make (or reuse) the default HSP90 dataset"),
+        ("reconstruct", add_reconstruct_args, run_reconstruct, "ab-initio reconstruction with cryoSPIN"),
+        ("demo", add_demo_args, run_demo, "reconstruct the default HSP90 dataset (simulated once)"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_args(sub)

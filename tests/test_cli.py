@@ -1,4 +1,6 @@
-"""The ``cryospin-lab`` command line: simulate and demo, and one-line errors on bad input.
+"""The ``cryospin-lab`` command line: simulate and demo --simulate-only, and one-line errors on bad input.
+
+``reconstruct`` and the full ``demo`` are tested in ``test_reconstruct_cli.py``.
 
 Outputs are checked with plain mrcfile/starfile; most runs call ``cli.main`` in
 process (fast), one runs the installed console script in a subprocess.
@@ -99,6 +101,7 @@ def test_bad_input_one_line_error(case, data_dir, tmp_path, capsys):
 
 def test_demo_uses_the_cache(tmp_path, capsys, monkeypatch):
     argv = ["demo", "--out", str(tmp_path / "demo"), "--n", "12", "--cache-dir", str(tmp_path / "cache")]
+    argv += ["--simulate-only"]
     assert cli.main(argv + ["--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "12 images, box 64, 3 Å/px, SNR 0.1" in printed and "µm (empiar10028)" in printed

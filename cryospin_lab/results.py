@@ -1,0 +1,465 @@
+"""What a reconstruction run writes: per-epoch records gathered from events, maps, poses, metrics, plots.
+
+Used by ``cryospin-lab reconstruct`` (:mod:`cryospin_lab.reconstruct`); nothing
+here drives training, everything reads events or the trainer's current state.
+
+Files in the output folder ``DIR`` (:class:`ResultWriter`):
+
+* ``map.mrc`` (branch ``main``, or the first branch) and, when the run holds
+  several branches, ``map_<branch>.mrc`` for each; voxel size = the (possibly
+  downsampled) pixel size; rewritten at every epoch end, so a killed run
+  leaves the map of its last finished epoch.
+* ``poses.star`` (and ``poses_<branch>.star`` with several branches): RELION
+  3.1, the estimated rlnAngleRot/Tilt/Psi and rlnOriginX/YAngst (= -shift; 0
+  when shifts are not estimated: the reconstruction assumed centred particles)
+  of every particle in input order, written by ``star.write_relion31_star``
+  with the input's optics and CTF. rlnImageName is copied verbatim from the
+  input STAR (RELION resolves it relative to its project directory, as it did
+  for the input; our reader needs ``--stack-dir`` / ``path_map`` when the
+  stacks are not beside the file), and the input's other per-particle columns
+  (micrograph name, coordinates, ...) are kept. For a .cs/.mrcs input the
+  names point to the stacks relative to ``DIR``. The rows describe the
+  original images (original pixel and box size) even when ``--box``
+  downsampled them.
+* ``metrics.csv``: one row per branch and epoch (:data:`METRICS_COLUMNS`, with
+  one ``head_<i>_share_pct`` column per head after ``mean_loss``).
+* ``fsc.png`` (FSC vs the ground-truth map at the last epoch, with the
+  threshold line and the resolution) when a ground truth is given, else
+  ``loss.png`` (mean loss per epoch). matplotlib's object API (``Figure``,
+  which renders PNG with Agg): no pyplot, no global backend.
+
+Every file is written to a temporary name in ``DIR`` and renamed, so an
+interrupted write leaves the previous version.
+
+Hand-written glue on ``data.write_map``, ``star.write_relion31_star``, starfile,
+csv and matplotlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryospin_lab.data import ParticleStack, write_map
+from cryospin_lab.events import (
+    EpochEvent,
+    Event,
+    FinishedEvent,
+    ForkEvent,
+    Phase,
+    PhaseChangeEvent,
+    PoseErrorEvent,
+    ResolutionEvent,
+    StepEvent,
+    VolumeEvent,
+)
+from cryospin_lab.metadata import chmod_like_new_file
+from cryospin_lab.training import Trainer
+
+__all__ = [
+    "EpochRecord",
+    "FinishedEpoch",
+    "EpochCollector",
+    "ResultWriter",
+    "METRICS_COLUMNS",
+    "write_poses_star",
+]
+
+# metrics.csv columns; the head_<i>_share_pct columns follow mean_loss.
+METRICS_COLUMNS = (
+    "epoch",
+    "phase",
+    "branch",
+    "mean_loss",
+    "pose_error_mean_deg",
+    "pose_error_median_deg",
+    "resolution_angstrom",
+    "epoch_time_s",
+    "wall_time_s",
+)
+# Per-particle STAR columns that describe poses or optics: never copied from the input to poses.star.
+_POSE_OR_OPTICS_COLUMNS = frozenset(
+    "rlnAngleRot rlnAngleTilt rlnAnglePsi rlnOriginX rlnOriginY rlnOriginZ rlnOriginXAngst rlnOriginYAngst "
+    "rlnOriginZAngst rlnVoltage rlnSphericalAberration rlnAmplitudeContrast rlnMagnification "
+    "rlnDetectorPixelSize rlnImagePixelSize rlnPixelSize rlnImageSize rlnImageDimensionality "
+    "rlnOpticsGroupName".split()
+)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch of one branch: the one-line summary and the metrics.csv row."""
+
+    epoch: int  # epochs completed by the branch (1 after the first)
+    branch: str
+    phase: Phase  # phase during the epoch
+    mean_loss: float
+    head_shares: tuple[float, ...]  # fraction of the epoch's images won by each head (empty: direct)
+    pose_error_mean_deg: float | None  # vs the STAR's poses, None if it has none
+    pose_error_median_deg: float | None
+    resolution_angstrom: float | None  # FSC 0.5 vs the ground-truth map, None without one
+    epoch_time_s: float
+    wall_time_s: float
+
+    def summary_line(self, n_epochs: int) -> str:
+        parts = [f"epoch {self.epoch:>{len(str(n_epochs))}}/{n_epochs}"]
+        if self.branch != "main":
+            parts.append(f"[{self.branch}]")
+        parts += [f"{self.phase.value:<9}", f"loss {self.mean_loss:.4g}"]
+        if self.head_shares:
+            parts.append("heads " + "/".join(f"{100 * s:.0f}" for s in self.head_shares) + " %")
+        if self.resolution_angstrom is not None:
+            parts.append(f"res {self.resolution_angstrom:.1f} Å")
+        if self.pose_error_mean_deg is not None:
+            parts.append(
+                f"pose err {self.pose_error_mean_deg:.1f}°/{self.pose_error_median_deg:.1f}° (mean/med)"
+            )
+        parts.append(f"{self.epoch_time_s:.1f} s")
+        return "  ".join(parts)
+
+    def csv_row(self, n_heads: int) -> dict[str, str]:
+        def fmt(value: float | None) -> str:
+            return "" if value is None else f"{value:.6g}"
+
+        row = {
+            "epoch": str(self.epoch),
+            "phase": self.phase.value,
+            "branch": self.branch,
+            "mean_loss": fmt(self.mean_loss),
+            "pose_error_mean_deg": fmt(self.pose_error_mean_deg),
+            "pose_error_median_deg": fmt(self.pose_error_median_deg),
+            "resolution_angstrom": fmt(self.resolution_angstrom),
+            "epoch_time_s": f"{self.epoch_time_s:.3f}",
+            "wall_time_s": f"{self.wall_time_s:.3f}",
+        }
+        for i in range(n_heads):
+            row[f"head_{i}_share_pct"] = fmt(100 * self.head_shares[i]) if self.head_shares else ""
+        return row
+
+
+@dataclass(frozen=True)
+class FinishedEpoch:
+    """An :class:`EpochRecord` with the epoch-end map and FSC curve of its branch."""
+
+    record: EpochRecord
+    volume: VolumeEvent | None
+    resolution: ResolutionEvent | None
+
+
+@dataclass
+class _PendingEpoch:
+    epoch: EpochEvent
+    pose: PoseErrorEvent | None = None
+    fsc: ResolutionEvent | None = None
+    volume: VolumeEvent | None = None
+
+
+class EpochCollector:
+    """Gathers the events of an epoch end (epoch, pose error, FSC, map) into :class:`FinishedEpoch`.
+
+    The trainer yields an :class:`EpochEvent` and then, stamped with the same
+    branch and epoch, the optional pose-error, resolution and volume events. A
+    branch's epoch is complete at its next step, phase change, fork or finish
+    event (or :meth:`flush` at the end), so the order of the epoch-end events
+    does not matter.
+    """
+
+    _ENDS = (StepEvent, PhaseChangeEvent, ForkEvent, FinishedEvent)
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _PendingEpoch] = {}  # by branch
+
+    def feed(self, event: Event) -> list[FinishedEpoch]:
+        """The epochs that ``event`` completes (usually none)."""
+        done = []
+        if isinstance(event, FinishedEvent):
+            done = self.flush()
+        elif isinstance(event, self._ENDS):
+            done = self._close(event.branch)
+        if isinstance(event, EpochEvent):
+            done += self._close(event.branch)
+            self._pending[event.branch] = _PendingEpoch(event)
+        pending = self._pending.get(event.branch)
+        if pending is not None and event.epoch == pending.epoch.epoch:
+            if isinstance(event, PoseErrorEvent):
+                pending.pose = event
+            elif isinstance(event, ResolutionEvent):
+                pending.fsc = event
+            elif isinstance(event, VolumeEvent):
+                pending.volume = event
+        return done
+
+    def flush(self) -> list[FinishedEpoch]:
+        """Every epoch still open (at the end of a run or on Ctrl-C)."""
+        return [item for name in list(self._pending) for item in self._close(name)]
+
+    def _close(self, branch: str) -> list[FinishedEpoch]:
+        pending = self._pending.pop(branch, None)
+        if pending is None:
+            return []
+        epoch, pose, fsc = pending.epoch, pending.pose, pending.fsc
+        wins = np.asarray(epoch.head_win_counts, dtype=np.float64)
+        shares = tuple(float(x) for x in wins / wins.sum()) if wins.sum() > 0 else ()
+        record = EpochRecord(
+            epoch=epoch.epoch,
+            branch=branch,
+            phase=epoch.phase,
+            mean_loss=epoch.mean_loss,
+            head_shares=shares,
+            pose_error_mean_deg=None if pose is None else pose.mean_deg,
+            pose_error_median_deg=None if pose is None else pose.median_deg,
+            resolution_angstrom=None if fsc is None else fsc.resolution_angstrom,
+            epoch_time_s=epoch.epoch_time_s,
+            wall_time_s=epoch.time_s,
+        )
+        return [FinishedEpoch(record, pending.volume, fsc)]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _safe_name(branch: str) -> str:
+    return re.sub(r"[^\w.-]", "_", branch)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        chmod_like_new_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResultWriter:
+    """Writes maps, poses, metrics and the plot of a run into ``out_dir`` (see the module docstring)."""
+
+    def __init__(self, trainer: Trainer, out_dir: Path, branch_names: list[str]):
+        self.trainer = trainer
+        self.out_dir = Path(out_dir)
+        self.n_heads = trainer.config.encoder.n_heads
+        self.branch_names = list(branch_names)
+        self.fieldnames = list(METRICS_COLUMNS[:4])
+        self.fieldnames += [f"head_{i}_share_pct" for i in range(self.n_heads)] + list(METRICS_COLUMNS[4:])
+        self.rows: list[dict[str, str]] = []
+        self.last_fsc: dict[str, ResolutionEvent] = {}
+
+    def live_branches(self) -> list[str]:
+        """Branches the trainer holds now (a forked parent is gone), in order of first appearance."""
+        live = {b.name for b in self.trainer.branches + self.trainer.finished}
+        self.add_branches(sorted(live))
+        return [n for n in self.branch_names if n in live]
+
+    @property
+    def primary(self) -> str:
+        """The branch written to map.mrc / poses.star: ``main``, else the first live one."""
+        live = self.live_branches()
+        return "main" if "main" in live else live[0]
+
+    def add_branches(self, names) -> None:
+        self.branch_names += [n for n in names if n not in self.branch_names]
+
+    def keep_rows_until(self, epochs: dict[str, int]) -> None:
+        """On resume: keep the metrics.csv rows up to each branch's checkpointed epoch."""
+        path = self.out_dir / "metrics.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                # A branch absent from the checkpoint is a forked parent: keep its rows before the fork.
+                limit = epochs.get(row.get("branch", ""), max(epochs.values()))
+                try:
+                    keep = int(row.get("epoch", "")) <= limit
+                except ValueError:
+                    keep = False
+                if keep:
+                    self.rows.append({name: row.get(name) or "" for name in self.fieldnames})
+
+    def _path(self, stem: str, branch: str, suffix: str) -> list[Path]:
+        paths = [self.out_dir / f"{stem}{suffix}"] if branch == self.primary else []
+        if len(self.live_branches()) > 1:
+            paths.append(self.out_dir / f"{stem}_{_safe_name(branch)}{suffix}")
+        return paths
+
+    def epoch_done(self, done: FinishedEpoch) -> None:
+        record = done.record
+        self.add_branches([record.branch])
+        self.rows.append(record.csv_row(self.n_heads))
+        self.write_metrics()
+        if done.resolution is not None:
+            self.last_fsc[record.branch] = done.resolution
+        if done.volume is not None:
+            for path in self._path("map", record.branch, ".mrc"):
+                write_map(path, done.volume.volume, done.volume.voxel_size_angstrom)
+
+    def write_metrics(self) -> None:
+        lines = io.StringIO()
+        writer = csv.DictWriter(lines, fieldnames=self.fieldnames, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        _atomic_text(self.out_dir / "metrics.csv", lines.getvalue())
+
+    def write_final(self) -> list[Path]:
+        """Maps and poses of every branch from the trainer's current state, and the plot."""
+        written = []
+        for branch in self.live_branches():
+            for path in self._path("map", branch, ".mrc"):
+                write_map(path, self.trainer.volume_real(branch), self.trainer.pixel_size_angstrom)
+                written.append(path)
+            for path in self._path("poses", branch, ".star"):
+                write_poses_star(path, self.trainer, branch)
+                written.append(path)
+        written.append(self.out_dir / "metrics.csv")
+        plot = self.write_plot()
+        if plot is not None:
+            written.append(plot)
+        return written
+
+    def write_plot(self) -> Path | None:
+        if self.trainer.ground_truth_map is not None:
+            if not self.last_fsc:
+                return None
+            path = self.out_dir / "fsc.png"
+            _plot_fsc(path, self.last_fsc)
+            return path
+        if not self.rows:
+            return None
+        path = self.out_dir / "loss.png"
+        _plot_loss(path, self.rows)
+        return path
+
+
+def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None:
+    """The branch's poses as a RELION 3.1 STAR for the input images (see the module docstring)."""
+    import pandas as pd
+    import starfile
+
+    from cryospin_lab.star import write_relion31_star
+
+    stack = trainer.stack
+    meta = stack.metadata
+    rotations, shifts = trainer.poses(branch)
+    if shifts is None:
+        shifts = torch.zeros(len(meta), 2, dtype=torch.float64)
+    estimated = dataclasses.replace(meta, rotations=rotations.double(), shifts_angstrom=shifts.double())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".star")
+    os.close(fd)
+    try:
+        write_relion31_star(tmp, estimated, "placeholder.mrcs")
+        blocks = starfile.read(tmp, always_dict=True)
+        particles = blocks["particles"]
+        names, extra = _input_image_names(stack, path.parent)
+        particles["rlnImageName"] = names
+        for column in ("rlnOriginXAngst", "rlnOriginYAngst"):
+            particles[column] = particles[column] + 0.0  # -0.0 (= -shift of 0) written as 0.000000
+        if extra is not None:
+            extra = extra[[c for c in extra.columns if c not in particles.columns]]
+            particles = pd.concat([particles, extra.reset_index(drop=True)], axis=1)
+        starfile.write(
+            {"optics": blocks["optics"], "particles": particles}, tmp, overwrite=True, float_format="%.6f"
+        )
+        chmod_like_new_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _input_image_names(stack: ParticleStack, out_dir: Path):
+    """rlnImageName per row (verbatim from an input STAR) and the input's other particle columns."""
+    import starfile
+
+    if stack.path.suffix.lower() == ".star":
+        blocks = starfile.read(stack.path, always_dict=True)
+        particles = blocks.get("particles")
+        if particles is None:  # RELION 3.0: one unnamed block
+            particles = next(iter(blocks.values()))
+        keep = [c for c in particles.columns if c not in _POSE_OR_OPTICS_COLUMNS and c != "rlnImageName"]
+        return particles["rlnImageName"].astype(str).to_list(), particles[keep]
+    meta = stack.metadata
+    relative = {p: os.path.relpath(p, out_dir.resolve()) for p in set(meta.image_paths)}
+    names = [f"{i + 1:06d}@{relative[p]}" for p, i in zip(meta.image_paths, meta.image_indices, strict=True)]
+    return names, None
+
+
+def _plot_fsc(path: Path, curves: dict[str, ResolutionEvent]) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    f_max = 0.0
+    for branch, event in curves.items():
+        label = f"{branch}, epoch {event.epoch}: {event.resolution_angstrom:.1f} Å"
+        # Shell 0 (DC, one voxel) is left out: its "correlation" is only the sign of the two means.
+        ax.plot(event.frequencies_per_angstrom[1:], event.fsc[1:], label=label)
+        f_max = max(f_max, float(event.frequencies_per_angstrom[-1]))
+    threshold = next(iter(curves.values())).threshold
+    ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
+    ax.set_xlim(0, f_max)
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC vs ground truth")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+
+    def inverse(x):
+        x = np.asarray(x, dtype=float)
+        return 1.0 / np.where(np.abs(x) < 1e-9, 1e-9, x)
+
+    top = ax.secondary_xaxis("top", functions=(inverse, inverse))
+    # Round resolutions inside the plotted range, none crowded against 1/Å = 0.
+    ticks = [a for a in (100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2) if 0.08 <= 1 / (a * f_max) <= 1]
+    top.set_xticks(ticks, [f"{a:g}" for a in ticks])
+    top.set_xlabel("resolution (Å)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _plot_loss(path: Path, rows: list[dict[str, str]]) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    losses = []
+    for branch in dict.fromkeys(r["branch"] for r in rows):
+        mine = [r for r in rows if r["branch"] == branch and r["mean_loss"]]
+        line = ax.plot([int(r["epoch"]) for r in mine], [float(r["mean_loss"]) for r in mine], "o-")[0]
+        line.set_label(branch)
+        losses += [float(r["mean_loss"]) for r in mine]
+        direct = [int(r["epoch"]) for r in mine if r["phase"] == Phase.DIRECT.value]
+        if direct and mine[0]["phase"] != Phase.DIRECT.value:
+            ax.axvline(direct[0] - 0.5, color=line.get_color(), linestyle=":", label=f"{branch}: switch")
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+        ax.set_yscale("log")  # the loss falls by orders of magnitude early on
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        chmod_like_new_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
