@@ -1,0 +1,296 @@
+"""Training throughput: images per second of the amortized and the direct stage, on this machine.
+
+Usage::
+
+    python bench/throughput.py                  # D = 64 and 128 (a few minutes on 2 CPU cores)
+    python bench/throughput.py --quick          # D = 64 only, fewer repeats
+    python bench/throughput.py --threads 1 2    # compare intra-op thread counts
+    python bench/throughput.py --breakdown      # also time the parts of each step
+
+It simulates a small CTF-modulated stack (Gaussian blobs, SNR 0.1, ``--images``
+particles) in a temporary folder and times the real engine: one
+``Trainer._amortized_step`` (encoder forward + backward, ``H`` heads rendered,
+winner-takes-all loss, Adam on encoder and volume) and one
+``Trainer._direct_step`` (``n_pose_steps`` pose steps, then one volume step)
+on batches of ``--batch`` images, at the full frequency disc (the radius ramp
+off: the steady state). The encoder preset is ``light``, except ``paper``
+on CUDA from D=128 on (``--presets`` overrides). The two stages take turns
+and the median of ``--repeats`` steps is reported, so that load from other
+processes on a shared machine hits both alike.
+
+Columns: milliseconds per step (wall), images per second, the process's CPU
+seconds per wall second during the steps (about the number of busy threads:
+well above 1 on a machine whose other processes use the cores means threads
+spinning at barriers), and the minutes one 10,000-image epoch would take.
+
+Measured before and after the throughput work of issue 3 (both versions in
+one process, steps interleaved; "after" includes ``render.winner_losses`` in
+the amortized step and no rendering of all-zero shifts in the direct step,
+two changes proposed for ``training.py``), D=64, batch 32, 7 heads, light
+preset, two intra-op threads, images/s:
+
+==========================================  ===============  ===============
+machine                                     amortized        direct
+==========================================  ===============  ===============
+2-core AMD EPYC VM (dev machine, quiet)     135 -> 325       365 -> 440
+2 cores of a Xeon (``taskset -c 0,1``)      155 -> 472       631 -> 737
+==========================================  ===============  ===============
+
+With one thread the EPYC VM gave 81 -> 188 and 213 -> 298. On a *busy*
+2-core machine (other processes using both cores) two torch threads are
+several times slower than one: each parallel region waits for a thread that
+is not scheduled (measured 10x, D=32: 18 vs 198 amortized images/s).
+
+The light encoder's stride-2 first conv (``encoder.py``) was checked on the
+HSP90 set (D=64, 10,000 images, SNR 0.1, amortized stage only, one seed, on
+a GPU): the median pose error of the best head fell from ~120 degrees to
+below 40 at epoch 21 with stride 2, epoch 19 with stride 1; the amortized
+step is 1.7x (EPYC) to 3x faster in CPU time with stride 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cryospin_lab.config import TrainingConfig
+from cryospin_lab.data import ParticleStack
+from cryospin_lab.encoder import EncoderConfig
+from cryospin_lab.projection import FourierDisc
+from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
+from cryospin_lab.simulate import simulate_particles
+from cryospin_lab.training import Trainer
+
+N_HEADS = 7
+
+
+def machine_description() -> str:
+    """CPU model, cores, load, torch version and threads (and the GPU, if any)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = "n/a"
+    if hasattr(os, "getloadavg"):
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        f"machine: {model}, {cores} usable cores, load average {load}",
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op threads",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"cuda: {torch.cuda.get_device_name(0)}")
+    return "\n".join(lines)
+
+
+def blob_volume(box_size: int, n_blobs: int = 12, seed: int = 0) -> torch.Tensor:
+    """A ``(D, D, D)`` map of Gaussian blobs (an asymmetric particle-like test object)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.arange(box_size, dtype=torch.float32) - box_size // 2
+    z, y, x = torch.meshgrid(k, k, k, indexing="ij")
+    volume = torch.zeros(box_size, box_size, box_size)
+    width = box_size / 16
+    for _ in range(n_blobs):
+        c = (torch.rand(3, generator=gen) - 0.5) * box_size / 2.5
+        volume += torch.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * width**2))
+    return volume
+
+
+def synthetic_stack(box_size: int, n_images: int, folder: Path) -> ParticleStack:
+    """A simulated CTF stack at 3 Å x 64/D per pixel (the HSP90 default's sampling at D=64)."""
+    result = simulate_particles(
+        blob_volume(box_size),
+        out_dir=folder / f"box{box_size}",
+        box_size=box_size,
+        pixel_size_angstrom=3.0 * 64 / box_size,
+        n_particles=n_images,
+        snr=0.1,
+        progress=False,
+    )
+    return ParticleStack(result.star_path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    wall_s: float  # median seconds per call
+    cpu_per_wall: float  # process CPU seconds per wall second over all timed calls
+
+
+def time_interleaved(steps: dict, device: torch.device, n_repeats: int, n_warmup: int = 2) -> dict:
+    """Median wall time per call of each step (they take turns), and CPU use, after warm-up calls."""
+    for _ in range(n_warmup):
+        for step in steps.values():
+            step()
+    walls = {name: [] for name in steps}
+    cpus = {name: 0.0 for name in steps}
+    for _ in range(n_repeats):
+        for name, step in steps.items():
+            _sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            _sync(device)
+            walls[name].append(time.perf_counter() - w0)
+            cpus[name] += time.process_time() - c0
+    return {name: Timing(statistics.median(w), cpus[name] / sum(w)) for name, w in walls.items()}
+
+
+def make_trainer(stack: ParticleStack, preset: str, device: torch.device, batch_size: int) -> Trainer:
+    config = TrainingConfig(
+        encoder=EncoderConfig(box_size=stack.box_size, n_heads=N_HEADS, preset=preset),
+        switch="never",
+        batch_size=batch_size,
+        radius_ramp_epochs=0,
+        checkpoint_every=0,
+        n_tracked=0,
+        device=device.type,
+    )
+    return Trainer(stack, config)
+
+
+def stage_steps(trainer: Trainer, batch_size: int, seed: int = 0) -> dict:
+    """``{"amortized": step, "direct": step}`` on two branches of one trainer, fresh random batches."""
+    amortized = trainer.branches[0]
+    direct = trainer._copy_branch(amortized, "direct")
+    for _ in trainer._switch(direct, "manual"):
+        pass
+    gen = torch.Generator().manual_seed(seed)
+    n = len(trainer.stack)
+
+    def batch() -> torch.Tensor:
+        return torch.randperm(n, generator=gen)[:batch_size]
+
+    return {
+        "amortized": lambda: trainer._amortized_step(amortized, batch()),
+        "direct": lambda: trainer._direct_step(direct, batch()),
+    }
+
+
+def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
+    """The parts of a step, each with its backward pass, on one fixed batch."""
+    branch = trainer.branches[0]
+    encoder, volume = branch.encoder.train(), branch.volume
+    disc: FourierDisc = trainer._disc(0)
+    indices = torch.arange(batch_size)
+    images, observed, ctf = trainer._batch(indices, disc)
+    apix, kind = trainer.pixel_size_angstrom, LossKind.L2
+    with torch.no_grad():
+        rotations = encoder(images).rotations.detach()
+    kwargs = dict(pixel_size_angstrom=apix, ctf_values=ctf, contrast=trainer.config.contrast)
+
+    def encoder_step():
+        encoder.zero_grad(set_to_none=True)
+        encoder(images).rotations.sum().backward()
+
+    def pyramid():
+        with torch.no_grad():
+            encoder.pyramid(images)
+
+    def all_heads():
+        r = rotations.clone().requires_grad_(True)
+        losses = image_losses(render_hartley(volume.hartley(), r, disc, **kwargs), observed, disc, kind)
+        losses.min(dim=1).values.mean().backward()
+
+    def winner():
+        r = rotations.clone().requires_grad_(True)
+        best, _, _ = winner_losses(volume.hartley(), r, disc, observed, kind, **kwargs)
+        best.mean().backward()
+
+    def pose_step():
+        r = rotations[:, 0].clone().requires_grad_(True)
+        predicted = render_hartley(volume.hartley().detach(), r, disc, **kwargs)
+        image_losses(predicted, observed, disc, kind).sum().backward()
+
+    def batch():
+        trainer._batch(indices, disc)
+
+    return {
+        "encoder fwd+bwd": encoder_step,
+        "  of which pyramid": pyramid,
+        f"render {N_HEADS} heads, min, bwd": all_heads,
+        "winner_losses + bwd": winner,
+        "one pose step (1 head)": pose_step,
+        "batch: images, FHT, CTF": batch,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="box sizes D (default 64 128)")
+    parser.add_argument("--quick", action="store_true", help="D = 64 only and fewer repeats")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per stage (default 7, quick 3)"
+    )
+    parser.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
+    parser.add_argument("--images", type=int, default=256, help="particles simulated per box size")
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="intra-op thread counts to try")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda if available)")
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=None,
+        help="encoder presets (default light; paper on CUDA at D >= 128)",
+    )
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([64] if args.quick else [64, 128])
+    repeats = args.repeats or (3 if args.quick else 7)
+    if args.device:
+        devices = [torch.device(args.device)]
+    else:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    thread_counts = args.threads or [torch.get_num_threads()]
+
+    print(machine_description())
+    print(f"batch {args.batch}, {N_HEADS} heads, full disc, median of {repeats} steps per stage")
+    header = f"{'device':6} {'preset':6} {'D':>4} {'thr':>3} {'stage':10} {'ms/step':>9} {'images/s':>9} "
+    print(header + f"{'cpu/wall':>8} {'min/10k':>8}")
+    with tempfile.TemporaryDirectory(prefix="cryospin-throughput-") as tmp:
+        stacks = {d: synthetic_stack(d, args.images, Path(tmp)) for d in sizes}
+        for device in devices:
+            for d in sizes:
+                # The paper preset's six pooling stages need D >= 128.
+                default = ["paper"] if device.type == "cuda" and d >= 128 else ["light"]
+                for preset in args.presets or default:
+                    for threads in thread_counts:
+                        torch.set_num_threads(threads)
+                        try:
+                            trainer = make_trainer(stacks[d], preset, device, args.batch)
+                        except ValueError as error:
+                            print(f"{device.type:6} {preset:6} {d:>4} skipped: {error}")
+                            continue
+                        timings = time_interleaved(stage_steps(trainer, args.batch), device, repeats)
+                        for stage, t in timings.items():
+                            rate = args.batch / t.wall_s
+                            print(
+                                f"{device.type:6} {preset:6} {d:>4} {threads:>3} {stage:10} "
+                                f"{1e3 * t.wall_s:>9.1f} {rate:>9.1f} {t.cpu_per_wall:>8.2f} "
+                                f"{10_000 / rate / 60:>8.2f}",
+                                flush=True,
+                            )
+                        if args.breakdown:
+                            parts = time_interleaved(breakdown_steps(trainer, args.batch), device, repeats)
+                            for name, t in parts.items():
+                                print(f"{'':29} {name:32} {1e3 * t.wall_s:>9.1f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
