@@ -1,0 +1,89 @@
+"""Sweep of amortized-stage settings on the default HSP90 set; one JSON line per epoch.
+
+Run several in parallel on one GPU, e.g.
+    python bench/experiments/amortized_sweep.py --name lr1e-3 --encoder-lr 1e-3 --budget-s 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from cryospin_lab import datasets
+from cryospin_lab.config import TrainingConfig
+from cryospin_lab.data import ParticleStack, read_map
+from cryospin_lab.encoder import EncoderConfig
+from cryospin_lab.events import EpochEvent, PhaseChangeEvent, PoseErrorEvent, ResolutionEvent
+from cryospin_lab.training import Trainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", required=True)
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--switch", default="never")
+    p.add_argument("--encoder-lr", type=float, default=1e-4)
+    p.add_argument("--decoder-lr", type=float, default=5e-3)
+    p.add_argument("--radius-start", type=float, default=0.25)
+    p.add_argument("--radius-ramp", type=int, default=3)
+    p.add_argument("--heads", type=int, default=7)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--budget-s", type=float, default=1e9)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache", default=None)
+    a = p.parse_args()
+    data = datasets.hsp90(cache_dir=a.cache, progress=False)
+    stack = ParticleStack(data.star_path)
+    if a.n < len(stack):
+        stack.metadata = stack.metadata.subset(range(a.n))
+    truth, _ = read_map(data.ground_truth_path)
+    cfg = TrainingConfig(
+        encoder=EncoderConfig(box_size=64, n_heads=a.heads),
+        n_epochs=a.epochs,
+        switch=a.switch,
+        encoder_lr=a.encoder_lr,
+        decoder_lr=a.decoder_lr,
+        radius_start_fraction=a.radius_start,
+        radius_ramp_epochs=a.radius_ramp,
+        batch_size=a.batch,
+        device=a.device,
+        checkpoint_every=0,
+        n_tracked=0,
+        volume_interval_s=1e9,
+    )
+    trainer = Trainer(stack, cfg, ground_truth_map=truth)
+    t0 = time.perf_counter()
+    row: dict = {}
+    for ev in trainer.events():
+        if isinstance(ev, EpochEvent):
+            row = {
+                "name": a.name,
+                "branch": ev.branch,
+                "epoch": ev.epoch,
+                "phase": ev.phase.value,
+                "loss": round(ev.mean_loss, 4),
+                "wins": ev.head_win_counts.tolist(),
+            }
+        elif isinstance(ev, PoseErrorEvent):
+            row.update(mean=round(ev.mean_deg, 2), median=round(ev.median_deg, 2))
+        elif isinstance(ev, ResolutionEvent):
+            row.update(res=round(ev.resolution_angstrom, 2), wall=round(time.perf_counter() - t0, 1))
+            print(json.dumps(row), flush=True)
+            if time.perf_counter() - t0 > a.budget_s:
+                break
+        elif isinstance(ev, PhaseChangeEvent):
+            print(
+                json.dumps(
+                    {"name": a.name, "phase_change": ev.new.value, "reason": ev.reason, "epoch": ev.epoch}
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    torch.backends.cudnn.benchmark = True
+    main()
