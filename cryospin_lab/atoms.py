@@ -48,6 +48,7 @@ from torch import Tensor
 from cryospin_lab import fourier
 
 __all__ = [
+    "chain_superposition_rotation",
     "AtomicModel",
     "read_model",
     "density_from_model",
@@ -221,3 +222,31 @@ def _crop_and_deblur(fine: Tensor, box_size: int, pixel_size_angstrom: float, un
     # Values are samples of the same continuous density: scale by the ratio of sample counts.
     volume = fourier.ifft_center(spectrum, ndim=3).real * (box_size / n_fine) ** 3
     return volume.to(torch.float32).contiguous()
+
+
+def chain_superposition_rotation(model_or_path, chain_a: str, chain_b: str) -> Tensor:
+    """Rotation ``Q`` (3, 3) superposing chain ``a`` onto chain ``b`` (matching CA atoms by residue number).
+
+    For a homodimer this is its (pseudo-)two-fold: ``p_b ~ Q p_a + t``. Maps from
+    :func:`density_from_model` only translate the model, so with the two-fold
+    through the centre of mass, ``V(Q x) ~ V(x)`` on the map's ``(x, y, z)``
+    axes -- what :func:`cryospin_lab.metrics.pose_error` takes as
+    ``symmetry_rotations`` (HSP90 2CG9: chains A and B).
+    """
+    model = model_or_path if isinstance(model_or_path, AtomicModel) else read_model(model_or_path)
+    chains = {ch.name: ch for ch in model.structure[0]}
+    for name in (chain_a, chain_b):
+        if name not in chains:
+            raise ValueError(f"{model.path}: no chain {name!r} (chains: {sorted(chains)})")
+
+    def ca_positions(chain) -> dict[int, gemmi.Position]:
+        return {res.seqid.num: res["CA"][0].pos for res in chain if res.find_atom("CA", "*")}
+
+    pos_a, pos_b = ca_positions(chains[chain_a]), ca_positions(chains[chain_b])
+    common = sorted(set(pos_a) & set(pos_b))
+    if len(common) < 3:
+        raise ValueError(
+            f"{model.path}: chains {chain_a} and {chain_b} share {len(common)} CA residues, need 3"
+        )
+    result = gemmi.superpose_positions([pos_b[i] for i in common], [pos_a[i] for i in common])
+    return torch.tensor(result.transform.mat.tolist(), dtype=torch.float64)

@@ -21,6 +21,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from cryospin_lab.simulate import SimulationResult, simulate_particles
 
 __all__ = ["hsp90", "default_cache_dir", "hsp90_cache_key", "HSP90_MODEL"]
@@ -59,6 +61,25 @@ def _matches(result: SimulationResult, n_particles, box_size, pixel_size_angstro
         and result.defocus == "empiar10028"
         and result.max_shift_angstrom == 0.0
     )
+
+
+def hsp90_pseudo_symmetry() -> torch.Tensor:
+    """``(1, 3, 3)``: the near two-fold of 2CG9 (chain A onto chain B, about 178 degrees).
+
+    At the default 3 Å/px the two halves of the dimer are nearly identical, so a
+    pose and its copy across this axis explain an image almost equally well;
+    pass it to :func:`cryospin_lab.metrics.pose_error` as ``symmetry_rotations``
+    to count such poses as right.
+    """
+    from cryospin_lab.atoms import chain_superposition_rotation
+
+    with resources.as_file(resources.files("cryospin_lab.assets").joinpath(HSP90_MODEL)) as model_path:
+        return chain_superposition_rotation(model_path, "A", "B")[None]
+
+
+def default_model_path() -> Path:
+    """Path of the packaged 2CG9 model (inside the installed package)."""
+    return Path(str(resources.files("cryospin_lab.assets").joinpath(HSP90_MODEL)))
 
 
 def hsp90(

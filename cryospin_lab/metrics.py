@@ -525,13 +525,19 @@ class PoseError:
         return r @ self.global_rotation.T
 
 
-def pose_error(rotations_gt, rotations_est) -> PoseError:
+def pose_error(rotations_gt, rotations_est, *, symmetry_rotations=None) -> PoseError:
     """Mean/median geodesic error (degrees) of ``(N, 3, 3)`` rotations after global alignment.
 
     Uses ``so3.align_rotations`` (both hands, Procrustes then refits on the better
     half, so a minority of outlier poses does not bias the global rotation) on the
     transposed matrices, because the global ambiguity multiplies poses on the right
     (see the module docstring).
+
+    ``symmetry_rotations`` ``(K, 3, 3)``: rotations ``Q`` under which the true map
+    is (pseudo-)symmetric, ``V(Q x) ~ V(x)``; the poses ``R`` and ``R Q^T`` then
+    explain an image equally well, and each image's error is the smallest over
+    its symmetric copies (the identity is always included). Without it, a
+    pose on the wrong side of a pseudo-symmetry counts as wrong.
     """
     gt = torch.as_tensor(rotations_gt, dtype=torch.float64)
     est = torch.as_tensor(rotations_est, dtype=torch.float64)
@@ -541,7 +547,15 @@ def pose_error(rotations_gt, rotations_est) -> PoseError:
             f"got {tuple(gt.shape)} and {tuple(est.shape)}"
         )
     result = so3.align_rotations(gt.transpose(-1, -2), est.transpose(-1, -2))
-    errors = result.errors_deg.numpy()
+    errors = result.errors_deg
+    if symmetry_rotations is not None:
+        sym = torch.as_tensor(symmetry_rotations, dtype=torch.float64).reshape(-1, 3, 3)
+        aligned = so3.flip_handedness(est) if result.flipped else est
+        aligned = aligned @ result.global_rotation.T
+        copies = gt[:, None] @ sym.transpose(-1, -2)[None]  # (N, K, 3, 3): R_gt Q^T
+        sym_errors = so3.geodesic_angle_deg(copies, aligned[:, None]).min(dim=1).values
+        errors = torch.minimum(errors, sym_errors)
+    errors = errors.numpy()
     return PoseError(
         float(errors.mean()), float(np.median(errors)), errors, bool(result.flipped), result.global_rotation
     )

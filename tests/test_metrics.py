@@ -345,3 +345,20 @@ def test_map_and_pose_alignments_agree_on_cryodrgn_toy_projections(data_dir):
     assert alignment.flipped is True
     assert so3.geodesic_angle_deg(alignment.rotation, poses.global_rotation).item() < 3.0
     assert alignment.correlation > 0.9
+
+
+def test_pose_error_modulo_a_pseudo_symmetry():
+    """Half the poses on the other side of a 2-fold axis: wrong without, right with the symmetry."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    truth = Rotation.random(400, random_state=4).as_matrix()
+    two_fold = Rotation.from_rotvec(np.pi * np.array([0.6, 0.0, 0.8])).as_matrix()
+    est = truth.copy()
+    est[::2] = truth[::2] @ two_fold.T  # R Q^T: the same images of a map with V(Qx) = V(x)
+    noise = Rotation.from_rotvec(rng.normal(scale=np.radians(0.5), size=(400, 3))).as_matrix()
+    est = est @ noise
+    plain = metrics.pose_error(truth, est)
+    assert plain.mean_deg > 60  # half of them 180 degrees off
+    sym = metrics.pose_error(truth, est, symmetry_rotations=two_fold[None])
+    assert sym.mean_deg < 2.0 and sym.median_deg < 1.5
