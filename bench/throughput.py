@@ -169,7 +169,7 @@ def make_trainer(stack: ParticleStack, preset: str, device: torch.device, batch_
 def stage_steps(trainer: Trainer, batch_size: int, seed: int = 0) -> dict:
     """``{"amortized": step, "direct": step}`` on two branches of one trainer, fresh random batches."""
     amortized = trainer.branches[0]
-    direct = trainer._copy_branch(amortized, "direct")
+    direct = amortized.copy("direct")
     for _ in trainer._switch(direct, "manual"):
         pass
     gen = torch.Generator().manual_seed(seed)

@@ -24,7 +24,6 @@ image keeps its lowest-loss candidate as the base of its pose-table row.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin_lab import fourier, metrics, so3
+from cryospin_lab import metrics, so3
+from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
     config_from_dict,
     config_to_dict,
@@ -44,10 +44,8 @@ from cryospin_lab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cryospin_lab.config import TrainingConfig, parse_switch_rule
-from cryospin_lab.ctf import compute_ctf
+from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack
-from cryospin_lab.encoder import MultiHeadEncoder
 from cryospin_lab.events import (
     CheckpointEvent,
     EpochEvent,
@@ -63,11 +61,11 @@ from cryospin_lab.events import (
     StepEvent,
     VolumeEvent,
 )
+from cryospin_lab.feed import ParticleFeed
 from cryospin_lab.pose_table import PoseTable
-from cryospin_lab.projection import FourierDisc, max_disc_radius
-from cryospin_lab.render import LossKind, image_losses, images_to_hartley, render_hartley, winner_losses
+from cryospin_lab.projection import FourierDisc
+from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
 from cryospin_lab.runner import Command, CommandError
-from cryospin_lab.volume import HartleyVolume
 
 __all__ = ["Branch", "Trainer", "resolve_device"]
 
@@ -79,64 +77,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
     return torch.device(name)
-
-
-class Branch:
-    """One reconstruction state. Created by :class:`Trainer`; copied by ``fork``."""
-
-    def __init__(self, name: str, trainer: Trainer):
-        cfg, device = trainer.config, trainer.device
-        gen = torch.Generator().manual_seed(cfg.seed)
-        self.name = name
-        self.phase = Phase.AMORTIZED
-        self.epoch = 0  # epochs completed
-        self.step = 0
-        self.switch_rule = parse_switch_rule(cfg.switch)
-        self.pending_switch: str | None = None  # reason of a switch requested for the next step
-        if self.switch_rule == 0:
-            self.pending_switch = "epoch"  # switch before the first step: direct optimisation from the start
-        torch.manual_seed(cfg.seed)
-        self.encoder: MultiHeadEncoder | None = MultiHeadEncoder(cfg.encoder).to(device)
-        self.volume = HartleyVolume(trainer.box_size, generator=gen).to(device)
-        with torch.no_grad():
-            # Start at the data's scale: exponent = log of the expected Hartley magnitude per
-            # shell, mantissa small and random (see Trainer._signal_envelope).
-            self.volume.exponent.copy_(torch.log(trainer.signal_envelope).to(device))
-            self.volume.mantissa.mul_(cfg.volume_init_mantissa)
-        self.encoder_opt: torch.optim.Optimizer | None = torch.optim.Adam(
-            self.encoder.parameters(), lr=cfg.encoder_lr
-        )
-        self.decoder_opt = torch.optim.Adam(self.volume.parameters(), lr=cfg.decoder_lr)
-        self.pose_table: PoseTable | None = None
-        n, n_heads = len(trainer.stack), cfg.encoder.n_heads
-        # Each image's best candidate as last seen in training (amortized) -- for the pose
-        # error during the amortized stage and for the auto switch rule.
-        self.best_rotations = torch.eye(3).repeat(n, 1, 1)
-        self.best_heads = torch.full((n,), -1, dtype=torch.long)
-        self.previous_best = self.best_rotations.clone()
-        self.head_wins = torch.zeros(n_heads, dtype=torch.long)
-        self.epoch_loss_sum, self.epoch_images = 0.0, 0
-        self.batch_iter: Iterator[Tensor] | None = None
-        self.stable_epochs = 0
-
-    def state_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "phase": self.phase.value,
-            "epoch": self.epoch,
-            "step": self.step,
-            "encoder": None if self.encoder is None else self.encoder.state_dict(),
-            "encoder_opt": None if self.encoder_opt is None else self.encoder_opt.state_dict(),
-            "volume": self.volume.state_dict(),
-            "decoder_opt": self.decoder_opt.state_dict(),
-            "pose_table": None if self.pose_table is None else self.pose_table.state_dict(),
-            "best_rotations": self.best_rotations,
-            "best_heads": self.best_heads,
-            "previous_best": self.previous_best,
-            "stable_epochs": self.stable_epochs,
-            "pending_switch": self.pending_switch or "",
-            "switch_rule": str(self.switch_rule),
-        }
 
 
 class Trainer:
@@ -169,22 +109,18 @@ class Trainer:
         self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
         self.loss_kind = LossKind(config.loss)
         self.out_dir = None if out_dir is None else Path(out_dir)
-        meta = stack.metadata
-        self.true_rotations = None if meta.rotations is None else torch.as_tensor(meta.rotations).float()
-        self.true_shifts = (
-            None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
-        )
         if ground_truth_map is not None and tuple(ground_truth_map.shape) != (self.box_size,) * 3:
             raise ValueError(
                 f"ground_truth_map has shape {tuple(ground_truth_map.shape)}, "
                 f"the particles' box is {self.box_size}"
             )
         self.ground_truth_map = ground_truth_map
-        self.images = self._preload()
-        self.signal_envelope = self._signal_envelope()
+        self.feed = ParticleFeed(stack, config, self.device)
+        self.true_rotations, self.true_shifts = self.feed.true_rotations, self.feed.true_shifts
+        self.signal_envelope = self.feed.signal_envelope
         n_tracked = min(config.n_tracked, len(stack))
         self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None
-        self.branches: list[Branch] = [Branch("main", self)]
+        self.branches: list[Branch] = [Branch("main", config, self.feed, self.device)]
         self.finished: list[Branch] = []
         self._t0 = time.perf_counter()
         self._last_volume_time = -math.inf
@@ -192,78 +128,14 @@ class Trainer:
         self._fork_count = 0
 
     # ------------------------------------------------------------------ data
-    def _preload(self) -> Tensor | None:
-        """All images as one float32 tensor when they take < 2 GiB, else None (read per batch)."""
-        n, d = len(self.stack), self.box_size
-        if n * d * d * 4 > 2 * 2**30:
-            return None
-        chunks = [self.stack.get_batch(np.arange(i, min(i + 1024, n))).images for i in range(0, n, 1024)]
-        return torch.cat(chunks)
-
-    @torch.no_grad()
-    def _signal_envelope(self, n_images: int = 512) -> Tensor:
-        """Expected magnitude ``(D, D, D)`` of the volume's Hartley values, by shell, from the data.
-
-        Per shell ``r``: the observed power ``P(r)`` of the images' Hartley values
-        (scaled as in the loss), minus the noise power (the median power of the
-        outer quarter of shells, where signal is negligible at cryo-EM SNR), over
-        the mean squared CTF. A volume of that magnitude renders images of the
-        data's scale, so the decoder starts in range instead of spending
-        thousands of steps moving its exponent (Adam moves it ~lr per step).
-        """
-        d = self.box_size
-        disc = FourierDisc.make(d, device=torch.device("cpu"))
-        idx = torch.linspace(0, len(self.stack) - 1, min(n_images, len(self.stack))).round().long()
-        if self.images is not None:
-            images = self.images[idx]
-        else:
-            images = self.stack.get_batch(idx.numpy()).images
-        observed = images_to_hartley(images.float(), disc)
-        shells = disc.freqs.norm(dim=-1).round().long()
-        n_shells = int(shells.max()) + 1
-        count = torch.bincount(shells, minlength=n_shells).clamp(min=1)
-        power = torch.bincount(shells, (observed**2).mean(0), minlength=n_shells) / count
-        noise = power[int(0.75 * n_shells) :].median()
-        signal = torch.maximum(power - noise, 0.01 * power)
-        ctf_sq = torch.ones(n_shells)
-        if self.stack.metadata.ctf is not None:
-            ctf = compute_ctf(
-                self.stack.metadata.ctf[idx.numpy()], disc.freqs_per_angstrom(self.pixel_size_angstrom)
-            )
-            ctf_sq = torch.bincount(shells, (ctf.float() ** 2).mean(0), minlength=n_shells) / count
-        envelope = torch.sqrt(signal / ctf_sq.clamp(min=1e-2))
-        radius = fourier.radial_index_3d(d).clamp(max=n_shells - 1)
-        return envelope[radius].float()
-
     def _batch(self, indices: Tensor, disc: FourierDisc) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Images ``(B, D, D)``, their Hartley values ``(B, M)`` and CTF ``(B, M)`` on the device."""
-        if self.images is not None:
-            images = self.images[indices]
-        else:
-            images = self.stack.get_batch(indices.numpy()).images
-        images = images.to(self.device)
-        ctf = None
-        if self.stack.metadata.ctf is not None:
-            params = self.stack.metadata.ctf[indices.numpy()].to(self.device)
-            ctf = compute_ctf(params, disc.freqs_per_angstrom(self.pixel_size_angstrom)).float()
-        return images, images_to_hartley(images, disc), ctf
+        return self.feed.batch(indices, disc)
 
     def _disc(self, epoch: int) -> FourierDisc:
-        """The frequencies fitted this epoch: low frequencies first, growing to the full disc."""
-        cfg, r_max = self.config, max_disc_radius(self.box_size)
-        if cfg.radius_ramp_epochs <= 0:
-            fraction = 1.0
-        else:
-            t = min(1.0, epoch / cfg.radius_ramp_epochs)
-            fraction = cfg.radius_start_fraction + (1 - cfg.radius_start_fraction) * t
-        return FourierDisc.make(self.box_size, max(2.0, round(r_max * fraction)), device=self.device)
+        return self.feed.disc(epoch)
 
     def _batches(self, branch: Branch) -> Iterator[Tensor]:
-        # A seed per (run, epoch): a run resumed at an epoch boundary sees the same order.
-        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + branch.epoch)
-        order = torch.randperm(len(self.stack), generator=gen)
-        for start in range(0, len(order), self.config.batch_size):
-            yield order[start : start + self.config.batch_size]
+        return self.feed.epoch_batches(branch.epoch)
 
     def _stamp(self, branch: Branch) -> dict:
         return {
@@ -601,36 +473,14 @@ class Trainer:
         """Paper Fig. 4: from the same state, one child stays amortized, the other switches now."""
         self._fork_count += 1
         suffix = "" if self._fork_count == 1 else f"-{self._fork_count}"
-        amortized = self._copy_branch(parent, f"amortized{suffix}")
-        direct = self._copy_branch(parent, f"direct{suffix}")
+        amortized = parent.copy(f"amortized{suffix}")
+        direct = parent.copy(f"direct{suffix}")
         amortized.switch_rule = "never"
         amortized.pending_switch = None
         direct.pending_switch = "manual"
         position = self.branches.index(parent)
         self.branches[position : position + 1] = [amortized, direct]
         return [ForkEvent(parent=parent.name, children=(amortized.name, direct.name), **self._stamp(parent))]
-
-    def _copy_branch(self, parent: Branch, name: str) -> Branch:
-        child = copy.copy(parent)
-        child.name = name
-        for attr in ("encoder", "volume", "pose_table"):
-            setattr(child, attr, copy.deepcopy(getattr(parent, attr)))
-        child.encoder_opt = self._copied_optimizer(parent.encoder_opt, child.encoder)
-        child.decoder_opt = self._copied_optimizer(parent.decoder_opt, child.volume)
-        for attr in ("best_rotations", "best_heads", "previous_best", "head_wins"):
-            setattr(child, attr, getattr(parent, attr).clone())
-        child.batch_iter = None  # the epoch in progress restarts for both children
-        child.epoch_loss_sum, child.epoch_images = 0.0, 0
-        child.head_wins = torch.zeros_like(parent.head_wins)
-        return child
-
-    @staticmethod
-    def _copied_optimizer(optimizer, module):
-        if optimizer is None:
-            return None
-        new = type(optimizer)(module.parameters(), **optimizer.defaults)
-        new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        return new
 
     # ------------------------------------------------------------------ results
     def summary(self) -> dict[str, float]:
@@ -720,42 +570,15 @@ class Trainer:
     def load_state(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``)."""
         payload = load_checkpoint(path)
-        self.branches = [self._branch_from_state(s) for s in payload["branches"]]
-        self.finished = [self._branch_from_state(s) for s in payload["finished"]]
+        self.branches = [
+            Branch.from_state(s, self.config, self.feed, self.device) for s in payload["branches"]
+        ]
+        self.finished = [
+            Branch.from_state(s, self.config, self.feed, self.device) for s in payload["finished"]
+        ]
         # With a larger n_epochs than the checkpoint's run, finished branches go on.
         self.branches += [b for b in self.finished if b.epoch < self.config.n_epochs]
         self.finished = [b for b in self.finished if b.epoch >= self.config.n_epochs]
         self._fork_count = int(payload["fork_count"])
         self._elapsed_before_resume = float(payload["elapsed_s"])
         set_rng_state(payload["rng"])
-
-    def _branch_from_state(self, state: dict) -> Branch:
-        branch = Branch(state["name"], self)
-        branch.phase = Phase(state["phase"])
-        branch.epoch, branch.step = int(state["epoch"]), int(state["step"])
-        branch.volume.load_state_dict(state["volume"])
-        branch.decoder_opt.load_state_dict(state["decoder_opt"])
-        if state["encoder"] is None:
-            branch.encoder, branch.encoder_opt = None, None
-        else:
-            branch.encoder.load_state_dict(state["encoder"])
-            branch.encoder_opt.load_state_dict(state["encoder_opt"])
-        if state["pose_table"] is not None:
-            cfg = self.config
-            table = PoseTable(
-                state["pose_table"]["rotations"],
-                state["pose_table"]["shifts_angstrom"],
-                lr=cfg.pose_lr,
-                betas=cfg.pose_betas,
-                shift_lr_angstrom=cfg.shift_lr_angstrom,
-                estimate_shifts=cfg.encoder.estimate_shifts,
-            )
-            table.load_state_dict(state["pose_table"])
-            branch.pose_table = table
-        branch.best_rotations = state["best_rotations"].clone()
-        branch.best_heads = state["best_heads"].clone()
-        branch.previous_best = state["previous_best"].clone()
-        branch.stable_epochs = int(state["stable_epochs"])
-        branch.pending_switch = state["pending_switch"] or None
-        branch.switch_rule = parse_switch_rule(state["switch_rule"])
-        return branch

@@ -1,0 +1,140 @@
+"""A branch of a run: one whole reconstruction state (paper Fig. 4 forks a run into two)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from cryospin_lab.config import TrainingConfig, parse_switch_rule
+from cryospin_lab.encoder import MultiHeadEncoder
+from cryospin_lab.events import Phase
+from cryospin_lab.feed import ParticleFeed
+from cryospin_lab.pose_table import PoseTable
+from cryospin_lab.volume import HartleyVolume
+
+__all__ = ["Branch"]
+
+
+class Branch:
+    """One reconstruction state: volume, encoder or pose table, optimisers, phase.
+
+    Created by :class:`~cryospin_lab.training.Trainer`; :meth:`copy` makes the
+    independent children of a fork; :meth:`state_dict` / :meth:`from_state`
+    go through checkpoints (tensors and plain values only).
+    """
+
+    def __init__(self, name: str, config: TrainingConfig, feed: ParticleFeed, device: torch.device):
+        cfg = config
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.name = name
+        self.phase = Phase.AMORTIZED
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.switch_rule = parse_switch_rule(cfg.switch)
+        self.pending_switch: str | None = None  # reason of a switch requested for the next step
+        if self.switch_rule == 0:
+            self.pending_switch = "epoch"  # switch before the first step: direct optimisation from the start
+        torch.manual_seed(cfg.seed)
+        self.encoder: MultiHeadEncoder | None = MultiHeadEncoder(cfg.encoder).to(device)
+        self.volume = HartleyVolume(feed.box_size, generator=gen).to(device)
+        with torch.no_grad():
+            # Start at the data's scale: exponent = log of the expected Hartley magnitude per
+            # shell, mantissa small and random (see ParticleFeed._signal_envelope).
+            self.volume.exponent.copy_(torch.log(feed.signal_envelope).to(device))
+            self.volume.mantissa.mul_(cfg.volume_init_mantissa)
+        self.encoder_opt: torch.optim.Optimizer | None = torch.optim.Adam(
+            self.encoder.parameters(), lr=cfg.encoder_lr
+        )
+        self.decoder_opt = torch.optim.Adam(self.volume.parameters(), lr=cfg.decoder_lr)
+        self.pose_table: PoseTable | None = None
+        n, n_heads = len(feed), cfg.encoder.n_heads
+        # Each image's best candidate as last seen in training (amortized) -- for the pose
+        # error during the amortized stage and for the auto switch rule.
+        self.best_rotations = torch.eye(3).repeat(n, 1, 1)
+        self.best_heads = torch.full((n,), -1, dtype=torch.long)
+        self.previous_best = self.best_rotations.clone()
+        self.head_wins = torch.zeros(n_heads, dtype=torch.long)
+        self.epoch_loss_sum, self.epoch_images = 0.0, 0
+        self.batch_iter: Iterator[Tensor] | None = None
+        self.stable_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "phase": self.phase.value,
+            "epoch": self.epoch,
+            "step": self.step,
+            "encoder": None if self.encoder is None else self.encoder.state_dict(),
+            "encoder_opt": None if self.encoder_opt is None else self.encoder_opt.state_dict(),
+            "volume": self.volume.state_dict(),
+            "decoder_opt": self.decoder_opt.state_dict(),
+            "pose_table": None if self.pose_table is None else self.pose_table.state_dict(),
+            "best_rotations": self.best_rotations,
+            "best_heads": self.best_heads,
+            "previous_best": self.previous_best,
+            "stable_epochs": self.stable_epochs,
+            "pending_switch": self.pending_switch or "",
+            "switch_rule": str(self.switch_rule),
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict, config: TrainingConfig, feed: ParticleFeed, device: torch.device
+    ) -> Branch:
+        """A branch restored from :meth:`state_dict`."""
+        branch = cls(state["name"], config, feed, device)
+        branch.phase = Phase(state["phase"])
+        branch.epoch, branch.step = int(state["epoch"]), int(state["step"])
+        branch.volume.load_state_dict(state["volume"])
+        branch.decoder_opt.load_state_dict(state["decoder_opt"])
+        if state["encoder"] is None:
+            branch.encoder, branch.encoder_opt = None, None
+        else:
+            branch.encoder.load_state_dict(state["encoder"])
+            branch.encoder_opt.load_state_dict(state["encoder_opt"])
+        if state["pose_table"] is not None:
+            cfg = config
+            table = PoseTable(
+                state["pose_table"]["rotations"],
+                state["pose_table"]["shifts_angstrom"],
+                lr=cfg.pose_lr,
+                betas=cfg.pose_betas,
+                shift_lr_angstrom=cfg.shift_lr_angstrom,
+                estimate_shifts=cfg.encoder.estimate_shifts,
+            )
+            table.load_state_dict(state["pose_table"])
+            branch.pose_table = table
+        branch.best_rotations = state["best_rotations"].clone()
+        branch.best_heads = state["best_heads"].clone()
+        branch.previous_best = state["previous_best"].clone()
+        branch.stable_epochs = int(state["stable_epochs"])
+        branch.pending_switch = state["pending_switch"] or None
+        branch.switch_rule = parse_switch_rule(state["switch_rule"])
+        return branch
+
+    def copy(self, name: str) -> Branch:
+        """An independent copy named ``name`` (deep-copied modules and optimiser state)."""
+        parent = self
+        child = copy.copy(parent)
+        child.name = name
+        for attr in ("encoder", "volume", "pose_table"):
+            setattr(child, attr, copy.deepcopy(getattr(parent, attr)))
+        child.encoder_opt = _copied_optimizer(parent.encoder_opt, child.encoder)
+        child.decoder_opt = _copied_optimizer(parent.decoder_opt, child.volume)
+        for attr in ("best_rotations", "best_heads", "previous_best", "head_wins"):
+            setattr(child, attr, getattr(parent, attr).clone())
+        child.batch_iter = None  # the epoch in progress restarts for both children
+        child.epoch_loss_sum, child.epoch_images = 0.0, 0
+        child.head_wins = torch.zeros_like(parent.head_wins)
+        return child
+
+
+def _copied_optimizer(optimizer, module):
+    if optimizer is None:
+        return None
+    new = type(optimizer)(module.parameters(), **optimizer.defaults)
+    new.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return new

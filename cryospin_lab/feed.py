@@ -1,0 +1,118 @@
+"""The particles as the training loop sees them: device batches, Hartley values, CTF, the disc schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cryospin_lab import fourier
+from cryospin_lab.config import TrainingConfig
+from cryospin_lab.ctf import compute_ctf
+from cryospin_lab.data import ParticleStack
+from cryospin_lab.projection import FourierDisc, max_disc_radius
+from cryospin_lab.render import images_to_hartley
+
+__all__ = ["ParticleFeed"]
+
+
+class ParticleFeed:
+    """Batches of one :class:`ParticleStack` for a run (shared by all its branches).
+
+    Images are held in memory as one float32 tensor when they take < 2 GiB
+    (else read from the memory-mapped stack per batch); each batch comes with
+    its Hartley values and CTF on the epoch's frequency disc, on the device.
+    """
+
+    def __init__(self, stack: ParticleStack, config: TrainingConfig, device: torch.device):
+        self.stack, self.config, self.device = stack, config, device
+        self.box_size = stack.box_size
+        self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
+        meta = stack.metadata
+        self.true_rotations = None if meta.rotations is None else torch.as_tensor(meta.rotations).float()
+        self.true_shifts = (
+            None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
+        )
+        self.images = self._preload()
+        self.signal_envelope = self._signal_envelope()
+
+    def __len__(self) -> int:
+        return len(self.stack)
+
+    def _preload(self) -> Tensor | None:
+        """All images as one float32 tensor when they take < 2 GiB, else None (read per batch)."""
+        n, d = len(self.stack), self.box_size
+        if n * d * d * 4 > 2 * 2**30:
+            return None
+        chunks = [self.stack.get_batch(np.arange(i, min(i + 1024, n))).images for i in range(0, n, 1024)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def _signal_envelope(self, n_images: int = 512) -> Tensor:
+        """Expected magnitude ``(D, D, D)`` of the volume's Hartley values, by shell, from the data.
+
+        Per shell ``r``: the observed power ``P(r)`` of the images' Hartley values
+        (scaled as in the loss), minus the noise power (the median power of the
+        outer quarter of shells, where signal is negligible at cryo-EM SNR), over
+        the mean squared CTF. A volume of that magnitude renders images of the
+        data's scale, so the decoder starts in range instead of spending
+        thousands of steps moving its exponent (Adam moves it ~lr per step).
+        """
+        d = self.box_size
+        disc = FourierDisc.make(d, device=torch.device("cpu"))
+        idx = torch.linspace(0, len(self.stack) - 1, min(n_images, len(self.stack))).round().long()
+        if self.images is not None:
+            images = self.images[idx]
+        else:
+            images = self.stack.get_batch(idx.numpy()).images
+        observed = images_to_hartley(images.float(), disc)
+        shells = disc.freqs.norm(dim=-1).round().long()
+        n_shells = int(shells.max()) + 1
+        count = torch.bincount(shells, minlength=n_shells).clamp(min=1)
+        power = torch.bincount(shells, (observed**2).mean(0), minlength=n_shells) / count
+        noise = power[int(0.75 * n_shells) :].median()
+        signal = torch.maximum(power - noise, 0.01 * power)
+        ctf_sq = torch.ones(n_shells)
+        if self.stack.metadata.ctf is not None:
+            ctf = compute_ctf(
+                self.stack.metadata.ctf[idx.numpy()], disc.freqs_per_angstrom(self.pixel_size_angstrom)
+            )
+            ctf_sq = torch.bincount(shells, (ctf.float() ** 2).mean(0), minlength=n_shells) / count
+        envelope = torch.sqrt(signal / ctf_sq.clamp(min=1e-2))
+        radius = fourier.radial_index_3d(d).clamp(max=n_shells - 1)
+        return envelope[radius].float()
+
+    def batch(self, indices: Tensor, disc: FourierDisc) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Images ``(B, D, D)``, their Hartley values ``(B, M)`` and CTF ``(B, M)`` on the device."""
+        if self.images is not None:
+            images = self.images[indices]
+        else:
+            images = self.stack.get_batch(indices.numpy()).images
+        images = images.to(self.device)
+        ctf = None
+        if self.stack.metadata.ctf is not None:
+            params = self.stack.metadata.ctf[indices.numpy()].to(self.device)
+            ctf = compute_ctf(params, disc.freqs_per_angstrom(self.pixel_size_angstrom)).float()
+        return images, images_to_hartley(images, disc), ctf
+
+    def disc(self, epoch: int) -> FourierDisc:
+        """The frequencies fitted this epoch: low frequencies first, growing to the full disc."""
+        cfg, r_max = self.config, max_disc_radius(self.box_size)
+        if cfg.radius_ramp_epochs <= 0:
+            fraction = 1.0
+        else:
+            t = min(1.0, epoch / cfg.radius_ramp_epochs)
+            fraction = cfg.radius_start_fraction + (1 - cfg.radius_start_fraction) * t
+        return FourierDisc.make(self.box_size, max(2.0, round(r_max * fraction)), device=self.device)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+        """Index batches of one epoch in a random order seeded by (run seed, epoch).
+
+        A run resumed at an epoch boundary therefore sees the same order.
+        """
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.stack), generator=gen)
+        for start in range(0, len(order), self.config.batch_size):
+            yield order[start : start + self.config.batch_size]
