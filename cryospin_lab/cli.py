@@ -219,6 +219,12 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
     parser.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=0,
+        help="CPU threads for torch (default: torch's choice); 1 can be faster when other jobs share cores",
+    )
+    parser.add_argument(
         "--ground-truth", type=Path, default=None, metavar="MAP.mrc", help="true map: FSC and resolution"
     )
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints")

@@ -43,8 +43,11 @@ class TrainingConfig:
     radius_start_fraction: float = 0.25  # disc radius at epoch 0 as a fraction of the maximum
     radius_ramp_epochs: int = 12  # epochs over which the disc grows linearly to the full radius
     auto_min_epochs: int = 3  # auto switch: never before this many amortized epochs
-    auto_stable_deg: float = 8.0  # auto switch: median change of each image's best pose per epoch below this
-    auto_max_epochs: int = 12  # auto switch: switch at this epoch at the latest
+    auto_gap_rise: float = 1.25  # auto switch: head loss gap at least this times its lowest value so far
+    auto_stable_deg: float = (
+        8.0  # auto switch: and median change of each image's best pose per epoch below this
+    )
+    auto_max_epochs: int = 0  # auto switch: force it at this epoch (0: never forced)
     volume_init_mantissa: float = 0.1  # std of the initial mantissa (exponent starts at the data's envelope)
     n_tracked: int = 6  # images whose H candidates are reported every epoch
     volume_interval_s: float = 5.0  # at most one volume snapshot event per this many seconds

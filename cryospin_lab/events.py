@@ -133,9 +133,16 @@ class EpochEvent(Event):
     head_win_counts: np.ndarray  # (H,) int64, images won by each head during the epoch
     n_images_seen: int
     epoch_time_s: float
+    # Mean over images of (mean head loss - best head loss), in loss units: near 0 while the
+    # volume is too featureless for the pose to matter, large once poses are informative.
+    head_loss_gap: float = float("nan")
+    # Median geodesic change of each image's best pose since the previous epoch (degrees).
+    median_pose_change_deg: float = float("nan")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _set(self, "head_loss_gap", float(self.head_loss_gap))
+        _set(self, "median_pose_change_deg", float(self.median_pose_change_deg))
         _set(self, "mean_loss", float(self.mean_loss))
         _array(self, "head_win_counts", self.head_win_counts, ndim=1, dtype=np.int64)
         _set(self, "n_images_seen", int(self.n_images_seen))

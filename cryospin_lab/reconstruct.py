@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from tqdm import tqdm  # the terminal bar (tqdm.auto would pick the notebook one under IPython)
 
@@ -386,7 +387,9 @@ def _report(written: list[Path], writer: ResultWriter) -> None:
 
 
 def settings_from_args(args) -> ReconstructSettings:
-    """:class:`ReconstructSettings` from the parsed ``reconstruct`` options."""
+    """:class:`ReconstructSettings` from the parsed ``reconstruct`` options (``--threads`` applied here)."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     return ReconstructSettings(
         particles_path=Path(args.particles),
         out_dir=Path(args.out),

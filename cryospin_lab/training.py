@@ -152,7 +152,7 @@ class Trainer:
         images, observed, ctf = self._batch(indices, disc)
         branch.encoder.train()
         candidates = branch.encoder(images)
-        best_losses, best_heads, _ = winner_losses(
+        best_losses, best_heads, all_losses = winner_losses(
             branch.volume.hartley(),
             candidates.rotations,
             disc,
@@ -174,6 +174,7 @@ class Trainer:
             branch.best_rotations[indices] = candidates.rotations[rows, best_heads].detach().float().cpu()
             branch.best_heads[indices] = best_heads.cpu()
             branch.head_wins += torch.bincount(best_heads.cpu(), minlength=self.config.encoder.n_heads)
+            branch.epoch_gap_sum += float((all_losses.mean(dim=1) - all_losses.min(dim=1).values).sum())
         return float(loss.detach())
 
     def _direct_step(self, branch: Branch, indices: Tensor) -> float:
@@ -277,9 +278,23 @@ class Trainer:
     def _end_epoch(self, branch: Branch, epoch_time_s: float) -> Iterator[Event]:
         cfg = self.config
         branch.epoch += 1
+        # Decided before the epoch's events go out, so that a listener (UI, benchmark) seeing
+        # EpochEvent already knows whether the branch will switch before its next step.
+        if branch.phase is Phase.AMORTIZED:
+            branch.gap_history.append(branch.epoch_gap_sum / max(branch.epoch_images, 1))
+            reason = self._switch_due(branch)
+            if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
+                branch.pending_switch = reason
         stamp = self._stamp(branch)
         mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
+        pose_change = float(so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations).median())
+        if branch.phase is Phase.DIRECT and branch.pose_table is not None:
+            pose_change = float("nan")
         yield EpochEvent(
+            head_loss_gap=branch.epoch_gap_sum / max(branch.epoch_images, 1)
+            if branch.phase is Phase.AMORTIZED
+            else float("nan"),
+            median_pose_change_deg=pose_change,
             mean_loss=mean_loss,
             head_win_counts=branch.head_wins.numpy().copy(),
             n_images_seen=branch.epoch_images,
@@ -309,13 +324,9 @@ class Trainer:
             yield self._candidates_event(branch, stamp)
         yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp)
         self._last_volume_time = time.perf_counter()
-        if branch.phase is Phase.AMORTIZED:
-            reason = self._switch_due(branch)
-            if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
-                branch.pending_switch = reason
         branch.previous_best = branch.best_rotations.clone()
         branch.head_wins.zero_()
-        branch.epoch_loss_sum, branch.epoch_images = 0.0, 0
+        branch.epoch_loss_sum, branch.epoch_images, branch.epoch_gap_sum = 0.0, 0, 0.0
         # Saved last, after the switch decision and the resets, so that a run resumed
         # from this file continues exactly as the uninterrupted one.
         if cfg.checkpoint_every and self.out_dir is not None and branch.epoch % cfg.checkpoint_every == 0:
@@ -326,26 +337,33 @@ class Trainer:
     def _switch_due(self, branch: Branch) -> str | None:
         """The switch rule after an amortized epoch: the reason, or None to stay amortized.
 
-        ``auto``: switch once the amortized poses have settled -- the median
-        geodesic change of each image's best candidate between two consecutive
-        epochs falls below ``auto_stable_deg`` (after ``auto_min_epochs``), or at
-        ``auto_max_epochs`` at the latest. While the posterior is still
-        multi-modal the winning head and pose of an image keep jumping between
-        modes; once they stop moving, the encoder has nothing more to explore
-        and further amortized epochs only polish poses that direct optimisation
-        refines faster (paper Fig. 4).
+        ``auto`` (our criterion; the paper leaves one open): switch once the
+        amortized poses have *locked in*. On the default HSP90 set the
+        amortized stage first sits on a plateau: poses far from the truth, a
+        low-resolution map, and a head loss gap (mean minus best head loss:
+        how much the choice of pose matters to the current volume) that keeps
+        shrinking as the map rounds off. When the pose symmetry breaks, the map
+        gains detail and the gap rises again. The rule: after
+        ``auto_min_epochs``, once the gap is ``auto_gap_rise`` times its lowest
+        value so far *and* the median change of each image's best pose since
+        the previous epoch is below ``auto_stable_deg``. A pose-stability rule
+        alone fired on the plateau (poses settle there too, just wrongly) and
+        froze wrong poses. ``auto_max_epochs > 0`` forces the switch at that
+        epoch; by default there is none: switching late is safer than early
+        (paper Sec. 6).
         """
         rule, cfg = branch.switch_rule, self.config
         if rule == "never":
             return None
         if isinstance(rule, int):
             return "epoch" if branch.epoch >= rule else None
-        change = so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations)
-        median_change = float(change.median())
-        self._last_pose_change_deg = median_change
-        if branch.epoch >= cfg.auto_max_epochs:
+        if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
             return "auto"
-        if branch.epoch >= cfg.auto_min_epochs and median_change < cfg.auto_stable_deg:
+        if branch.epoch < cfg.auto_min_epochs or not branch.gap_history:
+            return None
+        gap = branch.gap_history[-1]
+        change = float(so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations).median())
+        if gap >= cfg.auto_gap_rise * min(branch.gap_history) and change < cfg.auto_stable_deg:
             return "auto"
         return None
 

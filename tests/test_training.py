@@ -157,6 +157,17 @@ def test_winner_counts_sum_to_images_seen(amortized_run):
         assert int(epoch.head_win_counts.sum()) == N_PARTICLES
 
 
+def test_epoch_diagnostics_are_consistent(amortized_run):
+    """The head loss gap is >= 0 (mean over heads >= min); the pose change is a geodesic angle."""
+    _, events = amortized_run
+    epochs = of_type(events, EpochEvent)
+    for epoch in epochs:
+        assert np.isfinite(epoch.head_loss_gap) and epoch.head_loss_gap >= 0
+        assert 0 <= epoch.median_pose_change_deg <= 180
+    # before the first epoch every best pose is the identity: the first change is that of random poses
+    assert epochs[0].median_pose_change_deg > 60
+
+
 def test_amortized_candidates_event(amortized_run):
     trainer, events = amortized_run
     candidates = of_type(events, PoseCandidatesEvent)
@@ -638,3 +649,24 @@ def test_trainer_without_truth_reports_no_pose_error(tiny_simulation, tmp_path):
     events = list(trainer.events())
     assert of_type(events, PoseErrorEvent) == [] and of_type(events, ResolutionEvent) == []
     assert "pose_error_mean_deg" not in events[-1].summary
+
+
+def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
+    """The auto rule (Trainer._switch_due): a plateau with settled poses is not enough."""
+    trainer = Trainer(tiny_stack, tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=1.25))
+    branch = trainer.branch("main")
+    branch.epoch = 6
+    branch.best_rotations = so3.random_rotations(
+        len(tiny_stack), generator=torch.Generator().manual_seed(1)
+    ).float()
+    branch.previous_best = branch.best_rotations.clone()  # poses settled: no change since last epoch
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.11]  # still on the plateau
+    assert trainer._switch_due(branch) is None
+    branch.gap_history[-1] = 0.13  # the gap rose 30 % above its minimum: the map gained detail
+    assert trainer._switch_due(branch) == "auto"
+    tilt = so3.exp_so3(torch.tensor([0.0, 0.0, 0.5]))  # every pose moved by 28.6 degrees
+    branch.previous_best = tilt.float() @ branch.best_rotations
+    assert trainer._switch_due(branch) is None
+    branch.epoch = 2  # before auto_min_epochs
+    branch.previous_best = branch.best_rotations.clone()
+    assert trainer._switch_due(branch) is None

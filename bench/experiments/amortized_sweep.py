@@ -26,36 +26,41 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--switch", default="never")
-    p.add_argument("--encoder-lr", type=float, default=1e-4)
-    p.add_argument("--decoder-lr", type=float, default=5e-3)
-    p.add_argument("--radius-start", type=float, default=0.25)
-    p.add_argument("--radius-ramp", type=int, default=3)
+    p.add_argument("--encoder-lr", type=float, default=None)
+    p.add_argument("--decoder-lr", type=float, default=None)
+    p.add_argument("--radius-start", type=float, default=None)
+    p.add_argument("--radius-ramp", type=int, default=None)
     p.add_argument("--heads", type=int, default=7)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=None)
+    p.add_argument("--out", default=None, help="write checkpoints every epoch under OUT/checkpoints")
     a = p.parse_args()
     data = datasets.hsp90(cache_dir=a.cache, progress=False)
     stack = ParticleStack(data.star_path)
     if a.n < len(stack):
         stack.metadata = stack.metadata.subset(range(a.n))
     truth, _ = read_map(data.ground_truth_path)
+    # Only the options given override TrainingConfig's defaults.
+    given = {
+        "encoder_lr": a.encoder_lr,
+        "decoder_lr": a.decoder_lr,
+        "radius_start_fraction": a.radius_start,
+        "radius_ramp_epochs": a.radius_ramp,
+    }
     cfg = TrainingConfig(
+        **{k: v for k, v in given.items() if v is not None},
         encoder=EncoderConfig(box_size=64, n_heads=a.heads),
         n_epochs=a.epochs,
         switch=a.switch,
-        encoder_lr=a.encoder_lr,
-        decoder_lr=a.decoder_lr,
-        radius_start_fraction=a.radius_start,
-        radius_ramp_epochs=a.radius_ramp,
         batch_size=a.batch,
         device=a.device,
-        checkpoint_every=0,
+        checkpoint_every=1 if a.out else 0,
         n_tracked=0,
         volume_interval_s=1e9,
     )
-    trainer = Trainer(stack, cfg, ground_truth_map=truth)
+    trainer = Trainer(stack, cfg, ground_truth_map=truth, out_dir=a.out)
     t0 = time.perf_counter()
     row: dict = {}
     for ev in trainer.events():
@@ -67,6 +72,8 @@ def main() -> None:
                 "phase": ev.phase.value,
                 "loss": round(ev.mean_loss, 4),
                 "wins": ev.head_win_counts.tolist(),
+                "gap": round(ev.head_loss_gap, 5),
+                "change": round(ev.median_pose_change_deg, 2),
             }
         elif isinstance(ev, PoseErrorEvent):
             row.update(mean=round(ev.mean_deg, 2), median=round(ev.median_deg, 2))
