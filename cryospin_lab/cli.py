@@ -210,7 +210,7 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
         metavar="auto|EPOCH|never",
         help="when to switch to direct pose optimisation (default auto)",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 20)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 30)")
     parser.add_argument(
         "--box", type=_positive_int, default=None, metavar="D", help="Fourier-downsample to D"
     )
@@ -261,7 +261,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="dataset cache (default $CRYOSPIN_LAB_CACHE or ~/.cache)"
     )
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 20)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 30)")
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available"
     )

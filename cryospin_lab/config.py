@@ -26,7 +26,7 @@ class TrainingConfig:
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # architecture (heads, preset, shifts)
-    n_epochs: int = 20  # total epochs, amortized + direct
+    n_epochs: int = 30  # total epochs, amortized + direct (the default set switches near epoch 19-20 on CPU)
     switch: str = "auto"  # "auto", "never" (fully amortized) or an epoch number like "7"
     batch_size: int = 32  # images per step (both stages)
     encoder_lr: float = (
@@ -43,7 +43,7 @@ class TrainingConfig:
     radius_start_fraction: float = 0.25  # disc radius at epoch 0 as a fraction of the maximum
     radius_ramp_epochs: int = 12  # epochs over which the disc grows linearly to the full radius
     auto_min_epochs: int = 3  # auto switch: never before this many amortized epochs
-    auto_gap_rise: float = 1.25  # auto switch: head loss gap at least this times its lowest value so far
+    auto_gap_rise: float = 1.12  # auto switch: head loss gap at least this times its lowest value so far
     auto_stable_deg: float = (
         8.0  # auto switch: and median change of each image's best pose per epoch below this
     )

@@ -653,7 +653,9 @@ def test_trainer_without_truth_reports_no_pose_error(tiny_simulation, tmp_path):
 
 def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
     """The auto rule (Trainer._switch_due): a plateau with settled poses is not enough."""
-    trainer = Trainer(tiny_stack, tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=1.25))
+    trainer = Trainer(
+        tiny_stack, tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=1.25, radius_ramp_epochs=2)
+    )
     branch = trainer.branch("main")
     branch.epoch = 6
     branch.best_rotations = so3.random_rotations(
@@ -667,6 +669,6 @@ def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
     tilt = so3.exp_so3(torch.tensor([0.0, 0.0, 0.5]))  # every pose moved by 28.6 degrees
     branch.previous_best = tilt.float() @ branch.best_rotations
     assert trainer._switch_due(branch) is None
-    branch.epoch = 2  # before auto_min_epochs
+    branch.epoch = 2  # before auto_min_epochs (and the end of the disc ramp)
     branch.previous_best = branch.best_rotations.clone()
     assert trainer._switch_due(branch) is None
