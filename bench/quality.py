@@ -37,7 +37,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--n", type=int, default=10000, help="images (a prefix of the default set)")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--epochs", type=int, default=TrainingConfig.n_epochs, help="default: TrainingConfig's"
+    )
     parser.add_argument("--heads", type=int, default=7)
     parser.add_argument("--switch", default="auto", help="auto or an epoch number (the fork happens there)")
     parser.add_argument("--seed", type=int, default=0)
