@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # Amortized-stage sweep on one GPU (device tool): 5 configurations in parallel, logs to $OUT.
+# The GPU image lacks mrcfile/starfile/gemmi: fetch their wheels first into .whl/ (ignored; pass it
+# in the device tool's `carry`):
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 -d .whl mrcfile starfile gemmi
+# The logs quoted in the issue note were made with the first (pose-stability) auto rule.
 set -u
 pip install -q --no-deps --target /tmp/pk .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=$PWD:/tmp/pk OMP_NUM_THREADS=3
