@@ -69,6 +69,9 @@ from cryospin_lab.runner import Command, CommandError
 
 __all__ = ["Branch", "Trainer", "resolve_device"]
 
+# Above this median pose error the pose-derived map alignment is unreliable (see _resolution_event).
+_POSE_ALIGNMENT_MAX_MEDIAN_DEG = 30.0
+
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
@@ -377,8 +380,15 @@ class Trainer:
         return None
 
     def _resolution_event(self, volume_real: Tensor, pose, stamp: dict) -> ResolutionEvent:
-        """FSC against the true map, after aligning the map with the pose alignment (or a map search)."""
-        if pose is not None:
+        """FSC against the true map, after aligning the map with the pose alignment (or a map search).
+
+        The global rotation fitted to the poses is only meaningful once most
+        poses are right; while the median pose error is above
+        ``_POSE_ALIGNMENT_MAX_MEDIAN_DEG`` (e.g. on the amortized plateau, when
+        two pose populations related by a pseudo-symmetry are mixed) the map
+        is aligned by a map-to-map search instead (~2 s at D=64).
+        """
+        if pose is not None and pose.median_deg <= _POSE_ALIGNMENT_MAX_MEDIAN_DEG:
             alignment = metrics.MapAlignment(
                 rotation=pose.global_rotation,
                 flipped=pose.flipped,
