@@ -36,7 +36,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import types
 import typing
 import warnings
@@ -47,7 +46,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from cryospin_lab.metadata import chmod_like_new_file
+from cryospin_lab.files import atomic_path
 
 __all__ = [
     "save_checkpoint",
@@ -101,18 +100,10 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         raise ValueError(f"{path}: a checkpoint payload must be a dict, got {type(payload).__name__}")
     _check_loadable(payload, f"{path}: payload")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(payload, file)
+        file.flush()
+        os.fsync(file.fileno())
     _fsync_directory(path.parent)
     return path
 

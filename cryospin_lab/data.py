@@ -22,7 +22,6 @@ Hand-written: mrcfile does the I/O; this module is bookkeeping and checks.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -36,8 +35,9 @@ from torch import Tensor
 
 from .cryosparc import read_cs
 from .ctf import CTFParams
+from .files import atomic_path
 from .fourier import fourier_crop_images
-from .metadata import ParticleMetadata, PathMap, chmod_like_new_file, peek_stack
+from .metadata import ParticleMetadata, PathMap, peek_stack
 from .star import read_star
 
 __all__ = ["ParticleBatch", "ParticleStack", "read_map", "write_map"]
@@ -388,16 +388,6 @@ def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> No
     array = np.ascontiguousarray(array, dtype=np.float32)
     if array.ndim != 3:
         raise ValueError(f"{path}: volume must be 3-D [z, y, x], got shape {array.shape}")
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".mrc")
-    os.close(fd)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(array)
-            mrc.voxel_size = float(voxel_size_angstrom)
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, ".mrc") as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(array)
+        mrc.voxel_size = float(voxel_size_angstrom)

@@ -169,10 +169,3 @@ def _single_value(path: Path, field: str, values: np.ndarray, kind: str) -> floa
             f"{path}: {field} differs between rows ({sorted(unique.tolist())}); one box size is needed"
         )
     return chosen
-
-
-def chmod_like_new_file(path: str) -> None:
-    """Give a ``mkstemp`` file (mode 0600) the permissions ``open()`` would: 0666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -42,7 +42,6 @@ import dataclasses
 import io
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +61,7 @@ from cryospin_lab.events import (
     StepEvent,
     VolumeEvent,
 )
-from cryospin_lab.metadata import chmod_like_new_file
+from cryospin_lab.files import atomic_path
 from cryospin_lab.training import Trainer
 
 __all__ = [
@@ -232,15 +231,8 @@ def _safe_name(branch: str) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        handle.write(text)
 
 
 class ResultWriter:
@@ -354,9 +346,7 @@ def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None
     if shifts is None:
         shifts = torch.zeros(len(meta), 2, dtype=torch.float64)
     estimated = dataclasses.replace(meta, rotations=rotations.double(), shifts_angstrom=shifts.double())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".star")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".star") as tmp:
         write_relion31_star(tmp, estimated, "placeholder.mrcs")
         blocks = starfile.read(tmp, always_dict=True)
         particles = blocks["particles"]
@@ -370,11 +360,6 @@ def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None
         starfile.write(
             {"optics": blocks["optics"], "particles": particles}, tmp, overwrite=True, float_format="%.6f"
         )
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _input_image_names(stack: ParticleStack, out_dir: Path):
@@ -454,12 +439,5 @@ def _plot_loss(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png")
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

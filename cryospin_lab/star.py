@@ -24,7 +24,6 @@ Hand-written on top of ``starfile`` (parsing).
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -36,12 +35,12 @@ from torch import Tensor
 
 from .cryosparc import read_cs
 from .ctf import CTFParams
+from .files import atomic_path
 from .metadata import (
     ParticleMetadata,
     PathMap,
     _path_resolver,
     _single_value,
-    chmod_like_new_file,
     peek_stack,
 )
 from .so3 import euler_relion_to_matrix, matrix_to_euler_relion
@@ -341,19 +340,10 @@ def write_relion31_star(path: str | os.PathLike, metadata: ParticleMetadata, ima
         )
     particles["rlnOpticsGroup"] = group_of_row + 1
 
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".star")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".star") as tmp:
         starfile.write(
             {"optics": pd.DataFrame(optics), "particles": pd.DataFrame(particles)},
             tmp,
             overwrite=True,
             float_format="%.6f",
         )
-        chmod_like_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
