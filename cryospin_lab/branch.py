@@ -59,7 +59,6 @@ class Branch:
         self.head_wins = torch.zeros(n_heads, dtype=torch.long)
         self.epoch_loss_sum, self.epoch_images, self.epoch_gap_sum = 0.0, 0, 0.0
         self.batch_iter: Iterator[Tensor] | None = None
-        self.stable_epochs = 0
         self.gap_history: list[float] = []  # head loss gap per amortized epoch (auto switch rule)
 
     def state_dict(self) -> dict:
@@ -76,7 +75,6 @@ class Branch:
             "best_rotations": self.best_rotations,
             "best_heads": self.best_heads,
             "previous_best": self.previous_best,
-            "stable_epochs": self.stable_epochs,
             "gap_history": list(self.gap_history),
             "pending_switch": self.pending_switch or "",
             "switch_rule": str(self.switch_rule),
@@ -112,7 +110,6 @@ class Branch:
         branch.best_rotations = state["best_rotations"].clone()
         branch.best_heads = state["best_heads"].clone()
         branch.previous_best = state["previous_best"].clone()
-        branch.stable_epochs = int(state["stable_epochs"])
         branch.gap_history = [float(g) for g in state.get("gap_history", [])]
         branch.pending_switch = state["pending_switch"] or None
         branch.switch_rule = parse_switch_rule(state["switch_rule"])

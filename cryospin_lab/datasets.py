@@ -73,8 +73,7 @@ def hsp90_pseudo_symmetry() -> torch.Tensor:
     """
     from cryospin_lab.atoms import chain_superposition_rotation
 
-    with resources.as_file(resources.files("cryospin_lab.assets").joinpath(HSP90_MODEL)) as model_path:
-        return chain_superposition_rotation(model_path, "A", "B")[None]
+    return chain_superposition_rotation(default_model_path(), "A", "B")[None]
 
 
 def default_model_path() -> Path:

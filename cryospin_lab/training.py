@@ -120,14 +120,12 @@ class Trainer:
         self.ground_truth_map = ground_truth_map
         self.feed = ParticleFeed(stack, config, self.device)
         self.true_rotations, self.true_shifts = self.feed.true_rotations, self.feed.true_shifts
-        self.signal_envelope = self.feed.signal_envelope
         n_tracked = min(config.n_tracked, len(stack))
         self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None
         self.branches: list[Branch] = [Branch("main", config, self.feed, self.device)]
         self.finished: list[Branch] = []
         self._t0 = time.perf_counter()
         self._last_volume_time = -math.inf
-        self._last_checkpoint: str | None = None
         self._fork_count = 0
 
     # ------------------------------------------------------------------ data
@@ -577,7 +575,6 @@ class Trainer:
             "fork_count": self._fork_count,
         }
         save_checkpoint(path, payload)
-        self._last_checkpoint = str(path)
         return str(path)
 
     @classmethod
