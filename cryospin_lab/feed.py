@@ -35,6 +35,7 @@ class ParticleFeed:
         self.true_shifts = (
             None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
         )
+        self._discs: dict[float, FourierDisc] = {}
         self.images = self._preload()
         self.signal_envelope = self._signal_envelope()
 
@@ -105,7 +106,11 @@ class ParticleFeed:
         else:
             t = min(1.0, epoch / cfg.radius_ramp_epochs)
             fraction = cfg.radius_start_fraction + (1 - cfg.radius_start_fraction) * t
-        return FourierDisc.make(self.box_size, max(2.0, round(r_max * fraction)), device=self.device)
+        radius = max(2.0, round(r_max * fraction))
+        # Called every step: build each radius's index tables once.
+        if radius not in self._discs:
+            self._discs[radius] = FourierDisc.make(self.box_size, radius, device=self.device)
+        return self._discs[radius]
 
     def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
         """Index batches of one epoch in a random order seeded by (run seed, epoch).
