@@ -52,6 +52,7 @@ from cryospin_lab.events import (
     Event,
     FinishedEvent,
     ForkEvent,
+    HeadAssignmentEvent,
     LogEvent,
     Phase,
     PhaseChangeEvent,
@@ -323,6 +324,8 @@ class Trainer:
             yield self._resolution_event(volume_real, pose, stamp)
         if self.tracked is not None and branch.encoder is not None:
             yield self._candidates_event(branch, stamp)
+        if branch.phase is Phase.AMORTIZED:
+            yield self._assignment_event(branch, pose, stamp)
         yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp)
         self._last_volume_time = time.perf_counter()
         branch.previous_best = branch.best_rotations.clone()
@@ -416,6 +419,16 @@ class Trainer:
             rotations=rotations.cpu().numpy(),
             losses=losses.cpu().numpy(),
             true_rotations=truth,
+            **stamp,
+        )
+
+    def _assignment_event(self, branch: Branch, pose, stamp: dict) -> HeadAssignmentEvent:
+        """Each image's winning head this epoch, with its true view and pose error when known."""
+        views = None if self.true_rotations is None else so3.view_directions(self.true_rotations).numpy()
+        return HeadAssignmentEvent(
+            winning_heads=branch.best_heads.numpy(),
+            true_view_directions=views,
+            errors_deg=None if pose is None else pose.errors_deg,
             **stamp,
         )
 

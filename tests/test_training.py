@@ -31,6 +31,7 @@ from cryospin_lab.events import (
     FailureEvent,
     FinishedEvent,
     ForkEvent,
+    HeadAssignmentEvent,
     LogEvent,
     Phase,
     PhaseChangeEvent,
@@ -177,6 +178,32 @@ def test_amortized_candidates_event(amortized_run):
         assert np.isfinite(event.losses).all()
         assert event.true_rotations is not None
         np.testing.assert_array_equal(event.indices, [0, N_PARTICLES - 1])
+
+
+def test_head_assignment_event(amortized_run):
+    """Per image: the head that won it in the last epoch, its true view and its pose error."""
+    trainer, events = amortized_run
+    assignments = of_type(events, HeadAssignmentEvent)
+    epochs = of_type(events, EpochEvent)
+    assert [e.epoch for e in assignments] == [e.epoch for e in epochs]
+    last = assignments[-1]
+    n_heads = trainer.config.encoder.n_heads
+    assert last.winning_heads.shape == (N_PARTICLES,)
+    assert ((last.winning_heads >= 0) & (last.winning_heads < n_heads)).all()
+    # Every image is seen once per epoch, so the per-image winners recount the epoch's wins.
+    np.testing.assert_array_equal(
+        np.bincount(last.winning_heads, minlength=n_heads), epochs[-1].head_win_counts
+    )
+    # True views: R^T e_z of the STAR file's poses, computed here from the Euler angles with scipy.
+    star = starfile.read(trainer.stack.path)["particles"]
+    from scipy.spatial.transform import Rotation
+
+    euler = star[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    matrices = Rotation.from_euler("ZYZ", euler, degrees=True).as_matrix().transpose(0, 2, 1)
+    np.testing.assert_allclose(last.true_view_directions, matrices[:, 2, :], atol=1e-5)
+    pose = of_type(events, PoseErrorEvent)[-1]
+    assert last.errors_deg.shape == (N_PARTICLES,)
+    assert float(np.median(last.errors_deg)) == pytest.approx(pose.median_deg, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- switch
