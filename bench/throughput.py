@@ -51,6 +51,7 @@ step is 1.7x (EPYC) to 3x faster in CPU time with stride 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -153,9 +154,11 @@ def time_interleaved(steps: dict, device: torch.device, n_repeats: int, n_warmup
     return {name: Timing(statistics.median(w), cpus[name] / sum(w)) for name, w in walls.items()}
 
 
-def make_trainer(stack: ParticleStack, preset: str, device: torch.device, batch_size: int) -> Trainer:
+def make_trainer(
+    stack: ParticleStack, preset: str, device: torch.device, batch_size: int, autocast: str = "off"
+) -> Trainer:
     config = TrainingConfig(
-        encoder=EncoderConfig(box_size=stack.box_size, n_heads=N_HEADS, preset=preset),
+        encoder=EncoderConfig(box_size=stack.box_size, n_heads=N_HEADS, preset=preset, autocast=autocast),
         switch="never",
         batch_size=batch_size,
         radius_ramp_epochs=0,
@@ -249,6 +252,13 @@ def main(argv=None) -> None:
         default=None,
         help="encoder presets (default light; paper on CUDA at D >= 128)",
     )
+    parser.add_argument(
+        "--autocast",
+        nargs="+",
+        default=["off"],
+        choices=["off", "bf16"],
+        help="encoder mixed precision settings to compare (default off)",
+    )
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([64] if args.quick else [64, 128])
@@ -261,35 +271,36 @@ def main(argv=None) -> None:
 
     print(machine_description())
     print(f"batch {args.batch}, {N_HEADS} heads, full disc, median of {repeats} steps per stage")
-    header = f"{'device':6} {'preset':6} {'D':>4} {'thr':>3} {'stage':10} {'ms/step':>9} {'images/s':>9} "
-    print(header + f"{'cpu/wall':>8} {'min/10k':>8}")
+    header = f"{'device':6} {'preset':6} {'amp':4} {'D':>4} {'thr':>3} {'stage':10} "
+    print(header + f"{'ms/step':>9} {'images/s':>9} {'cpu/wall':>8} {'min/10k':>8}")
     with tempfile.TemporaryDirectory(prefix="cryospin-throughput-") as tmp:
         stacks = {d: synthetic_stack(d, args.images, Path(tmp)) for d in sizes}
         for device in devices:
             for d in sizes:
                 # The paper preset's six pooling stages need D >= 128.
                 default = ["paper"] if device.type == "cuda" and d >= 128 else ["light"]
-                for preset in args.presets or default:
-                    for threads in thread_counts:
-                        torch.set_num_threads(threads)
-                        try:
-                            trainer = make_trainer(stacks[d], preset, device, args.batch)
-                        except ValueError as error:
-                            print(f"{device.type:6} {preset:6} {d:>4} skipped: {error}")
-                            continue
-                        timings = time_interleaved(stage_steps(trainer, args.batch), device, repeats)
-                        for stage, t in timings.items():
-                            rate = args.batch / t.wall_s
-                            print(
-                                f"{device.type:6} {preset:6} {d:>4} {threads:>3} {stage:10} "
-                                f"{1e3 * t.wall_s:>9.1f} {rate:>9.1f} {t.cpu_per_wall:>8.2f} "
-                                f"{10_000 / rate / 60:>8.2f}",
-                                flush=True,
-                            )
-                        if args.breakdown:
-                            parts = time_interleaved(breakdown_steps(trainer, args.batch), device, repeats)
-                            for name, t in parts.items():
-                                print(f"{'':29} {name:32} {1e3 * t.wall_s:>9.1f} ms", flush=True)
+                for preset, threads, amp in itertools.product(
+                    args.presets or default, thread_counts, args.autocast
+                ):
+                    torch.set_num_threads(threads)
+                    try:
+                        trainer = make_trainer(stacks[d], preset, device, args.batch, amp)
+                    except ValueError as error:
+                        print(f"{device.type:6} {preset:6} {d:>4} skipped: {error}")
+                        continue
+                    timings = time_interleaved(stage_steps(trainer, args.batch), device, repeats)
+                    for stage, t in timings.items():
+                        rate = args.batch / t.wall_s
+                        print(
+                            f"{device.type:6} {preset:6} {amp:4} {d:>4} {threads:>3} {stage:10} "
+                            f"{1e3 * t.wall_s:>9.1f} {rate:>9.1f} {t.cpu_per_wall:>8.2f} "
+                            f"{10_000 / rate / 60:>8.2f}",
+                            flush=True,
+                        )
+                    if args.breakdown:
+                        parts = time_interleaved(breakdown_steps(trainer, args.batch), device, repeats)
+                        for name, t in parts.items():
+                            print(f"{'':29} {name:32} {1e3 * t.wall_s:>9.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

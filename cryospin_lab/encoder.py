@@ -48,6 +48,13 @@ class EncoderConfig:
     max_shift_angstrom: float = 0.0  # tanh-bounded shift range when estimating shifts
     widths: tuple[int, ...] = field(default=())  # override the preset's conv widths
     stem_stride: int = 0  # stride of the first conv; 0 = the preset's (light: 2 from D=64 on, paper: 1)
+    # "bf16": the CNN runs under torch.autocast in bfloat16 (mixed precision; its outputs, the
+    # rotations, the volume and the losses stay float32); "off": float32 throughout.
+    autocast: str = "off"
+
+    def __post_init__(self) -> None:
+        if self.autocast not in ("off", "bf16"):
+            raise ValueError(f"EncoderConfig.autocast must be 'off' or 'bf16', got {self.autocast!r}")
 
     def first_stride(self) -> int:
         """Stride of the first 3x3 conv: ``stem_stride`` if set, else 2 for ``light`` at D >= 64, else 1."""
@@ -182,8 +189,11 @@ class MultiHeadEncoder(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, images: Tensor) -> PoseCandidates:
-        features = self.backbone(self.pyramid(images))
-        outputs = torch.stack([head(features) for head in self.heads], dim=1)  # (B, H, 6 or 8)
+        pyramid = self.pyramid(images)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.config.autocast == "bf16"):
+            features = self.backbone(pyramid)
+            outputs = torch.stack([head(features) for head in self.heads], dim=1)  # (B, H, 6 or 8)
+        outputs = outputs.float()
         rotations = rotations_from_6d(outputs[..., :6])
         shifts = None
         if self.config.estimate_shifts:

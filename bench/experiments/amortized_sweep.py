@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from cryospin_lab import datasets
+from cryospin_lab import datasets, metrics
 from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack, read_map
 from cryospin_lab.encoder import EncoderConfig
@@ -36,6 +36,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=None)
     p.add_argument("--out", default=None, help="write checkpoints every epoch under OUT/checkpoints")
+    p.add_argument(
+        "--modulo-two-fold",
+        action="store_true",
+        help="also log the pose error modulo HSP90's pseudo two-fold (mean2/median2)",
+    )
     a = p.parse_args()
     data = datasets.hsp90(cache_dir=a.cache, progress=False)
     stack = ParticleStack(data.star_path)
@@ -61,6 +66,7 @@ def main() -> None:
         volume_interval_s=1e9,
     )
     trainer = Trainer(stack, cfg, ground_truth_map=truth, out_dir=a.out)
+    two_fold = datasets.hsp90_pseudo_symmetry() if a.modulo_two_fold else None
     t0 = time.perf_counter()
     row: dict = {}
     for ev in trainer.events():
@@ -77,6 +83,11 @@ def main() -> None:
             }
         elif isinstance(ev, PoseErrorEvent):
             row.update(mean=round(ev.mean_deg, 2), median=round(ev.median_deg, 2))
+            if two_fold is not None:
+                err = metrics.pose_error(
+                    trainer.true_rotations, trainer.poses(ev.branch)[0], symmetry_rotations=two_fold
+                )
+                row.update(mean2=round(err.mean_deg, 2), median2=round(err.median_deg, 2))
         elif isinstance(ev, ResolutionEvent):
             row.update(res=round(ev.resolution_angstrom, 2), wall=round(time.perf_counter() - t0, 1))
             print(json.dumps(row), flush=True)
