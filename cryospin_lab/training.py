@@ -496,8 +496,8 @@ class Trainer:
     def apply_command(self, command: Command, branch: str | None = None, **kwargs) -> list[Event]:
         """SWITCH_NOW (next step of ``branch``, default all amortized) or FORK (amortized branches)."""
         targets = [b for b in self.branches if branch is None or b.name == branch]
-        if branch is not None and not targets:
-            raise ValueError(
+        if branch is not None and not targets:  # a typo from the UI: rejected, the run goes on
+            raise CommandError(
                 f"no running branch named {branch!r}; running: {[b.name for b in self.branches]}"
             )
         if command is Command.SWITCH_NOW:

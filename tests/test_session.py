@@ -18,7 +18,7 @@ import torch
 import torch_ctf
 from scipy.spatial.transform import Rotation
 
-from cryospin_lab.events import FinishedEvent, Phase, PhaseChangeEvent, StepEvent
+from cryospin_lab.events import FinishedEvent, LogEvent, Phase, PhaseChangeEvent, StepEvent
 from cryospin_lab.session import Reconstruction
 from cryospin_lab.simulate import simulate_particles
 
@@ -152,3 +152,14 @@ def test_close_stops_a_running_thread(small_set, tmp_path):
     rec.close()
     assert not rec.runner.is_running
     assert rec.bus.history(FinishedEvent)[-1].reason == "stopped"
+
+
+def test_unknown_branch_is_rejected_and_the_run_goes_on(small_set, tmp_path):
+    rec = make(small_set, tmp_path, n_epochs=1)
+    rec.start()
+    rec.bus.wait_for(StepEvent, timeout=60)
+    rec.switch_now(branch="mian")
+    log = rec.bus.wait_for(LogEvent, timeout=60, predicate=lambda e: "mian" in e.message)
+    assert "no running branch named 'mian'" in log.message
+    assert rec.join(timeout=120)
+    assert rec.bus.history(FinishedEvent)[-1].reason == "completed"

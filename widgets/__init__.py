@@ -1,8 +1,55 @@
 """Notebook UI for cryospin-lab, imported as ``cryospin_lab.widgets``.
 
 This folder is mapped to ``cryospin_lab.widgets`` in ``pyproject.toml``; it may
-import the engine (``cryospin_lab``) but the engine never imports it. The panels
-arrive with the workbench issue.
+import the engine (``cryospin_lab``) but the engine never imports it. It needs
+the ``lab`` extra (ipywidgets 8, plotly with anywidget, nglview 3.1.4).
+
+Start here::
+
+    from cryospin_lab.widgets import launch
+    bench = launch(n_epochs=10)   # the embedded HSP90 set; press Start
+    bench
+
+Layout: ``pump`` (the one UI pump and the ``Panel`` base), ``_plotly``
+(FigureWidget whose stored state follows updates), one module per panel
+(``controls``, ``heads``, ``curves``, ``volume``, ``posterior``,
+``specialisation``) and ``workbench`` (all of them together). Names are
+imported on first use (PEP 562), so importing one panel module does not import
+the others.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Workbench": "workbench",
+    "launch": "workbench",
+    "UIPump": "pump",
+    "Panel": "pump",
+    "ControlsPanel": "controls",
+    "HeadAssignmentsPanel": "heads",
+    "FSCPanel": "curves",
+    "PoseErrorPanel": "curves",
+    "LossPanel": "curves",
+    "VolumePanel": "volume",
+    "PosteriorPanel": "posterior",
+    "HeadSpecialisationPanel": "specialisation",
+    "sync_state": "_plotly",
+    "SyncedFigureWidget": "_plotly",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,88 @@
+"""A FigureWidget's stored state (what a view opened later is built from) follows in-place updates.
+
+``get_state()`` is what ipywidgets sends when a front end asks for a widget's
+state (a reload, Voila connecting); its ``_widget_data`` entries hold 1-D
+numeric arrays as ``{"buffer": memoryview, "dtype", "shape"}``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+go = pytest.importorskip("plotly.graph_objects")
+pytest.importorskip("anywidget")
+
+from cryospin_lab.widgets._plotly import SyncedFigureWidget, new_figure, sync_state  # noqa: E402
+
+
+def stored(value) -> np.ndarray:
+    """A value of the serialised state as a numpy array (a binary buffer or a plain list)."""
+    if isinstance(value, dict) and "buffer" in value:
+        return np.frombuffer(value["buffer"], dtype=value["dtype"]).reshape(value["shape"])
+    return np.asarray(value, dtype=float)
+
+
+def stored_trace(fig, index: int, key: str) -> np.ndarray:
+    return stored(fig.get_state()["_widget_data"][index][key])
+
+
+def test_plain_figurewidget_state_is_stale_in_this_plotly():
+    """The problem being fixed; if this fails, plotly syncs by itself and sync_state is redundant."""
+    fig = go.FigureWidget(data=[go.Scatter(x=np.arange(3.0), y=np.zeros(3))])
+    fig.data[0].y = np.ones(3)
+    np.testing.assert_array_equal(stored_trace(fig, 0, "y"), np.zeros(3))
+    sync_state(fig)
+    np.testing.assert_array_equal(stored_trace(fig, 0, "y"), np.ones(3))
+
+
+def test_synced_figure_follows_assignment_batch_update_add_trace_and_layout():
+    fig = new_figure()
+    fig.add_trace(go.Scatter(x=[0.0, 1.0], y=[1.0, 2.0], name="a"))
+    assert len(fig.get_state()["_widget_data"]) == 1
+    fig.data[0].y = np.array([5.0, 6.0])  # a plain assignment (restyle message)
+    np.testing.assert_array_equal(stored_trace(fig, 0, "y"), [5.0, 6.0])
+    with fig.batch_update():  # one update message for traces and layout together
+        fig.data[0].x = np.array([3.0, 4.0])
+        fig.layout.title.text = "after"
+    np.testing.assert_array_equal(stored_trace(fig, 0, "x"), [3.0, 4.0])
+    assert fig.get_state()["_widget_layout"]["title"]["text"] == "after"
+    fig.add_trace(go.Heatmap(z=np.arange(6.0).reshape(2, 3)))
+    np.testing.assert_array_equal(stored_trace(fig, 1, "z"), np.arange(6.0).reshape(2, 3))
+    fig.layout.shapes = [dict(type="line", x0=2, x1=2, y0=0, y1=1)]  # relayout message
+    assert fig.get_state()["_widget_layout"]["shapes"][0]["x0"] == 2
+    fig.data = [fig.data[1]]  # delete a trace
+    assert [t["type"] for t in fig.get_state()["_widget_data"]] == ["heatmap"]
+
+
+def test_a_copy_of_the_state_is_stored_not_the_live_dicts():
+    """Later updates must reach the traits through assignment (that is what sends them), not aliasing."""
+    fig = SyncedFigureWidget(data=[go.Scatter(y=[1.0])])
+    fig.data[0].y = [2.0]
+    assert fig._widget_data[0] is not fig._data[0]
+    assert fig._widget_layout is not fig._layout_obj._props
+
+
+def test_panel_figures_are_current_in_a_fresh_state():
+    """A panel updated by events: a view created now would show the new data."""
+    from cryospin_lab.widgets import HeadAssignmentsPanel
+
+    from cryospin_lab.events import EpochEvent, Phase
+
+    panel = HeadAssignmentsPanel()
+    counts = np.array([30, 10])
+    panel.feed(
+        [
+            EpochEvent(
+                mean_loss=1.0,
+                head_win_counts=counts,
+                n_images_seen=40,
+                epoch_time_s=1.0,
+                step=5,
+                epoch=1,
+                phase=Phase.AMORTIZED,
+                time_s=1.0,
+            )
+        ]
+    )
+    np.testing.assert_allclose(stored_trace(panel.bars, 0, "y"), counts / counts.sum())

