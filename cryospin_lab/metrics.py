@@ -547,18 +547,63 @@ def pose_error(rotations_gt, rotations_est, *, symmetry_rotations=None) -> PoseE
             f"got {tuple(gt.shape)} and {tuple(est.shape)}"
         )
     result = so3.align_rotations(gt.transpose(-1, -2), est.transpose(-1, -2))
-    errors = result.errors_deg
+    errors, flipped, rotation = result.errors_deg, bool(result.flipped), result.global_rotation
     if symmetry_rotations is not None:
         sym = torch.as_tensor(symmetry_rotations, dtype=torch.float64).reshape(-1, 3, 3)
-        aligned = so3.flip_handedness(est) if result.flipped else est
-        aligned = aligned @ result.global_rotation.T
-        copies = gt[:, None] @ sym.transpose(-1, -2)[None]  # (N, K, 3, 3): R_gt Q^T
-        sym_errors = so3.geodesic_angle_deg(copies, aligned[:, None]).min(dim=1).values
-        errors = torch.minimum(errors, sym_errors)
+        sym = torch.cat([torch.eye(3, dtype=torch.float64)[None], sym])
+        errors = _symmetric_errors(gt, est, sym, flipped, rotation)
+        fit = _symmetric_alignment(gt, est, sym)
+        if fit is not None and fit[0].median() < errors.median():
+            errors, flipped, rotation = fit
     errors = errors.numpy()
-    return PoseError(
-        float(errors.mean()), float(np.median(errors)), errors, bool(result.flipped), result.global_rotation
-    )
+    return PoseError(float(errors.mean()), float(np.median(errors)), errors, flipped, rotation)
+
+
+def _symmetric_errors(gt: Tensor, est: Tensor, sym: Tensor, flipped: bool, rotation: Tensor) -> Tensor:
+    """Per image: the smallest error over the symmetric copies ``R_gt Q^T`` of the truth."""
+    aligned = (so3.flip_handedness(est) if flipped else est) @ rotation.T
+    copies = gt[:, None] @ sym.transpose(-1, -2)[None]  # (N, K, 3, 3)
+    return so3.geodesic_angle_deg(copies, aligned[:, None]).min(dim=1).values
+
+
+def _symmetric_alignment(
+    gt: Tensor, est: Tensor, sym: Tensor, n_seeds: int = 48, n_score: int = 2000, n_refine: int = 3
+) -> tuple[Tensor, bool, Tensor] | None:
+    """Global rotation and hand fitted *modulo* the symmetry: ``R_gt Q_k^T ~ F(R_est) G^T``.
+
+    A symmetry-blind Procrustes fit is pulled between the frames of images that
+    sit on either side of a pseudo-symmetry. Here every (image, copy, hand)
+    of a few seed images proposes ``G`` exactly; each proposal is scored by the
+    median over a subset of images of the error to the nearest copy; the best
+    is refined by Procrustes on the better half with each image's nearest copy.
+    Deterministic (evenly spaced seeds). None for fewer than 3 images.
+    """
+    n = len(gt)
+    if n < 3:
+        return None
+    seeds = torch.linspace(0, n - 1, min(n, n_seeds)).round().long()
+    scored = torch.linspace(0, n - 1, min(n, n_score)).round().long()
+    copies = gt[:, None] @ sym.transpose(-1, -2)[None]  # (N, K, 3, 3): R_gt Q^T
+    best = None
+    for flipped in (False, True):
+        est_h = so3.flip_handedness(est) if flipped else est
+        # G^T = F(R_est)^T R_gt Q^T for each seed image and copy: (S*K, 3, 3)
+        proposals = (est_h[seeds, None].transpose(-1, -2) @ copies[seeds]).reshape(-1, 3, 3).transpose(-1, -2)
+        aligned = est_h[scored][None] @ proposals.transpose(-1, -2)[:, None]  # (P, M, 3, 3)
+        err = so3.geodesic_angle_deg(copies[scored][None], aligned[:, :, None]).min(dim=-1).values
+        pick = err.median(dim=1).values.argmin()
+        rotation = proposals[pick]
+        for _ in range(n_refine):
+            per_copy = so3.geodesic_angle_deg(copies, (est_h @ rotation.T)[:, None])  # (N, K)
+            nearest = per_copy.argmin(dim=1)
+            target = copies[torch.arange(n), nearest]
+            keep = per_copy.min(dim=1).values <= per_copy.min(dim=1).values.median()
+            # Procrustes for G in R_gt' ~ F(R_est) G^T, i.e. R_gt'^T ~ G F(R_est)^T.
+            rotation = so3._procrustes(target[keep].transpose(-1, -2), est_h[keep].transpose(-1, -2))
+        errors = _symmetric_errors(gt, est, sym, flipped, rotation)
+        if best is None or errors.median() < best[0].median():
+            best = (errors, flipped, rotation)
+    return best
 
 
 @dataclass(frozen=True)
