@@ -60,6 +60,7 @@ class Branch:
         self.epoch_loss_sum, self.epoch_images, self.epoch_gap_sum = 0.0, 0, 0.0
         self.batch_iter: Iterator[Tensor] | None = None
         self.gap_history: list[float] = []  # head loss gap per amortized epoch (auto switch rule)
+        self.loss_history: list[float] = []  # mean loss per amortized epoch (auto switch rule)
 
     def state_dict(self) -> dict:
         return {
@@ -76,6 +77,7 @@ class Branch:
             "best_heads": self.best_heads,
             "previous_best": self.previous_best,
             "gap_history": list(self.gap_history),
+            "loss_history": list(self.loss_history),
             "pending_switch": self.pending_switch or "",
             "switch_rule": str(self.switch_rule),
         }
@@ -111,6 +113,7 @@ class Branch:
         branch.best_heads = state["best_heads"].clone()
         branch.previous_best = state["previous_best"].clone()
         branch.gap_history = [float(g) for g in state.get("gap_history", [])]
+        branch.loss_history = [float(g) for g in state.get("loss_history", [])]
         branch.pending_switch = state["pending_switch"] or None
         branch.switch_rule = parse_switch_rule(state["switch_rule"])
         return branch
@@ -127,6 +130,7 @@ class Branch:
         for attr in ("best_rotations", "best_heads", "previous_best", "head_wins"):
             setattr(child, attr, getattr(parent, attr).clone())
         child.gap_history = list(parent.gap_history)
+        child.loss_history = list(parent.loss_history)
         child.batch_iter = None  # the epoch in progress restarts for both children
         child.epoch_loss_sum, child.epoch_images, child.epoch_gap_sum = 0.0, 0, 0.0
         child.head_wins = torch.zeros_like(parent.head_wins)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mrcfile
@@ -698,4 +699,27 @@ def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
     assert trainer._switch_due(branch) is None
     branch.epoch = 2  # before auto_min_epochs (and the end of the disc ramp)
     branch.previous_best = branch.best_rotations.clone()
+    assert trainer._switch_due(branch) is None
+
+
+def test_auto_switch_on_a_loss_plateau_past_the_gap_minimum(tiny_stack):
+    trainer = Trainer(
+        tiny_stack,
+        tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=10.0, radius_ramp_epochs=2),
+    )
+    branch = trainer.branch("main")
+    branch.epoch = 6
+    branch.best_rotations = so3.random_rotations(
+        len(tiny_stack), generator=torch.Generator().manual_seed(2)
+    ).float()
+    branch.previous_best = branch.best_rotations.clone()
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.09, 0.0901]
+    branch.loss_history = [1.9, 1.3, 1.0, 0.95, 0.931, 0.930]  # improving by 0.1 %: still learning
+    assert trainer._switch_due(branch) is None
+    branch.loss_history[-1] = 0.9305  # 0.05 % better: a plateau, and the gap is past its minimum
+    assert trainer._switch_due(branch) == "auto"
+    branch.gap_history[-1] = 0.085  # a new gap minimum: the map is still rounding off
+    assert trainer._switch_due(branch) is None
+    branch.gap_history[-1] = 0.0901
+    trainer.config = replace(trainer.config, auto_loss_plateau=0.0)  # arm disabled
     assert trainer._switch_due(branch) is None
