@@ -26,9 +26,21 @@ class Branch:
     go through checkpoints (tensors and plain values only).
     """
 
-    def __init__(self, name: str, config: TrainingConfig, feed: ParticleFeed, device: torch.device):
+    def __init__(
+        self,
+        name: str,
+        config: TrainingConfig,
+        feed: ParticleFeed,
+        device: torch.device,
+        *,
+        subset: Tensor | None = None,
+        seed_offset: int = 0,
+    ):
         cfg = config
-        gen = torch.Generator().manual_seed(cfg.seed)
+        seed = cfg.seed + seed_offset
+        gen = torch.Generator().manual_seed(seed)
+        # The rows this branch trains on (a gold-standard half), None for all; sorted, read-only use.
+        self.subset = None if subset is None else torch.as_tensor(subset, dtype=torch.long).sort().values
         self.name = name
         self.phase = Phase.AMORTIZED
         self.epoch = 0  # epochs completed
@@ -37,7 +49,7 @@ class Branch:
         self.pending_switch: str | None = None  # reason of a switch requested for the next step
         if self.switch_rule == 0:
             self.pending_switch = "epoch"  # switch before the first step: direct optimisation from the start
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         self.encoder: MultiHeadEncoder | None = MultiHeadEncoder(cfg.encoder).to(device)
         self.volume = HartleyVolume(feed.box_size, generator=gen).to(device)
         with torch.no_grad():
@@ -80,14 +92,19 @@ class Branch:
             "loss_history": list(self.loss_history),
             "pending_switch": self.pending_switch or "",
             "switch_rule": str(self.switch_rule),
+            "subset": self.subset,
         }
+
+    def rows(self, values: Tensor) -> Tensor:
+        """``values`` restricted to this branch's rows (all rows outside gold-standard mode)."""
+        return values if self.subset is None else values[self.subset.to(values.device)]
 
     @classmethod
     def from_state(
         cls, state: dict, config: TrainingConfig, feed: ParticleFeed, device: torch.device
     ) -> Branch:
         """A branch restored from :meth:`state_dict`."""
-        branch = cls(state["name"], config, feed, device)
+        branch = cls(state["name"], config, feed, device, subset=state.get("subset"))
         branch.phase = Phase(state["phase"])
         branch.epoch, branch.step = int(state["epoch"]), int(state["step"])
         branch.volume.load_state_dict(state["volume"])

@@ -12,7 +12,7 @@ does the work and returns the exit status.
 * ``cryospin-lab reconstruct PARTICLES.star --out DIR [--heads 7]
   [--switch auto|EPOCH|never] [--epochs N] [--box D] [--device auto|cpu|cuda]
   [--seed 0] [--ground-truth MAP.mrc] [--resume] [--batch-size 32]
-  [--preset light|paper] [--estimate-shifts] [--stack-dir DIR]``: a cryoSPIN
+  [--preset light|paper] [--estimate-shifts] [--stack-dir DIR] [--gold-standard]``: a cryoSPIN
   reconstruction; the logic and the files it writes are in
   :mod:`cryospin_lab.reconstruct`.
 * ``cryospin-lab demo [--out runs/demo] [--n 10000] [--epochs N]
@@ -222,6 +222,11 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stack-dir", type=Path, default=None, metavar="DIR", help="look the .mrcs stacks up in DIR by name"
+    )
+    parser.add_argument(
+        "--gold-standard",
+        action="store_true",
+        help="two independent half-set reconstructions; half maps and their FSC at 0.143",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

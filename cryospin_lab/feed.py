@@ -112,12 +112,15 @@ class ParticleFeed:
             self._discs[radius] = FourierDisc.make(self.box_size, radius, device=self.device)
         return self._discs[radius]
 
-    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
-        """Index batches of one epoch in a random order seeded by (run seed, epoch).
+    def epoch_batches(self, epoch: int, subset: Tensor | None = None) -> Iterator[Tensor]:
+        """Index batches of one epoch (of ``subset``'s rows, else all) in an order seeded by (seed, epoch).
 
         A run resumed at an epoch boundary therefore sees the same order.
         """
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.stack), generator=gen)
+        if subset is None:
+            order = torch.randperm(len(self.stack), generator=gen)
+        else:
+            order = subset[torch.randperm(len(subset), generator=gen)]
         for start in range(0, len(order), self.config.batch_size):
             yield order[start : start + self.config.batch_size]

@@ -72,6 +72,7 @@ class ReconstructSettings:
     max_shift_angstrom: float | None = None  # bound of estimated shifts; default 10% of the box in Å
     stack_dir: Path | None = None  # look image stacks up here by file name
     progress: bool = True  # tqdm bar per epoch (the per-epoch lines are printed anyway)
+    gold_standard: bool | None = None  # two half-set reconstructions (half maps, FSC 0.143)
     replace_checkpoints: bool = False  # delete old epoch checkpoints in out_dir first (the demo's rerun)
 
 
@@ -114,6 +115,7 @@ def _check_same(settings: ReconstructSettings, config: TrainingConfig, checkpoin
         "--estimate-shifts": (settings.estimate_shifts or None, enc.estimate_shifts or None),
         "--max-shift-angstrom": (settings.max_shift_angstrom, enc.max_shift_angstrom),
         "--box": (settings.box_size, enc.box_size),
+        "--gold-standard": (settings.gold_standard or None, config.gold_standard or None),
     }
     for option, (value, stored) in given.items():
         if value is not None and value != stored:
@@ -146,6 +148,7 @@ def _new_config(settings: ReconstructSettings, stack: ParticleStack) -> Training
         batch_size=settings.batch_size or defaults.batch_size,
         seed=defaults.seed if settings.seed is None else settings.seed,
         device=settings.device,
+        gold_standard=bool(settings.gold_standard),
     )
 
 
@@ -407,4 +410,5 @@ def settings_from_args(args) -> ReconstructSettings:
         max_shift_angstrom=args.max_shift_angstrom,
         stack_dir=None if args.stack_dir is None else Path(args.stack_dir),
         progress=not args.no_progress,
+        gold_standard=True if args.gold_standard else None,
     )

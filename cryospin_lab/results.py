@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from cryospin_lab.data import ParticleStack, write_map
 from cryospin_lab.events import (
@@ -82,6 +83,7 @@ METRICS_COLUMNS = (
     "pose_error_mean_deg",
     "pose_error_median_deg",
     "resolution_angstrom",
+    "half_map_resolution_angstrom",
     "epoch_time_s",
     "wall_time_s",
 )
@@ -108,6 +110,7 @@ class EpochRecord:
     resolution_angstrom: float | None  # FSC 0.5 vs the ground-truth map, None without one
     epoch_time_s: float
     wall_time_s: float
+    half_map_resolution_angstrom: float | None = None  # gold standard: half-map FSC at 0.143
 
     def summary_line(self, n_epochs: int) -> str:
         parts = [f"epoch {self.epoch:>{len(str(n_epochs))}}/{n_epochs}"]
@@ -118,6 +121,8 @@ class EpochRecord:
             parts.append("heads " + "/".join(f"{100 * s:.0f}" for s in self.head_shares) + " %")
         if self.resolution_angstrom is not None:
             parts.append(f"res {self.resolution_angstrom:.1f} Å")
+        if self.half_map_resolution_angstrom is not None:
+            parts.append(f"half maps {self.half_map_resolution_angstrom:.1f} Å")
         if self.pose_error_mean_deg is not None:
             parts.append(
                 f"pose err {self.pose_error_mean_deg:.1f}°/{self.pose_error_median_deg:.1f}° (mean/med)"
@@ -137,6 +142,7 @@ class EpochRecord:
             "pose_error_mean_deg": fmt(self.pose_error_mean_deg),
             "pose_error_median_deg": fmt(self.pose_error_median_deg),
             "resolution_angstrom": fmt(self.resolution_angstrom),
+            "half_map_resolution_angstrom": fmt(self.half_map_resolution_angstrom),
             "epoch_time_s": f"{self.epoch_time_s:.3f}",
             "wall_time_s": f"{self.wall_time_s:.3f}",
         }
@@ -151,7 +157,8 @@ class FinishedEpoch:
 
     record: EpochRecord
     volume: VolumeEvent | None
-    resolution: ResolutionEvent | None
+    resolution: ResolutionEvent | None  # vs the ground truth
+    half_maps: ResolutionEvent | None = None  # gold standard
 
 
 @dataclass
@@ -159,6 +166,7 @@ class _PendingEpoch:
     epoch: EpochEvent
     pose: PoseErrorEvent | None = None
     fsc: ResolutionEvent | None = None
+    half_maps: ResolutionEvent | None = None
     volume: VolumeEvent | None = None
 
 
@@ -182,7 +190,11 @@ class EpochCollector:
         done = []
         if isinstance(event, FinishedEvent):
             done = self.flush()
-        elif isinstance(event, self._ENDS):
+        elif isinstance(event, self._ENDS) and not (
+            # A branch's finish waits for the run's end: in gold-standard mode the half-map FSC
+            # of half 1's last epoch comes after half 1 has finished, when half 2 does.
+            isinstance(event, PhaseChangeEvent) and event.new is Phase.FINISHED
+        ):
             done = self._close(event.branch)
         if isinstance(event, EpochEvent):
             done += self._close(event.branch)
@@ -191,6 +203,8 @@ class EpochCollector:
         if pending is not None and event.epoch == pending.epoch.epoch:
             if isinstance(event, PoseErrorEvent):
                 pending.pose = event
+            elif isinstance(event, ResolutionEvent) and event.kind == "half_maps":
+                pending.half_maps = event
             elif isinstance(event, ResolutionEvent):
                 pending.fsc = event
             elif isinstance(event, VolumeEvent):
@@ -219,11 +233,17 @@ class EpochCollector:
             resolution_angstrom=None if fsc is None else fsc.resolution_angstrom,
             epoch_time_s=epoch.epoch_time_s,
             wall_time_s=epoch.time_s,
+            half_map_resolution_angstrom=None
+            if pending.half_maps is None
+            else pending.half_maps.resolution_angstrom,
         )
-        return [FinishedEpoch(record, pending.volume, fsc)]
+        return [FinishedEpoch(record, pending.volume, fsc, pending.half_maps)]
 
 
 # ----------------------------------------------------------------------------- files
+
+
+_HALF_MAPS = "half maps"  # key of the half-map FSC curve in ResultWriter.last_fsc
 
 
 def _safe_name(branch: str) -> str:
@@ -292,6 +312,8 @@ class ResultWriter:
         self.write_metrics()
         if done.resolution is not None:
             self.last_fsc[record.branch] = done.resolution
+        if done.half_maps is not None:
+            self.last_fsc[_HALF_MAPS] = done.half_maps
         if done.volume is not None:
             for path in self._path("map", record.branch, ".mrc"):
                 write_map(path, done.volume.volume, done.volume.voxel_size_angstrom)
@@ -305,6 +327,40 @@ class ResultWriter:
 
     def write_final(self) -> list[Path]:
         """Maps and poses of every branch from the trainer's current state, and the plot."""
+        if self.trainer.config.gold_standard:
+            written = self._write_gold_standard()
+        else:
+            written = self._write_branches()
+        written.append(self.out_dir / "metrics.csv")
+        plot = self.write_plot()
+        if plot is not None:
+            written.append(plot)
+        return written
+
+    def _write_gold_standard(self) -> list[Path]:
+        """``map.mrc`` = mean of the aligned halves, ``map_half1/2.mrc`` (half 2 aligned onto half 1),
+        ``poses.star``: every particle's pose from its own half, in half 1's frame, with rlnRandomSubset."""
+        result = self.trainer.gold_standard_result()
+        apix = self.trainer.pixel_size_angstrom
+        maps = {
+            "map.mrc": result.average_map,
+            "map_half1.mrc": result.half1_map,
+            "map_half2.mrc": result.half2_map,
+        }
+        written = []
+        for name, volume in maps.items():
+            write_map(self.out_dir / name, volume, apix)
+            written.append(self.out_dir / name)
+        path = self.out_dir / "poses.star"
+        write_poses_star(
+            path,
+            self.trainer,
+            poses=(result.rotations, result.shifts_angstrom),
+            extra_columns={"rlnRandomSubset": result.subset_of_row},
+        )
+        return written + [path]
+
+    def _write_branches(self) -> list[Path]:
         written = []
         for branch in self.live_branches():
             for path in self._path("map", branch, ".mrc"):
@@ -313,14 +369,10 @@ class ResultWriter:
             for path in self._path("poses", branch, ".star"):
                 write_poses_star(path, self.trainer, branch)
                 written.append(path)
-        written.append(self.out_dir / "metrics.csv")
-        plot = self.write_plot()
-        if plot is not None:
-            written.append(plot)
         return written
 
     def write_plot(self) -> Path | None:
-        if self.trainer.ground_truth_map is not None:
+        if self.trainer.ground_truth_map is not None or self.trainer.config.gold_standard:
             if not self.last_fsc:
                 return None
             path = self.out_dir / "fsc.png"
@@ -333,8 +385,18 @@ class ResultWriter:
         return path
 
 
-def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None:
-    """The branch's poses as a RELION 3.1 STAR for the input images (see the module docstring)."""
+def write_poses_star(
+    path: Path,
+    trainer: Trainer,
+    branch: str = "main",
+    *,
+    poses: tuple[Tensor, Tensor | None] | None = None,
+    extra_columns: dict[str, np.ndarray] | None = None,
+) -> None:
+    """The branch's poses (or ``poses``) as a RELION 3.1 STAR for the input images (module docstring).
+
+    ``extra_columns`` are added per particle (e.g. ``rlnRandomSubset`` in gold-standard mode).
+    """
     import pandas as pd
     import starfile
 
@@ -342,7 +404,7 @@ def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None
 
     stack = trainer.stack
     meta = stack.metadata
-    rotations, shifts = trainer.poses(branch)
+    rotations, shifts = trainer.poses(branch) if poses is None else poses
     if shifts is None:
         shifts = torch.zeros(len(meta), 2, dtype=torch.float64)
     estimated = dataclasses.replace(meta, rotations=rotations.double(), shifts_angstrom=shifts.double())
@@ -356,7 +418,10 @@ def write_poses_star(path: Path, trainer: Trainer, branch: str = "main") -> None
             particles[column] = particles[column] + 0.0  # -0.0 (= -shift of 0) written as 0.000000
         if extra is not None:
             extra = extra[[c for c in extra.columns if c not in particles.columns]]
+            extra = extra[[c for c in extra.columns if c not in (extra_columns or {})]]
             particles = pd.concat([particles, extra.reset_index(drop=True)], axis=1)
+        for column, values in (extra_columns or {}).items():
+            particles[column] = np.asarray(values)
         starfile.write(
             {"optics": blocks["optics"], "particles": particles}, tmp, overwrite=True, float_format="%.6f"
         )
@@ -386,16 +451,17 @@ def _plot_fsc(path: Path, curves: dict[str, ResolutionEvent]) -> None:
     ax = fig.add_subplot()
     f_max = 0.0
     for branch, event in curves.items():
-        label = f"{branch}, epoch {event.epoch}: {event.resolution_angstrom:.1f} Å"
+        versus = "half 1 vs half 2" if event.kind == "half_maps" else f"{branch} vs truth"
+        label = f"{versus}, epoch {event.epoch}: {event.resolution_angstrom:.1f} Å at {event.threshold:g}"
         # Shell 0 (DC, one voxel) is left out: its "correlation" is only the sign of the two means.
         ax.plot(event.frequencies_per_angstrom[1:], event.fsc[1:], label=label)
         f_max = max(f_max, float(event.frequencies_per_angstrom[-1]))
-    threshold = next(iter(curves.values())).threshold
-    ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
+    for threshold in sorted({event.threshold for event in curves.values()}, reverse=True):
+        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
     ax.set_xlim(0, f_max)
     ax.set_ylim(-0.1, 1.05)
     ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC vs ground truth")
+    ax.set_ylabel("FSC")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
 

@@ -53,6 +53,7 @@ _CONFIG_KEYS = {
     "n_tracked",
     "volume_interval_s",
     "checkpoint_every",
+    "gold_standard",
 }
 _ENCODER_KEYS = {"n_heads", "preset", "estimate_shifts", "max_shift_angstrom"}
 
@@ -97,7 +98,7 @@ class Reconstruction:
         **settings: ``n_heads``, ``preset``, ``n_epochs``, ``switch`` ("auto",
             "never" or an epoch), ``batch_size``, ``encoder_lr``, ``decoder_lr``,
             ``decoder_lr_direct``, ``pose_lr``, ``seed``, ``device``, ``threads``,
-            ``n_tracked``, ``volume_interval_s``, ``checkpoint_every``,
+            ``n_tracked``, ``volume_interval_s``, ``checkpoint_every``, ``gold_standard``,
             ``estimate_shifts``, ``max_shift_angstrom``.
 
     Raises ValueError naming the setting for an unknown or bad one, and the

