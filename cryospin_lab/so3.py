@@ -282,7 +282,7 @@ def align_rotations(reference: Tensor, estimate: Tensor, n_refine: int = 2) -> R
     """Best global rotation (and hand) taking ``estimate`` onto ``reference``: ``R_ref ~ G F(R_est)``.
 
     ``G`` multiplies on the *left*. The gauge freedom of a reconstruction in
-    this project's convention (a map rotated by ``Q``, ``V'(x) = V(Q x)``,
+    this project's convention (a map rotated by ``Q``, ``V'(x) = V(Q^T x)``,
     seen at poses ``R Q^T``) acts on the *right*, so for pose errors call this
     on transposed rotations, as :func:`cryospin_lab.metrics.pose_error` does
     (``F`` commutes with the transpose).

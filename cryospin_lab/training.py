@@ -27,14 +27,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin_lab import metrics, so3
+from cryospin_lab import gold_standard, metrics, so3
 from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
     config_from_dict,
@@ -68,7 +68,7 @@ from cryospin_lab.projection import FourierDisc
 from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
 from cryospin_lab.runner import Command, CommandError
 
-__all__ = ["Branch", "GoldStandardResult", "Trainer", "resolve_device"]
+__all__ = ["Branch", "Trainer", "resolve_device"]
 
 # Above this median pose error the pose-derived map alignment is unreliable (see _resolution_event).
 _POSE_ALIGNMENT_MAX_MEDIAN_DEG = 30.0
@@ -81,20 +81,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but torch.cuda.is_available() is False")
     return torch.device(name)
-
-
-@dataclass(frozen=True, eq=False)
-class GoldStandardResult:
-    """What a gold-standard run delivers (see :meth:`Trainer.gold_standard_result`)."""
-
-    average_map: Tensor  # (D, D, D) mean of half 1 and half 2 aligned onto it
-    half1_map: Tensor
-    half2_map: Tensor  # aligned onto half 1
-    fsc: metrics.FSCCurve  # half 1 vs aligned half 2
-    resolution_angstrom: float  # at FSC 0.143
-    rotations: Tensor  # (N, 3, 3) every particle's pose from its own half, in half 1's frame
-    shifts_angstrom: Tensor | None  # (N, 2) when shifts are estimated
-    subset_of_row: np.ndarray  # (N,) 1 or 2: the half each particle belongs to (rlnRandomSubset)
 
 
 class Trainer:
@@ -373,72 +359,15 @@ class Trainer:
         return float(so3.geodesic_angle_deg(previous, current).median())
 
     def _half_map_event(self) -> Iterator[Event]:
-        """Half-map FSC (0.143) once both halves have finished the same epoch."""
-        halves = {b.name: b for b in self.branches + self.finished if b.name in ("half1", "half2")}
-        if len(halves) != 2:
-            return
-        epoch = halves["half1"].epoch
-        if halves["half2"].epoch != epoch or epoch <= self._half_map_epoch:
-            return  # the other half has not finished this epoch yet (or it was reported)
-        self._half_map_epoch = epoch
-        half_a, half_b, _, curve = self.half_maps()
-        yield ResolutionEvent(
-            kind="half_maps",
-            frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
-            fsc=np.asarray(curve.fsc),
-            resolution_angstrom=curve.resolution_angstrom(0.143),
-            threshold=0.143,
-            **self._stamp(halves["half1"]),
-        )
+        yield from gold_standard.half_map_events(self)
 
-    @torch.no_grad()
     def half_maps(self) -> tuple[Tensor, Tensor, metrics.MapAlignment, metrics.FSCCurve]:
-        """Gold standard: half 1's map, half 2's map aligned onto it, that alignment, and their FSC.
+        """Gold standard: half 1's map, half 2's aligned onto it, the alignment, their FSC."""
+        return gold_standard.half_maps(self)
 
-        The halves are independent ab-initio reconstructions, so half 2 may sit in
-        another frame or hand: it is aligned by a map search (``metrics.align_maps``)
-        before the FSC. Raises RuntimeError outside gold-standard mode.
-        """
-        if not self.config.gold_standard:
-            raise RuntimeError("half_maps() needs a gold-standard run (TrainingConfig.gold_standard=True)")
-        half_a, half_b = self.volume_real("half1"), self.volume_real("half2")
-        alignment = metrics.align_maps(half_b, half_a)
-        aligned = metrics.apply_map_alignment(half_b, alignment)
-        return half_a, aligned, alignment, metrics.compute_fsc(half_a, aligned, self.pixel_size_angstrom)
-
-    @torch.no_grad()
-    def gold_standard_result(self) -> GoldStandardResult:
-        """The gold-standard outputs: both halves in half 1's frame, their mean, every particle's pose.
-
-        Half 2's poses are moved into half 1's frame with the map alignment
-        (``R -> F(R) G^T``, the gauge of ``metrics.pose_error``).
-        """
-        half1, half2_aligned, alignment, curve = self.half_maps()
-        n = len(self.stack)
-        rotations = torch.empty(n, 3, 3, dtype=torch.float64)
-        shifts = None if not self.config.encoder.estimate_shifts else torch.zeros(n, 2, dtype=torch.float64)
-        subset_of_row = np.zeros(n, dtype=np.int64)
-        for number, name in ((1, "half1"), (2, "half2")):
-            branch = self.branch(name)
-            rows = branch.subset
-            r, s = self.poses(name)
-            r = r.double()[rows]
-            if number == 2:
-                r = (so3.flip_handedness(r) if alignment.flipped else r) @ alignment.rotation.double().T
-            rotations[rows] = r
-            if shifts is not None and s is not None:
-                shifts[rows] = s.double()[rows]
-            subset_of_row[rows.numpy()] = number
-        return GoldStandardResult(
-            average_map=(half1 + half2_aligned) / 2,
-            half1_map=half1,
-            half2_map=half2_aligned,
-            fsc=curve,
-            resolution_angstrom=curve.resolution_angstrom(0.143),
-            rotations=rotations,
-            shifts_angstrom=shifts,
-            subset_of_row=subset_of_row,
-        )
+    def gold_standard_result(self) -> gold_standard.GoldStandardResult:
+        """Gold standard: both halves' maps in half 1's frame, their mean and every particle's pose."""
+        return gold_standard.gold_standard_result(self)
 
     def _switch_due(self, branch: Branch) -> str | None:
         """The switch rule after an amortized epoch: the reason, or None to stay amortized.

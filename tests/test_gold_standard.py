@@ -109,3 +109,38 @@ def test_fork_is_refused_and_a_checkpoint_keeps_the_halves(gold_run, tiny_stack)
     events = list(resumed.events())
     assert [e.epoch for e in events if isinstance(e, ResolutionEvent) and e.kind == "half_maps"] == [3]
     assert not [e for e in events if isinstance(e, LogEvent)]
+
+
+def test_half_two_poses_are_moved_into_half_one_frame(tiny_stack, tiny_simulation):
+    """Half 2 = the true map in another frame, seen at the true poses in that frame: combined = truth.
+
+    With V'(x) = V(Q x), the image of V at pose R is that of V' at R Q:
+    sum_z V'((R Q)^T x) = sum_z V(Q Q^T R^T x).
+    """
+    import mrcfile
+
+    from cryospin_lab import so3
+    from cryospin_lab.volume import HartleyVolume
+
+    with mrcfile.open(tiny_simulation.ground_truth_path, permissive=True) as mrc:
+        truth = np.array(mrc.data, dtype=np.float64)
+    m_zyx = Rotation.from_euler("zyz", [-35, 50, 80], degrees=True).as_matrix()
+    centre = np.array(truth.shape) // 2
+    # scipy: out[o] = in[M o + c - M c] on [z, y, x] indices, i.e. V'(x) = V(Q x) with Q = P M P on (x, y, z).
+    rotated = ndimage.affine_transform(truth, m_zyx, offset=centre - m_zyx @ centre, order=3)
+    p = np.eye(3)[::-1]
+    q = torch.from_numpy(p @ m_zyx @ p).float()
+    trainer = Trainer(tiny_stack, tiny_config(gold_standard=True))
+    true_rotations = trainer.true_rotations.float()
+    for name, volume, poses in (("half1", truth, true_rotations), ("half2", rotated, true_rotations @ q)):
+        replacement = HartleyVolume.from_real(torch.from_numpy(volume).float())
+        branch = trainer.branch(name)
+        branch.volume.load_state_dict(replacement.state_dict())
+        branch.best_rotations = poses.clone()
+    result = trainer.gold_standard_result()
+    errors = so3.geodesic_angle_deg(result.rotations, true_rotations.double())
+    assert float(errors.max()) < 3.0, errors
+    half_a, half_b = tiny_stack.half_split(trainer.config.seed)
+    np.testing.assert_array_equal(result.subset_of_row[half_a], 1)
+    np.testing.assert_array_equal(result.subset_of_row[half_b], 2)
+    torch.testing.assert_close(result.average_map, (result.half1_map + result.half2_map) / 2)
