@@ -532,7 +532,8 @@ class Trainer:
                         volume=volume, voxel_size_angstrom=self.pixel_size_angstrom, **self._stamp(branch)
                     )
         last = self.finished[-1] if self.finished else None
-        stamp = self._stamp(last) if last else {"step": 0, "epoch": 0, "phase": Phase.FINISHED, "time_s": 0.0}
+        stamp = self._stamp(last) if last else {"step": 0, "epoch": 0, "time_s": 0.0}
+        stamp["phase"] = Phase.FINISHED
         yield FinishedEvent(reason="completed", summary=self.summary(), **stamp)
 
     def apply_command(self, command: Command, branch: str | None = None, **kwargs) -> list[Event]:

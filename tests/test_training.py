@@ -126,6 +126,7 @@ def test_amortized_loss_is_finite_and_falls(amortized_run):
     assert trainer.branch().encoder is not None and trainer.branch().pose_table is None
     finished = events[-1]
     assert isinstance(finished, FinishedEvent) and finished.reason == "completed"
+    assert finished.phase is Phase.FINISHED
 
 
 def test_winner_counts_sum_to_images_seen(amortized_run):
