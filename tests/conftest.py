@@ -14,6 +14,16 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Intra-op threads pinned to 1 for a module: on two busy cores two torch threads per process
+    make each training step several times slower. Use with ``pytestmark = usefixtures(...)``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,13 +20,7 @@ from cryospin_lab.events import EpochEvent, FinishedEvent, LogEvent, ResolutionE
 from cryospin_lab.runner import Command, CommandError
 from cryospin_lab.training import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-import torch
 import torch_ctf
 from scipy.spatial.transform import Rotation
 
@@ -22,15 +21,9 @@ from cryospin_lab.events import FinishedEvent, LogEvent, Phase, PhaseChangeEvent
 from cryospin_lab.session import Reconstruction
 from cryospin_lab.simulate import simulate_particles
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BOX = 32
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

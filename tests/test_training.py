@@ -48,16 +48,10 @@ from cryospin_lab.runner import Command, CommandError, Runner
 from cryospin_lab.training import Trainer
 from cryospin_lab.volume import HartleyVolume
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N_PARTICLES, BOX, BATCH = 64, 32, 16
 STEPS_PER_EPOCH = N_PARTICLES // BATCH
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
