@@ -373,31 +373,35 @@ class Trainer:
         """The switch rule after an amortized epoch: the reason, or None to stay amortized.
 
         ``auto`` (our criterion; the paper leaves one open): switch once the
-        amortized stage has stopped improving, never while poses still move.
-        After ``auto_min_epochs`` and the end of the disc ramp (the head loss
-        gap, mean minus best head loss, shrinks with every shell added), and
-        only while the median change of each image's best pose since the
-        previous epoch is below ``auto_stable_deg``, it switches when either
+        amortized poses have locked in, and at the latest after
+        ``auto_max_epochs``. After ``auto_min_epochs`` and the end of the disc
+        ramp (the head loss gap, mean minus best head loss, shrinks with every
+        shell added), and only while the median change of each image's best
+        pose since the previous epoch is below ``auto_stable_deg``, it
+        switches when the gap has risen to ``auto_gap_rise`` times its lowest
+        value (the map gained detail: the choice of pose matters more), or,
+        if ``auto_loss_plateau > 0``, when the mean epoch loss improved by
+        less than that fraction while the gap is past its minimum.
 
-        * the gap has risen to ``auto_gap_rise`` times its lowest value (the
-          map gained detail, so the choice of pose matters more), or
-        * the mean epoch loss improved by less than ``auto_loss_plateau``
-          (relative) and the gap is past its minimum (a plateau).
+        Measured on the default HSP90 set (seed 0, 30 epochs; commands and
+        logs in ``bench/results/gpu_h200_2026-11-26`` and the issue note):
 
-        ``auto_max_epochs > 0`` forces the switch at that epoch.
-
-        Measured on the default HSP90 set (logs in
-        ``bench/results/gpu_h200_2026-11-26``, H200, seed 0, one run per
-        rule, 30 epochs): switching at a fixed epoch 8, 12, 20 or 24 ended
-        at 1.85-1.93 degrees median pose error modulo the pseudo two-fold
-        (6.8-7.0 Å FSC vs truth); never switching at 6.3 degrees, 7.7 Å. The
-        gap-rise arm alone (x1.12) never fired there (the gap rose x1.09 by
-        epoch 30) so ``auto`` equalled ``never``; the plateau arm fires after
-        epoch 14 on those trajectories (loss 0.9307 -> 0.9306). One run per
-        rule stuck on the pseudo-symmetry (23-30 Å) whatever the switch
-        epoch: no switch rule rescues an amortized stage that has not
-        broken the symmetry. The gap-rise arm came from one CPU run (gap
-        minimum at epoch 13, x1.13 at epoch 19).
+        * GPU (H200), one run per rule: fixed switch at epoch 8, 12, 20, 24
+          ended at 1.87, 1.92, 1.85, 1.90 degrees median pose error modulo
+          the pseudo two-fold (mean 2.94, 2.42, 2.18, 2.13; FSC 6.8-7.0 Å);
+          never switching 6.3 degrees, 7.7 Å. The gap rose only x1.09 by
+          epoch 30 there, so the gap arm never fired: the cap (20) makes
+          ``auto`` the fixed-20 run, the best of those tried.
+        * CPU (this machine's trajectory differs): the gap fell to 0.0752 at
+          epoch 13 and rose x1.13 at epoch 19, when the amortized poses
+          finished breaking the symmetry; switched after epoch 20, 2.9
+          degrees median at epoch 26, 7.9 Å. The loss-plateau arm fired
+          after epoch 14 there (loss 0.9368 -> 0.9361) and the direct stage
+          froze the remaining wrong poses: 5.9 degrees median, 17.9 mean,
+          11.4 Å at epoch 22; so it is off by default.
+        * One GPU run per rule stuck on the pseudo-symmetry (23-30 Å) whatever
+          the switch epoch: no switch rule rescues an amortized stage that
+          has not broken the symmetry.
         """
         rule, cfg = branch.switch_rule, self.config
         if rule == "never":

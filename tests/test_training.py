@@ -680,7 +680,9 @@ def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
 def test_auto_switch_on_a_loss_plateau_past_the_gap_minimum(tiny_stack):
     trainer = Trainer(
         tiny_stack,
-        tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=10.0, radius_ramp_epochs=2),
+        tiny_config(
+            switch="auto", auto_min_epochs=3, auto_gap_rise=10.0, radius_ramp_epochs=2, auto_loss_plateau=1e-3
+        ),
     )
     branch = trainer.branch("main")
     branch.epoch = 6
@@ -698,3 +700,15 @@ def test_auto_switch_on_a_loss_plateau_past_the_gap_minimum(tiny_stack):
     branch.gap_history[-1] = 0.0901
     trainer.config = replace(trainer.config, auto_loss_plateau=0.0)  # arm disabled
     assert trainer._switch_due(branch) is None
+
+
+def test_auto_switch_at_the_latest_after_auto_max_epochs(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch="auto", radius_ramp_epochs=2, auto_max_epochs=9))
+    branch = trainer.branch("main")
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.10, 0.10, 0.10]  # no rise
+    branch.previous_best = so3.random_rotations(len(tiny_stack)).float()  # poses still moving
+    branch.epoch = 8
+    assert trainer._switch_due(branch) is None
+    branch.epoch = 9
+    assert trainer._switch_due(branch) == "auto"
+    assert TrainingConfig().auto_max_epochs == 20 and TrainingConfig().auto_loss_plateau == 0.0
