@@ -1,14 +1,19 @@
-# Two entry points (see README): `make demo` and `make test`. Both set up a
-# virtual environment in .venv on first use. torch is installed first and
-# pinned: on the project machines pip takes the CPU build of torch 2.13.0 from
-# local disk, while an unpinned torch may pull a multi-GB CUDA build.
+# Entry points (see README): `make lab` (the workbench in JupyterLab), `make demo`
+# (the same reconstruction headless), `make test`, and `make voila` (the workbench
+# as a standalone page). All set up a virtual environment in .venv on first use.
+# torch is installed first and pinned: on the project machines pip takes the CPU
+# build of torch 2.13.0 from local disk, while an unpinned torch may pull a
+# multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
+# Extra server options, e.g. make lab LAB_ARGS="--no-browser --ip=0.0.0.0 --port=8888"
+LAB_ARGS ?=
+VOILA_ARGS ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean lab voila dataset
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,20 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cryospin-lab demo --out $(DEMO_OUT)
+
+# The embedded default data set, simulated once (~30 s) into the cache, so that the
+# workbench starts at once.
+dataset: $(STAMP)
+	$(BIN)/python -c "from cryospin_lab import datasets; print('default data set:', datasets.hsp90().out_dir)"
+
+# JupyterLab on the workbench notebook; the server prints the URL to open. As root (a
+# container), Jupyter refuses to start without --allow-root.
+lab: dataset
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/workbench.ipynb
+
+# The workbench alone as a web page (Voila runs the notebook and hides its code).
+voila: dataset
+	$(BIN)/voila $(VOILA_ARGS) notebooks/workbench.ipynb
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -146,6 +146,26 @@ def test_poll_starts_one_computation_at_a_time_and_follows_changes(tiny):
         panel.close()
 
 
+def test_a_new_map_alone_recomputes_at_most_every_refresh_interval(tiny):
+    rec, volume = tiny
+    panel = PosteriorPanel(rec, nside=4, index=1, volume_refresh_s=3600)
+    try:
+        panel.handle(volume_event(volume))
+        wait_for(panel, lambda: panel.result is not None and not panel.busy)
+        panel.handle(volume_event(volume * 1.1))  # a new map within the interval: kept for later
+        panel.poll()
+        assert not panel.busy
+        panel.volume_refresh_s = 0.0  # interval over: the new map is used
+        panel.poll()
+        assert panel.busy
+        wait_for(panel, lambda: not panel.busy)
+    finally:
+        panel.close()
+    panel.handle(volume_event(volume * 1.2))
+    panel.poll()
+    assert not panel.busy and panel._executor is None  # closed: no new worker
+
+
 def test_worker_errors_are_shown_not_swallowed(tiny):
     rec, _ = tiny
     panel = PosteriorPanel(rec, nside=4)

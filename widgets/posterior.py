@@ -37,7 +37,7 @@ from plotly.subplots import make_subplots
 from cryospin_lab.events import ForkEvent, PoseCandidatesEvent, VolumeEvent
 from cryospin_lab.posterior import ViewPosterior, mollweide_raster, mollweide_xy, render_image, view_posterior
 
-from ._plotly import SyncedFigureWidget, new_figure
+from ._plotly import SyncedFigureWidget, gaps_as_none, new_figure
 from .heads import BranchSelector, head_color
 from .pump import Panel
 
@@ -129,8 +129,21 @@ class PosteriorPanel(Panel):
         n_psi: in-plane angles per view direction.
     """
 
-    def __init__(self, reconstruction=None, *, nside: int = 8, index: int = 0, n_psi: int = 24):
+    def __init__(
+        self,
+        reconstruction=None,
+        *,
+        nside: int = 8,
+        index: int = 0,
+        n_psi: int = 24,
+        volume_refresh_s: float = 20.0,
+    ):
         super().__init__()
+        # A new map alone starts a computation at most this often (the worker shares the CPU with
+        # training: recomputing on every volume event slowed a 2-core run 2.5x); a new particle,
+        # nside or branch starts one at once.
+        self.volume_refresh_s = float(volume_refresh_s)
+        self._closed = False
         if nside not in NSIDES:
             raise ValueError(f"PosteriorPanel.nside must be one of {NSIDES}, got {nside}")
         self._handlers = {
@@ -270,19 +283,24 @@ class PosteriorPanel(Panel):
                 self._done_key = self.result.key
                 self._draw_result()
         key = self._wanted_key()
-        if self._future is None and key is not None and key != self._done_key:
-            volume = self.volumes[self.branch_select.value].volume
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posterior")
-            self._started = time.perf_counter()
-            self._future = self._executor.submit(
-                _compute, key, volume, self.reconstruction, self.index, self.nside, self.n_psi
-            )
-            self._future_key = key
-            self._set_status(f"computing… particle {self.index}, nside {self.nside}")
+        if self._closed or self._future is not None or key is None or key == self._done_key:
+            return
+        only_the_map_changed = self._done_key is not None and key[1:] == self._done_key[1:]
+        if only_the_map_changed and time.perf_counter() - self._started < self.volume_refresh_s:
+            return
+        volume = self.volumes[self.branch_select.value].volume
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posterior")
+        self._started = time.perf_counter()
+        self._future = self._executor.submit(
+            _compute, key, volume, self.reconstruction, self.index, self.nside, self.n_psi
+        )
+        self._future_key = key
+        self._set_status(f"computing… particle {self.index}, nside {self.nside}")
 
     def close(self) -> None:
         """Stop the worker (a running computation finishes in the background and is dropped)."""
+        self._closed = True  # a later poll() must not start a new worker
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
@@ -363,7 +381,7 @@ class PosteriorPanel(Panel):
         top = float(np.nanmax(log10_p))
         heat, best = self.sphere.data[0], self.sphere.data[2]
         with self.sphere.batch_update():
-            heat.x, heat.y, heat.z = x, y, z
+            heat.x, heat.y, heat.z = x, y, gaps_as_none(z)
             heat.zmin, heat.zmax = (top - LOG_DECADES, top) if self.log_scale.value else (0.0, 10.0**top)
             heat.colorbar.title = "log10 p" if self.log_scale.value else "p"
             bx, by = mollweide_xy(post.view_directions[post.best_pixel][None])

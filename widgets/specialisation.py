@@ -30,7 +30,7 @@ from plotly.subplots import make_subplots
 from cryospin_lab.events import ForkEvent, HeadAssignmentEvent
 from cryospin_lab.posterior import HeadSpecialisation, head_specialisation, mollweide_raster
 
-from ._plotly import SyncedFigureWidget
+from ._plotly import SyncedFigureWidget, gaps_as_none
 from .heads import BranchSelector, head_color
 from .posterior import graticule_trace, mollweide_axes
 from .pump import Panel
@@ -160,7 +160,8 @@ class HeadSpecialisationPanel(Panel):
                 if values is None:
                     heat.x, heat.y, heat.z = [], [], []
                 else:
-                    heat.x, heat.y, heat.z = mollweide_raster(values, width=RASTER_WIDTH)
+                    x, y, z = mollweide_raster(values, width=RASTER_WIDTH)
+                    heat.x, heat.y, heat.z = x, y, gaps_as_none(z)
             if dominant:
                 heat_left.colorscale = _dominant_colorscale(max(self.n_heads, 1))
                 heat_left.zmin, heat_left.zmax = -0.5, max(self.n_heads, 1) - 0.5

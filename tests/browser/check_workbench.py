@@ -1,0 +1,461 @@
+"""Real-browser check of the workbench: JupyterLab and Voila driven by Playwright in Debian's Chromium.
+
+    .venv/bin/python tests/browser/check_workbench.py SHOTS_DIR [--only lab|voila]
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the Python
+``playwright`` package (``tests/browser/requirements.txt``; never run
+``playwright install``, the system Chromium is used). Not part of the pytest
+run: it takes a few minutes and a lot of CPU. See ``/work/shared/BROWSER_TESTING.md``
+(or the project's notes) for the facts it relies on.
+
+JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
+``CRYOSPIN_LAB_QUICK=1``: 500 images, 3 epochs, one torch thread):
+
+1. opens ``workbench.ipynb`` and runs the cells up to the one that launches the
+   workbench (the cells after it fork and switch by themselves, which would
+   take the Switch button away from this check);
+2. waits for the workbench and the end of the first epoch, then clicks
+   **Switch to direct optimisation now** and checks that the button's label
+   changes within a few seconds (to "Switch requested…", then "Switched at
+   epoch N (by hand)") and that the status line reports the direct phase;
+3. opens every tab and checks that its figures hold data (plotly's own
+   ``el.data`` in the page), screenshotting each;
+4. waits for the run to finish, reloads the page (the views are then rebuilt
+   from the kernel's stored widget state) and checks that the loss, FSC and
+   pose-error figures still show the run's data, not the empty initial state.
+
+Voila (``--preheat_kernel``: Voila runs the notebook before any page is
+requested): waits until the preheated run has finished, then opens the page,
+which builds every view from the stored state, and checks that the panels show
+the finished run (status line, loss curve, FSC, pose error, head shares) and
+that the 3-D view has a canvas. Screenshots of each step go to ``SHOTS_DIR``.
+Exits with status 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import Page, sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+]
+SWITCH_LABEL = "Switch to direct optimisation now"
+# The quick run (3 epochs of 500 images) can end before the page has caught up on a busy 2-core
+# machine; JupyterLab's copy of the notebook runs longer, so that Switch is clicked mid-run.
+QUICK_EPOCHS = "n_epochs=3"
+LAB_EPOCHS = 8
+LAUNCH_CELL = "bench = launch("
+
+# Data held by every plotly figure under `root` (a CSS selector): per figure, its title and the
+# length of x (or z) of each trace, read from plotly.js's own `el.data` (what is drawn).
+PLOTS_JS = """(root) => Array.from(document.querySelectorAll(root + ' .js-plotly-plot')).map(el => ({
+  title: (el.layout && el.layout.title && (el.layout.title.text || el.layout.title)) || '',
+  visible: el.offsetParent !== null,
+  traces: (el.data || []).map(t => ({name: t.name || t.type,
+      n: ((t.z && t.z.length) || (t.x && t.x.length) || (t.y && t.y.length) || 0)}))
+}))"""
+
+
+class Checks:
+    """Collects named pass/fail results and prints them as they come."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, bool, str]] = []
+
+    def __call__(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.results.append((name, bool(ok), detail))
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail else ""), flush=True)
+        return bool(ok)
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, ok, _ in self.results if not ok]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s") from None
+            time.sleep(1)
+
+
+def start_server(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(log_path, "w")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_until(page: Page, js: str, timeout_s: float, arg=None) -> bool:
+    """Poll a JS predicate; True when it held within the timeout."""
+    try:
+        page.wait_for_function(js, arg=arg, timeout=timeout_s * 1000, polling=500)
+        return True
+    except Exception:
+        return False
+
+
+def status_text(page: Page) -> str:
+    """The workbench's status line ("running · main: amortized · epoch 1/3 done · ..."), '' if absent."""
+    return page.evaluate(
+        """() => { const state = /^(created|running|paused|finished|stopped|failed)( ·|$)/;
+        const hit = Array.from(document.querySelectorAll('.widget-html-content'))
+            .find(el => state.test(el.innerText.trim()));
+        return hit ? hit.innerText.trim() : ''; }"""
+    )
+
+
+def button_label(page: Page, prefix_re: str) -> str:
+    return page.evaluate(
+        """(re) => { const b = Array.from(document.querySelectorAll('button.jupyter-button'))
+            .find(el => new RegExp(re).test(el.innerText.trim()));
+            return b ? b.innerText.trim() + (b.disabled ? ' [disabled]' : '') : ''; }""",
+        prefix_re,
+    )
+
+
+def quiet_settings() -> str:
+    """A JupyterLab user-settings folder that turns off the "official Jupyter news?" toast."""
+    folder = Path(tempfile.mkdtemp(prefix="lab-settings-"))
+    target = folder / "@jupyterlab" / "apputils-extension"
+    target.mkdir(parents=True)
+    (target / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    return str(folder)
+
+
+def dismiss_news(page: Page) -> None:
+    try:
+        page.get_by_role("button", name="No").click(timeout=3000)
+    except Exception:
+        pass
+
+
+def shot(target, shots: Path, name: str, **kwargs) -> None:
+    """Screenshot of a page or an element (a busy machine can time out: said, and the check goes on)."""
+    path = shots / f"{name}.png"
+    try:
+        target.screenshot(path=str(path), timeout=60_000, **kwargs)
+        print(f"       screenshot {path}", flush=True)
+    except Exception as err:
+        print(
+            f"       screenshot {path} failed: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True
+        )
+
+
+def plots(page: Page, root: str = "body") -> list[dict]:
+    return page.evaluate(PLOTS_JS, root)
+
+
+def has_data(figures: list[dict], title_part: str, min_points: int = 1) -> tuple[bool, str]:
+    """Some figure whose title contains ``title_part`` has a trace with at least ``min_points``."""
+    hits = [f for f in figures if title_part.lower() in str(f["title"]).lower()]
+    best = max((t["n"] for f in hits for t in f["traces"]), default=0)
+    return best >= min_points, f"{len(hits)} figure(s) titled ~'{title_part}', longest trace {best}"
+
+
+# ----------------------------------------------------------------------------- JupyterLab
+
+
+def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
+    port = free_port()
+    argv = [
+        str(Path(sys.executable).with_name("jupyter-lab")),
+        "--no-browser",
+        "--allow-root",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        "--IdentityProvider.token=",
+        "--ServerApp.password=",
+        f"--ServerApp.root_dir={workdir}",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.workspaces_dir={tempfile.mkdtemp(prefix='lab-workspaces-')}",
+        f"--LabApp.user_settings_dir={quiet_settings()}",
+    ]
+    server = start_server(argv, shots / "jupyterlab.log", env)
+    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/status", 90)
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(f"http://127.0.0.1:{port}/lab/tree/workbench.ipynb?reset", timeout=120_000)
+        ok = wait_until(
+            page,
+            """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const k = w && w.context && w.context.sessionContext.session
+                      && w.context.sessionContext.session.kernel;
+            return !!(k && k.status === 'idle'); }""",
+            120,
+        )
+        checks("lab: notebook open, kernel idle", ok)
+        dismiss_news(page)
+        n_cells = page.evaluate(
+            """(marker) => { const nb = window.jupyterapp.shell.currentWidget.content;
+            const i = nb.widgets.findIndex(c => c.model.sharedModel.getSource().includes(marker));
+            nb.activeCellIndex = i + 1; return i + 1; }""",
+            LAUNCH_CELL,
+        )
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-above')")
+        print(f"       running the first {n_cells} cells", flush=True)
+        ok = wait_until(
+            page,
+            """(label) => Array.from(document.querySelectorAll('button.jupyter-button'))
+                .some(b => b.innerText.trim() === label)""",
+            180,
+            SWITCH_LABEL,
+        )
+        checks("lab: workbench rendered", ok)
+        ok = wait_until(page, "() => /epoch [1-9]\\d*\\/\\d+ done/.test(document.body.innerText)", 240)
+        checks("lab: first epoch shown in the status line", ok, status_text(page))
+        bench = page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-tab"))
+        before = button_label(page, "^Switch")
+        # force: no waiting for the layout to settle (the panels keep redrawing); a person clicks at once
+        page.locator("button.jupyter-button", has_text=SWITCH_LABEL).click(force=True)
+        clicked = time.monotonic()
+        changed = wait_until(
+            page,
+            """() => Array.from(document.querySelectorAll('button.jupyter-button'))
+                .some(b => /^(Switch requested|Switched at epoch)/.test(b.innerText.trim()))""",
+            10,
+        )
+        checks(
+            "lab: Switch label changed within 10 s of the click",
+            changed,
+            f"{before!r} -> {button_label(page, '^Switch')!r} after {time.monotonic() - clicked:.1f} s",
+        )
+        switched = wait_until(
+            page,
+            """() => Array.from(document.querySelectorAll('button.jupyter-button'))
+                .some(b => /^Switched at epoch \\d+ \\(by hand\\)/.test(b.innerText.trim()) && b.disabled)""",
+            30,
+        )
+        status = status_text(page)
+        checks(
+            "lab: switched by hand, button disabled, status line in the direct phase",
+            switched and "main: direct" in status,
+            f"{button_label(page, '^Switch')!r}; status {status!r}; {time.monotonic() - clicked:.1f} s",
+        )
+        dismiss_news(page)
+        bench.scroll_into_view_if_needed()
+        shot(page, shots, "lab_02_switched")
+        shot(bench, shots, "lab_02_switched_workbench")
+
+        tabs = page.locator(".jupyter-widgets .lm-TabBar-tab")
+        titles = [t.strip() for t in tabs.all_inner_texts()]
+        checks("lab: panel tabs present", len(titles) >= 6, ", ".join(titles))
+        for i, title in enumerate(titles):
+            tabs.nth(i).click()
+            page.wait_for_timeout(2500 if "3-D" in title else 1200)
+            page.locator(".jupyter-widgets .lm-TabBar").first.scroll_into_view_if_needed()
+            figures = [f for f in plots(page) if f["visible"]]
+            counts = [max((t["n"] for t in f["traces"]), default=0) for f in figures]
+            if "3-D" in title:
+                canvases = page.evaluate("() => document.querySelectorAll('.jp-OutputArea canvas').length")
+                checks(
+                    f"lab: tab {title!r} has a 3-D canvas and slices",
+                    canvases > 0 and any(counts),
+                    f"{canvases} canvas(es); figure sizes {counts}",
+                )
+            elif "posterior" in title.lower():
+                ok = wait_until(page, "() => /particle \\d+, nside/.test(document.body.innerText)", 90)
+                figures = [f for f in plots(page) if f["visible"]]
+                counts = [max((t["n"] for t in f["traces"]), default=0) for f in figures]
+                checks(
+                    f"lab: tab {title!r} shows a computed posterior", ok and any(counts), f"sizes {counts}"
+                )
+            else:
+                checks(f"lab: tab {title!r} shows data", any(counts), f"figure sizes {counts}")
+            shot(bench, shots, f"lab_03_tab_{i}_{title.replace(' ', '_').replace('/', '_')}")
+
+        finished = wait_until(page, "() => /\\bfinished\\b/.test(document.body.innerText)", 300)
+        checks("lab: the run finished", finished, status_text(page))
+        before_reload = len(plots(page))
+        page.reload()
+        ok = wait_until(
+            page, "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6", 180
+        )
+        checks("lab: after a reload, the workbench is rebuilt from the kernel's widget state", ok)
+        dismiss_news(page)
+        page.wait_for_timeout(3000)
+        tabs = page.locator(".jupyter-widgets .lm-TabBar-tab")
+        titles = [t.strip() for t in tabs.all_inner_texts()]
+        for name in ("Loss", "FSC", "Pose error"):
+            if name not in titles:
+                checks(f"lab: after a reload, tab {name!r} is there", False, ", ".join(titles))
+                continue
+            tabs.nth(titles.index(name)).click()
+            page.wait_for_timeout(1500)
+            figures = [f for f in plots(page) if f["visible"]]
+            counts = [max((t["n"] for t in f["traces"]), default=0) for f in figures]
+            checks(
+                f"lab: after a reload, {name!r} still shows the run's data",
+                any(counts),
+                f"figure sizes {counts}",
+            )
+            area = page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-tab"))
+            shot(area, shots, f"lab_04_reloaded_{name.replace(' ', '_')}")
+        print(f"       figures before reload {before_reload}, after {len(plots(page))}", flush=True)
+        ui_errors = page.evaluate("() => /UI errors \\(/.test(document.body.innerText)")
+        checks("lab: no 'UI errors' box (no panel raised)", not ui_errors)
+        print(
+            f"       browser console errors: {len(errors)}"
+            + (f", first: {errors[0][:300]}" if errors else "")
+        )
+        (shots / "lab_console_errors.json").write_text(json.dumps(errors, indent=1))
+        # Stop the kernel (and its run) before the server.
+        page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+        page.wait_for_timeout(1500)
+    finally:
+        browser.close()
+        stop_server(server)
+
+
+# ----------------------------------------------------------------------------- Voila
+
+
+def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
+    port = free_port()
+    argv = [
+        str(Path(sys.executable).with_name("voila")),
+        str(workdir / "workbench.ipynb"),
+        "--no-browser",
+        f"--port={port}",
+        "--Voila.ip=127.0.0.1",
+        "--preheat_kernel=True",
+        "--pool_size=1",
+    ]
+    server = start_server(argv, shots / "voila.log", env)
+    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 90)
+        # The preheated kernel runs the notebook (and starts the run) before any page is asked for.
+        # Wait until the run has surely ended: 3 epochs of 500 images take ~30 s on 2 busy cores.
+        wait_s = float(os.environ.get("CHECK_VOILA_WAIT_S", "90"))
+        print(f"       waiting {wait_s:.0f} s for the preheated run before opening the page", flush=True)
+        time.sleep(wait_s)
+        # Tall: Voila scrolls inside its own container, which a full-page screenshot does not unroll.
+        page = browser.new_page(viewport={"width": 1400, "height": 5200})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        opened = time.monotonic()
+        page.goto(f"http://127.0.0.1:{port}/", timeout=180_000)
+        ok = wait_until(
+            page,
+            """() => Array.from(document.querySelectorAll('button.jupyter-button'))
+                .some(b => /^(New run|Start)$/.test(b.innerText.trim()))""",
+            180,
+        )
+        checks("voila: workbench rendered", ok, f"{time.monotonic() - opened:.1f} s after opening")
+        page.wait_for_timeout(4000)
+        status = status_text(page)
+        checks("voila: status line shows the finished run", "finished" in status and "3/3" in status, status)
+        figures = plots(page)
+        for part in ("training loss", "Fourier shell", "pose error", "winner share"):
+            ok, detail = has_data(figures, part)
+            checks(f"voila: a figure titled ~{part!r} shows the run's data on first view", ok, detail)
+        titles = [str(f["title"]) for f in figures]
+        print(f"       figure titles: {titles}", flush=True)
+        canvases = page.evaluate("() => document.querySelectorAll('canvas').length")
+        checks("voila: the 3-D view has a canvas", canvases > 0, f"{canvases} canvas(es)")
+        shot(page, shots, "voila_01_page")
+        print(
+            f"       browser console errors: {len(errors)}"
+            + (f", first: {errors[0][:300]}" if errors else "")
+        )
+        (shots / "voila_console_errors.json").write_text(json.dumps(errors, indent=1))
+    finally:
+        browser.close()
+        stop_server(server)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shots", type=Path, help="folder for screenshots and server logs (created)")
+    parser.add_argument("--only", choices=["lab", "voila"], help="run one of the two checks")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary notebook folder")
+    parser.add_argument(
+        "--no-nglview", action="store_true", help="JupyterLab's copy shows the map as slices only (diagnosis)"
+    )
+    args = parser.parse_args()
+    if not Path(CHROMIUM).is_file():
+        print(f"{CHROMIUM} is missing: apt-get install -y chromium", file=sys.stderr)
+        return 2
+    args.shots.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="cryospin-browser-"))
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        shutil.copy(notebook, workdir / notebook.name)
+    lab_dir = workdir / "lab"  # JupyterLab's copy runs longer (see LAB_EPOCHS)
+    lab_dir.mkdir()
+    text = (workdir / "workbench.ipynb").read_text()
+    if QUICK_EPOCHS not in text:
+        print(f"workbench.ipynb no longer holds {QUICK_EPOCHS!r}: update LAB_EPOCHS here", file=sys.stderr)
+        return 2
+    text = text.replace(QUICK_EPOCHS, f"n_epochs={LAB_EPOCHS}")
+    if args.no_nglview:
+        text = text.replace(LAUNCH_CELL + "start=True,", LAUNCH_CELL + "start=True, use_nglview=False,")
+    (lab_dir / "workbench.ipynb").write_text(text)
+    env = dict(os.environ, CRYOSPIN_LAB_QUICK="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    checks = Checks()
+    started = time.monotonic()
+    try:
+        with sync_playwright() as pw:
+            if args.only in (None, "lab"):
+                check_lab(pw, lab_dir, args.shots, env, checks)
+            if args.only in (None, "voila"):
+                check_voila(pw, workdir, args.shots, env, checks)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"{len(checks.results) - len(checks.failed)}/{len(checks.results)} checks passed "
+        f"in {time.monotonic() - started:.0f} s; screenshots in {args.shots}"
+    )
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
