@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,45 @@ class Reconstruction:
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the run to end; re-raises the run's exception if it failed."""
         return self.runner.join(timeout)
+
+    def export(self, out_dir: str | os.PathLike, *, timeout_s: float = 300.0) -> list[Path]:
+        """Write the results so far into ``out_dir``, as ``cryospin-lab reconstruct`` does.
+
+        ``map.mrc`` and ``poses.star`` (per branch after a fork; half maps in
+        gold-standard mode), ``metrics.csv`` from the events so far, and
+        ``fsc.png`` or ``loss.png``. A running run is paused between two steps
+        while its state is read, then resumed (this call waits for the pause,
+        up to ``timeout_s``). Returns the paths written.
+        """
+        from cryospin_lab.events import ForkEvent
+        from cryospin_lab.results import EpochCollector, ResultWriter
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paused_here = False
+        if self.runner.is_running and not self.runner.is_paused:
+            self.pause()
+            paused_here = True
+            deadline = time.monotonic() + timeout_s
+            while self.runner.is_running and not self.runner.is_paused:
+                if time.monotonic() > deadline:
+                    self.resume()
+                    raise TimeoutError(f"export: the run did not pause within {timeout_s} s")
+                time.sleep(0.02)
+        try:
+            writer = ResultWriter(self.trainer, out_dir, [])
+            epochs = EpochCollector()  # gathers each epoch's events into one metrics.csv row
+            for event in self.bus.history():
+                if isinstance(event, ForkEvent):
+                    writer.add_branches(event.children)
+                for done in epochs.feed(event):
+                    writer.epoch_done(done)
+            for done in epochs.flush():
+                writer.epoch_done(done)
+            return writer.write_final()
+        finally:
+            if paused_here and self.runner.is_paused:
+                self.resume()
 
     @property
     def state(self) -> str:

@@ -9,6 +9,7 @@ the facade starts, steers and stops it.
 from __future__ import annotations
 
 import threading
+import time
 
 import mrcfile
 import numpy as np
@@ -156,3 +157,30 @@ def test_unknown_branch_is_rejected_and_the_run_goes_on(small_set, tmp_path):
     assert "no running branch named 'mian'" in log.message
     assert rec.join(timeout=120)
     assert rec.bus.history(FinishedEvent)[-1].reason == "completed"
+
+
+def test_export_writes_the_results_and_a_running_run_goes_on(small_set, tmp_path):
+    rec = make(small_set, tmp_path / "run", n_epochs=60, switch="1")
+    rec.start()
+    try:
+        _export_while_running(rec, tmp_path)
+    finally:
+        rec.close()
+    assert rec.bus.history(FinishedEvent)[-1].reason == "stopped"
+
+
+def _export_while_running(rec, tmp_path):
+    rec.bus.wait_for(PhaseChangeEvent, timeout=120, predicate=lambda e: e.new is Phase.DIRECT)
+    written = rec.export(tmp_path / "export")
+    names = {p.name for p in written}
+    assert {"map.mrc", "poses.star", "metrics.csv", "fsc.png"} <= names
+    deadline = time.monotonic() + 30  # paused for the export, then resumed (by the runner's thread)
+    while rec.state != "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rec.state == "running"
+    stars = starfile.read(tmp_path / "export" / "poses.star")
+    assert len(stars["particles"]) == 48
+    with mrcfile.open(tmp_path / "export" / "map.mrc") as mrc:
+        assert mrc.data.shape == (BOX, BOX, BOX)
+    rows = (tmp_path / "export" / "metrics.csv").read_text().splitlines()
+    assert len(rows) >= 2 and rows[0].startswith("epoch,")
