@@ -203,19 +203,34 @@ class _EmptyBus:
 
 
 def launch(
-    particles=None, *, start: bool = False, layout: str = "tabs", use_nglview: bool = True, **settings
+    particles=None,
+    *,
+    start: bool = False,
+    layout: str = "tabs",
+    use_nglview: bool = True,
+    posterior_nside: int = 8,
+    specialisation_nside: int = 4,
+    **settings,
 ):
     """Build a reconstruction (default: the embedded HSP90 set) and return its :class:`Workbench`.
 
     ``settings`` go to :class:`~cryospin_lab.session.Reconstruction` (``n_heads``,
     ``n_epochs``, ``switch``, ``box_size``, ``device`` ...); the ones the form does
     not show are kept for the runs the form builds later. ``start=True`` starts it.
+    ``posterior_nside`` / ``specialisation_nside``: HEALPix resolution of those panels.
     """
     from cryospin_lab.session import Reconstruction
 
     reconstruction = Reconstruction(particles, **settings)
     extra = {key: value for key, value in settings.items() if key not in _FORM_KEYS}
-    bench = Workbench(reconstruction, layout=layout, use_nglview=use_nglview, extra_settings=extra)
+    bench = Workbench(
+        reconstruction,
+        layout=layout,
+        use_nglview=use_nglview,
+        extra_settings=extra,
+        posterior_nside=posterior_nside,
+        specialisation_nside=specialisation_nside,
+    )
     if start:
         reconstruction.start()
     return bench
