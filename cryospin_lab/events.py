@@ -191,6 +191,18 @@ class ResolutionEvent(Event):
         _set(self, "resolution_angstrom", float(self.resolution_angstrom))
         _set(self, "threshold", float(self.threshold))
 
+    @classmethod
+    def from_curve(cls, curve: Any, *, kind: str, threshold: float, **stamp: Any) -> ResolutionEvent:
+        """From a ``metrics.FSCCurve`` (frequencies, fsc, ``resolution_angstrom(threshold)``)."""
+        return cls(
+            kind=kind,
+            frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
+            fsc=np.asarray(curve.fsc),
+            resolution_angstrom=curve.resolution_angstrom(threshold),
+            threshold=threshold,
+            **stamp,
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseChangeEvent(Event):

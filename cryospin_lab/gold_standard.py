@@ -53,13 +53,8 @@ def half_map_events(trainer: Trainer) -> Iterator[Event]:
         return  # the other half has not finished this epoch yet (or it was reported)
     trainer._half_map_epoch = epoch
     half_a, half_b, _, curve = trainer.half_maps()
-    yield ResolutionEvent(
-        kind="half_maps",
-        frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
-        fsc=np.asarray(curve.fsc),
-        resolution_angstrom=curve.resolution_angstrom(0.143),
-        threshold=0.143,
-        **trainer._stamp(halves["half1"]),
+    yield ResolutionEvent.from_curve(
+        curve, kind="half_maps", threshold=0.143, **trainer._stamp(halves["half1"])
     )
 
 

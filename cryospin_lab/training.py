@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -447,14 +446,7 @@ class Trainer:
                 volume_real, metrics.align_maps(volume_real, self.ground_truth_map)
             )
         curve = metrics.compute_fsc(aligned, self.ground_truth_map, self.pixel_size_angstrom)
-        return ResolutionEvent(
-            kind="ground_truth",
-            frequencies_per_angstrom=np.asarray(curve.frequencies_per_angstrom),
-            fsc=np.asarray(curve.fsc),
-            resolution_angstrom=curve.resolution_angstrom(0.5),
-            threshold=0.5,
-            **stamp,
-        )
+        return ResolutionEvent.from_curve(curve, kind="ground_truth", threshold=0.5, **stamp)
 
     def _candidates_event(self, branch: Branch, stamp: dict) -> PoseCandidatesEvent:
         rotations, _, losses = self._candidates(branch, self.tracked, self._disc(branch.epoch))

