@@ -291,17 +291,17 @@ class Trainer:
     def _end_epoch(self, branch: Branch, epoch_time_s: float) -> Iterator[Event]:
         cfg = self.config
         branch.epoch += 1
+        pose_change = self._pose_change_deg(branch)  # for the switch rule and the EpochEvent
         # Decided before the epoch's events go out, so that a listener (UI, benchmark) seeing
         # EpochEvent already knows whether the branch will switch before its next step.
         if branch.phase is Phase.AMORTIZED:
             branch.gap_history.append(branch.epoch_gap_sum / max(branch.epoch_images, 1))
             branch.loss_history.append(branch.epoch_loss_sum / max(branch.epoch_images, 1))
-            reason = self._switch_due(branch)
+            reason = self._switch_due(branch, pose_change)
             if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
                 branch.pending_switch = reason
         stamp = self._stamp(branch)
         mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
-        pose_change = self._pose_change_deg(branch)
         if branch.phase is Phase.DIRECT and branch.pose_table is not None:
             pose_change = float("nan")
         yield EpochEvent(
@@ -368,7 +368,7 @@ class Trainer:
         """Gold standard: both halves' maps in half 1's frame, their mean and every particle's pose."""
         return gold_standard.gold_standard_result(self)
 
-    def _switch_due(self, branch: Branch) -> str | None:
+    def _switch_due(self, branch: Branch, pose_change_deg: float | None = None) -> str | None:
         """The switch rule after an amortized epoch: the reason, or None to stay amortized.
 
         ``auto`` (our criterion; the paper leaves one open): switch once the
@@ -413,7 +413,7 @@ class Trainer:
         if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
             return None
         gap = branch.gap_history[-1]
-        change = self._pose_change_deg(branch)
+        change = self._pose_change_deg(branch) if pose_change_deg is None else pose_change_deg
         if change >= cfg.auto_stable_deg:
             return None
         if gap >= cfg.auto_gap_rise * min(branch.gap_history):
