@@ -7,6 +7,8 @@ numeric arrays as ``{"buffer": memoryview, "dtype", "shape"}``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -56,11 +58,26 @@ def test_synced_figure_follows_assignment_batch_update_add_trace_and_layout():
 
 
 def test_a_copy_of_the_state_is_stored_not_the_live_dicts():
-    """Later updates must reach the traits through assignment (that is what sends them), not aliasing."""
+    """The stored state must not alias the figure's live dicts (a later update would change it unseen)."""
     fig = SyncedFigureWidget(data=[go.Scatter(y=[1.0])])
     fig.data[0].y = [2.0]
+    fig.get_state()
     assert fig._widget_data[0] is not fig._data[0]
     assert fig._widget_layout is not fig._layout_obj._props
+
+
+def test_an_update_sends_only_plotlys_message_not_the_whole_figure():
+    """Each update goes out once, as plotly's small message; the full state is sent only when asked for."""
+    fig = new_figure()
+    fig.add_trace(go.Scatter(x=np.arange(1000.0), y=np.zeros(1000)))
+    sent: list[set[str]] = []
+    fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
+    fig.data[0].y = np.ones(1000)
+    with fig.batch_update():
+        fig.data[0].x = np.arange(1000.0) + 1
+        fig.layout.title.text = "t"
+    assert sent and all(keys.isdisjoint({"_widget_data", "_widget_layout"}) for keys in sent), sent
+    np.testing.assert_array_equal(stored_trace(fig, 0, "y"), np.ones(1000))  # and yet the state is current
 
 
 def test_panel_figures_are_current_in_a_fresh_state():
@@ -86,3 +103,14 @@ def test_panel_figures_are_current_in_a_fresh_state():
         ]
     )
     np.testing.assert_allclose(stored_trace(panel.bars, 0, "y"), counts / counts.sum())
+
+
+def test_gaps_as_none_rounds_to_significant_digits_and_marks_gaps():
+    from cryospin_lab.widgets._plotly import gaps_as_none
+
+    values = np.array([[123.456789, -0.000123456], [np.nan, np.inf]])
+    out = gaps_as_none(values)
+    assert out[1, 0] is None and out[1, 1] is None
+    assert out[0, 0] == 123.5 and out[0, 1] == 0.0  # 4 digits of the largest magnitude (0.1)
+    assert len(json.dumps(gaps_as_none(np.random.default_rng(0).random((50, 50))).tolist())) < 9 * 2500
+    np.testing.assert_array_equal(gaps_as_none(values, digits=None)[0].astype(float), values[0])

@@ -210,7 +210,8 @@ def test_workbench_runs_switches_by_hand_and_closes(tiny_set, tmp_path):
     assert list(pose_trace.x) == [1, 2]
     assert bench["Pose error"].figure.layout.shapes[0].x0 == switch.epoch
     volume = rec.bus.latest(VolumeEvent).volume
-    np.testing.assert_allclose(np.asarray(bench["3-D map"].slices.data[0].z, dtype=float), volume[16])
+    shown = np.asarray(bench["3-D map"].slices.data[0].z, dtype=float)  # 4 significant digits
+    np.testing.assert_allclose(shown, volume[16], rtol=0, atol=5e-4 * np.abs(volume[16]).max())
     n_steps = len(rec.bus.history(StepEvent))
     assert np.asarray(bench["Loss"].figure.data[0].y).size == n_steps  # fewer than max_points: all kept
     assert "finished" in controls.status.value and "ended: completed" in controls.status.value

@@ -13,18 +13,23 @@ applies the message; but a view created later (Voila connecting, a page reload,
 the figure put in a new box) is built from the traits (``get_state()`` on the
 kernel side), so it shows the figure as it was when first displayed.
 
-The fix: after an update, assign deep copies of ``_data`` and of the layout's
-props to the two traits (:func:`sync_state`). Assignment is what traitlets and
-ipywidgets watch, so the kernel-side state (what ``get_state()`` serialises for
-new views) is current, and the front-end model receives the same value; plotly's
-front end ignores changes of these two traits on a live view (its handlers
-``do_data``/``do_layout`` are empty), so nothing is redrawn twice. traitlets
-skips the message when the value is unchanged (layout most of the time).
+The fix: :class:`SyncedFigureWidget` copies ``_data`` and the layout's props
+into the two traits *when its state is read* (``get_state``, which ipywidgets
+calls when a front end asks for the state, and when the widget is opened),
+after an update made it stale. The copy is written into the traits' values
+without a change notification, so it sends nothing: a live view has already
+applied the update message, and plotly's front-end *model* applies those
+messages to its own copy of ``_widget_data``/``_widget_layout`` too (in
+``widgetbundle.js``, ``do_restyle``/``do_relayout``/``do_update`` of the model),
+so a view created later on the same page is current as well. An earlier
+version assigned the traits after every update; that sent the whole figure
+again with every small change (the full loss history at each step), which
+kept a 2-core machine's browser and kernel busy enough to delay clicks.
 
-:class:`SyncedFigureWidget` calls :func:`sync_state` after every message plotly
-sends (it overrides the ``_send_*_msg`` methods of ``BaseFigureWidget``), so any
-update path keeps the state current; ``tests/test_widgets_plotly.py`` checks it
-for property assignment, ``batch_update``, ``add_trace`` and layout shapes.
+:func:`sync_state` assigns the traits (a notified change) on any FigureWidget;
+``tests/test_widgets_plotly.py`` checks the lazy sync for property assignment,
+``batch_update``, ``add_trace`` and layout shapes, and that an update sends
+only plotly's own message.
 
 Hand-written: plotly has no option for this (FigureWidget's stored state is
 documented as "only synced on construction").
@@ -48,40 +53,59 @@ def sync_state(fig: go.FigureWidget) -> None:
 
 
 class SyncedFigureWidget(go.FigureWidget):
-    """A ``go.FigureWidget`` that calls :func:`sync_state` after each update message it sends.
+    """A ``go.FigureWidget`` whose ``get_state()`` reflects every update (see the module doc).
 
-    These are the private ``BaseFigureWidget._send_*_msg`` methods of plotly 7.1;
-    if a release renames them, the overrides stop being called and the state
-    tests in ``tests/test_widgets_plotly.py`` fail.
+    The ``_send_*_msg`` methods of plotly 7.1's ``BaseFigureWidget`` mark the
+    stored state stale; if a release renames them, the state tests in
+    ``tests/test_widgets_plotly.py`` fail.
     """
+
+    _SYNCED = ("_widget_data", "_widget_layout")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._state_stale = False
+        super().__init__(*args, **kwargs)
+
+    def _mark_stale(self) -> None:
+        self._state_stale = True
+
+    def get_state(self, key=None, drop_defaults=False):
+        if self._state_stale and (
+            key is None or (set([key] if isinstance(key, str) else key) & set(self._SYNCED))
+        ):
+            self._state_stale = False
+            # Written into the trait values directly: no change notification, so nothing is sent.
+            self._trait_values["_widget_data"] = deepcopy(self._data)
+            self._trait_values["_widget_layout"] = deepcopy(self._layout_obj._props)
+        return super().get_state(key=key, drop_defaults=drop_defaults)
 
     def _send_restyle_msg(self, *args: Any, **kwargs: Any) -> None:
         super()._send_restyle_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_relayout_msg(self, *args: Any, **kwargs: Any) -> None:
         super()._send_relayout_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_update_msg(self, *args: Any, **kwargs: Any) -> None:
         super()._send_update_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_addTraces_msg(self, *args: Any, **kwargs: Any) -> None:  # noqa: N802 - plotly's name
         super()._send_addTraces_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_deleteTraces_msg(self, *args: Any, **kwargs: Any) -> None:  # noqa: N802
         super()._send_deleteTraces_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_moveTraces_msg(self, *args: Any, **kwargs: Any) -> None:  # noqa: N802
         super()._send_moveTraces_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
     def _send_animate_msg(self, *args: Any, **kwargs: Any) -> None:
         super()._send_animate_msg(*args, **kwargs)
-        sync_state(self)
+        self._mark_stale()
 
 
 def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) -> SyncedFigureWidget:
@@ -102,8 +126,19 @@ def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) ->
     return SyncedFigureWidget(layout=defaults)
 
 
-def gaps_as_none(values) -> np.ndarray:
-    """Heatmap data with NaN/Inf replaced by None (plotly's gap): JSON has no NaN, and jupyter_client
-    otherwise warns and converts each NaN to the string 'nan' (twice as slow for a 160 x 320 raster)."""
+def gaps_as_none(values, digits: int | None = 4) -> np.ndarray:
+    """Heatmap data for the wire: NaN/Inf as None (plotly's gap), values rounded to ``digits`` significant
+    digits of the largest magnitude (None: not rounded).
+
+    plotly sends a 2-D array as JSON text (only 1-D arrays go as binary buffers), one full-precision
+    float (~18 characters) per pixel: rounding to 4 digits makes the text about 3x smaller, below what
+    a colour scale can show. JSON has no NaN: jupyter_client would otherwise warn and send each NaN as
+    the string 'nan'.
+    """
     values = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(values), values, None)
+    finite = np.isfinite(values)
+    if digits is not None and finite.any():
+        top = float(np.abs(values[finite]).max())
+        if top > 0:
+            values = np.round(values, digits - 1 - int(np.floor(np.log10(top))))
+    return np.where(finite, values, None)

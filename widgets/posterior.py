@@ -396,7 +396,7 @@ class PosteriorPanel(Panel):
         ctf = np.zeros_like(result.image) if result.ctf is None else result.ctf
         with self.images.batch_update():
             for trace, z_img in zip(self.images.data, (result.image, result.predicted, ctf), strict=True):
-                trace.z = z_img
+                trace.z = gaps_as_none(z_img)
         self._draw_markers()
         noise = "" if post.noise_variance is None else f", noise variance {post.noise_variance:.3g}"
         self._set_status(

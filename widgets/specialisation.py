@@ -38,7 +38,7 @@ from .pump import Panel
 __all__ = ["HeadSpecialisationPanel"]
 
 NSIDES = (2, 4, 8)
-RASTER_WIDTH = 240
+RASTER_WIDTH = 180  # Mollweide raster columns (90 rows): 2 deg, finer than the nside 8 bins (~7 deg)
 ALL_HEADS = -1
 
 

@@ -37,7 +37,7 @@ from plotly.subplots import make_subplots
 from cryospin_lab.data import write_map
 from cryospin_lab.events import VolumeEvent
 
-from ._plotly import SyncedFigureWidget
+from ._plotly import SyncedFigureWidget, gaps_as_none
 from .heads import BranchSelector
 from .pump import Panel
 
@@ -150,7 +150,7 @@ class VolumePanel(Panel):
         volume = np.asarray(event.volume, dtype=np.float32)
         with self.slices.batch_update():
             for trace, plane in zip(self.slices.data, central_slices(volume), strict=True):
-                trace.z = plane
+                trace.z = gaps_as_none(plane)
         self.info.value = (
             f"branch <b>{html.escape(event.branch)}</b>: map of step {event.step} (epoch {event.epoch}), "
             f"{volume.shape[0]}³ voxels of {event.voxel_size_angstrom:g} Å, "
