@@ -246,11 +246,17 @@ class Trainer:
         """Eq. 6: every image keeps its lowest-loss candidate; the encoder is replaced by a pose table."""
         disc = self._disc(branch.epoch)
         n = len(self.stack)
+        own_rows = branch.rows(torch.arange(n))
+        # Sent before the pass (seconds for 10^4 images on a CPU) so that a waiting UI can say so.
+        yield LogEvent(
+            message=f"switching: choosing the best of {self.config.encoder.n_heads} candidates for "
+            f"{len(own_rows)} images",
+            **self._stamp(branch),
+        )
         # Rows outside a gold-standard half keep the identity; they are never trained or reported.
         rotations = torch.eye(3, device=self.device).repeat(n, 1, 1)
         shifts = torch.zeros(n, 2, device=self.device)
         chunk = max(self.config.batch_size, 256)
-        own_rows = branch.rows(torch.arange(n))
         for start in range(0, len(own_rows), chunk):
             idx = own_rows[start : start + chunk]
             cand_rot, cand_shift, losses = self._candidates(branch, idx, disc)

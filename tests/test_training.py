@@ -273,7 +273,8 @@ def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
     trainer = Trainer(tiny_stack, tiny_config(switch="never"))
     trainer.apply_command(Command.SWITCH_NOW)  # before the first step: the switch comes first
     events = trainer.events()
-    first = next(events)
+    announced, first = next(events), next(events)
+    assert isinstance(announced, LogEvent) and announced.message.startswith("switching: ")
     assert isinstance(first, PhaseChangeEvent) and first.new is Phase.DIRECT
     branch = trainer.branch()
 

@@ -260,6 +260,26 @@ def test_nglview_isosurface_at_the_sigma_level():
     panel.close()
 
 
+def test_nglview_waits_for_the_browser_to_load_the_previous_map():
+    pytest.importorskip("nglview", exc_type=ImportError)
+    volumes = [np.random.default_rng(k).gamma(2.0, size=(8, 8, 8)).astype(np.float32) for k in range(3)]
+    panel = VolumePanel(refresh_s=0.0)
+    try:
+        panel.feed([VolumeEvent(volume=volumes[0], voxel_size_angstrom=3.0, **stamp(step=1))])
+        assert panel._shown_event.step == 1
+        panel.view._ngl_view_id = ["view-1"]  # a browser shows the viewer and has not loaded map 1 yet
+        panel.feed([VolumeEvent(volume=volumes[1], voxel_size_angstrom=3.0, **stamp(step=2))])
+        assert panel._shown_event.step == 1  # not sent: the browser would only queue it
+        panel.view.n_components = 1  # what nglview's front end reports once the map is added
+        panel.feed([VolumeEvent(volume=volumes[2], voxel_size_angstrom=3.0, **stamp(step=3))])
+        assert panel._shown_event.step == 3  # the latest map, not the one that waited
+        panel.ngl_ack_timeout_s = 0.0  # a browser that never answers: load anyway after the timeout
+        panel.feed([VolumeEvent(volume=volumes[0], voxel_size_angstrom=3.0, **stamp(step=4))])
+        assert panel._shown_event.step == 4
+    finally:
+        panel.close()
+
+
 # ----------------------------------------------------------------------------- controls
 
 
@@ -274,6 +294,21 @@ def test_switch_button_disables_after_the_phase_change_and_names_the_reason(reas
     assert panel.switch_button.disabled
     assert words in panel.switch_button.description and "epoch 4" in panel.switch_button.description
     assert words in panel.switch_info.value
+
+
+def test_switch_button_says_switching_while_the_engine_scores_the_candidates():
+    from types import SimpleNamespace
+
+    panel = ControlsPanel().feed([StepEvent(loss=1.0, images_per_s=50.0, n_images=8, **stamp(step=1))])
+    requests = []
+    panel.reconstruction = SimpleNamespace(switch_now=lambda: requests.append("switch"), state="running")
+    panel.switch_button.click()  # handled without a run's checks: only the label logic is under test
+    panel.poll()
+    assert requests == ["switch"] and panel.switch_button.description == "Switch requested…"
+    panel.feed([LogEvent(message="switching: choosing the best of 7 candidates for 500 images", **stamp())])
+    assert panel.switch_button.description == "Switching…"
+    panel.feed([switch_event("manual", epoch=1)])
+    assert panel.switch_button.description.startswith("Switched at epoch 1")
 
 
 def test_switch_stays_available_for_the_amortized_child_after_a_fork():

@@ -70,6 +70,7 @@ def test_an_update_sends_only_plotlys_message_not_the_whole_figure():
     """Each update goes out once, as plotly's small message; the full state is sent only when asked for."""
     fig = new_figure()
     fig.add_trace(go.Scatter(x=np.arange(1000.0), y=np.zeros(1000)))
+    fig._view_count = 1  # a browser shows it (its front-end model applies plotly's messages)
     sent: list[set[str]] = []
     fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
     fig.data[0].y = np.ones(1000)
@@ -114,3 +115,72 @@ def test_gaps_as_none_rounds_to_significant_digits_and_marks_gaps():
     assert out[0, 0] == 123.5 and out[0, 1] == 0.0  # 4 digits of the largest magnitude (0.1)
     assert len(json.dumps(gaps_as_none(np.random.default_rng(0).random((50, 50))).tolist())) < 9 * 2500
     np.testing.assert_array_equal(gaps_as_none(values, digits=None)[0].astype(float), values[0])
+
+
+def browser_ack(fig) -> None:
+    """What a browser view sends after drawing the figure's latest update (plotly 7.1's front end)."""
+    fig.set_state({"_js2py_traceDeltas": {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}})
+    fig.set_state(
+        {"_js2py_widget_layoutDelta": {"layout_delta": {}, "layout_edit_id": fig._last_layout_edit_id}}
+    )
+
+
+def test_front_end_behind_until_the_browser_acknowledges_the_update():
+    fig = new_figure()
+    fig.add_trace(go.Scatter(y=[1.0]))
+    assert not fig.front_end_behind  # no browser view: nothing to wait for
+    fig._view_count = 1
+    fig.data[0].y = [2.0]
+    assert fig.front_end_behind
+    fig.set_state({"_js2py_traceDeltas": {"trace_deltas": [], "trace_edit_id": fig._last_trace_edit_id}})
+    # plotly's own Python side never clears the layout flag (its front end names the message differently)
+    assert fig._layout_edit_in_process and fig.front_end_behind
+    browser_ack(fig)
+    assert not fig.front_end_behind
+    fig.layout.title.text = "again"
+    assert fig.front_end_behind
+    fig.ack_timeout_s = 0.0  # a view that went away without saying so: draw anyway after the timeout
+    assert not fig.front_end_behind
+
+
+def test_acknowledgements_are_not_echoed_back_to_the_browser():
+    fig = new_figure()
+    fig.add_trace(go.Scatter(y=[1.0]))
+    fig._view_count = 1
+    fig.data[0].y = [2.0]
+    sent: list[dict] = []
+    fig._send = lambda msg, buffers=None: sent.append(msg)
+    browser_ack(fig)
+    assert not [m for m in sent if m.get("method") == "echo_update"], sent
+
+
+def test_a_panel_defers_its_redraw_while_the_browser_is_behind_then_draws_the_latest():
+    from cryospin_lab.widgets import LossPanel
+
+    from cryospin_lab.events import Phase, StepEvent
+
+    def step(k: int) -> StepEvent:
+        return StepEvent(
+            loss=float(k), images_per_s=1.0, n_images=8, step=k, epoch=0, phase=Phase.AMORTIZED, time_s=k
+        )
+
+    panel = LossPanel().feed([step(1)])
+    panel.figure._view_count = 1  # a browser shows it
+    browser_ack(panel.figure)
+    panel.feed([step(2)])  # drawn: the browser had caught up
+    assert list(panel.figure.data[0].x) == [1, 2]
+    panel.feed([step(3)])
+    panel.feed([step(4)])  # the browser has not drawn step 2 yet: both wait
+    assert list(panel.figure.data[0].x) == [1, 2] and panel.n_deferred == 2
+    browser_ack(panel.figure)
+    panel.poll()
+    assert list(panel.figure.data[0].x) == [1, 2, 3, 4]
+
+
+def test_without_a_view_the_state_itself_is_sent():
+    """Before any view exists the front-end model may miss plotly's messages: the state goes out."""
+    fig = new_figure()
+    sent: list[set[str]] = []
+    fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
+    fig.add_trace(go.Scatter(x=np.arange(3.0), y=np.zeros(3)))
+    assert any("_widget_data" in keys for keys in sent)

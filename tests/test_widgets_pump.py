@@ -192,12 +192,21 @@ def test_workbench_runs_switches_by_hand_and_closes(tiny_set, tmp_path):
     # Applied before the next step or so (wall time depends on the machine's load: printed, not asserted).
     print(f"switch applied {time.monotonic() - clicked:.2f} s after the click")
     (switch,) = rec.bus.history(PhaseChangeEvent)[:1]
+    # the engine said it was switching before the (seconds-long, on 10^4 images) candidate pass
+    messages = [e.message for e in rec.bus.history(LogEvent)]
+    assert any(m.startswith("switching: choosing the best of 2 candidates for") for m in messages), messages
     assert switch.step <= step_at_click + 2, (switch.step, step_at_click)
     assert switch.reason == "manual" and switch.new is Phase.DIRECT
     assert controls.switch_button.disabled and "by hand" in controls.switch_button.description
     assert bench.pump.run_until(lambda: controls.finished is not None, timeout_s=180)
     bench.tick()
 
+    # Only the shown tab (the first) has drawn; a hidden panel draws when its tab is selected.
+    assert bench.container.selected_index == 0
+    assert np.asarray(bench["Head assignments"].bars.data[0].y).size == 0
+    assert bench["Head assignments"]._dirty and bench["3-D map"]._shown_event is None
+    for title in bench.panels:
+        show_tab(bench, title)
     # every panel shows what the bus holds
     assert bench.pump.n_errors == 0, [e.message for e in bench.pump.errors]
     # the last epoch with amortized steps (the switch epoch counts the wins before the switch)
@@ -219,6 +228,12 @@ def test_workbench_runs_switches_by_hand_and_closes(tiny_set, tmp_path):
     bench.close()
     assert rec.state == "finished"
     assert_no_new_threads(threads_before)
+
+
+def show_tab(bench, title: str) -> None:
+    """What a click on the tab does: select it; the next pump tick draws its panel."""
+    bench.container.selected_index = list(bench.panels).index(title)
+    bench.tick()
 
 
 def test_close_stops_a_running_run_and_its_thread(tiny_set, tmp_path):
@@ -257,6 +272,7 @@ def test_start_builds_a_new_run_from_the_form(tiny_set, tmp_path):
     assert panel.switches[0].reason == "epoch" and "at the set epoch" in panel.switch_button.description
     assert panel.start_button.description == "New run" and not panel.start_button.disabled
     n_steps = len(rec.bus.history(StepEvent))
+    show_tab(bench, "Loss")
     assert n_steps > 0 and np.asarray(bench["Loss"].figure.data[0].y).size == n_steps
     bench.close()
 

@@ -13,18 +13,22 @@ applies the message; but a view created later (Voila connecting, a page reload,
 the figure put in a new box) is built from the traits (``get_state()`` on the
 kernel side), so it shows the figure as it was when first displayed.
 
-The fix: :class:`SyncedFigureWidget` copies ``_data`` and the layout's props
-into the two traits *when its state is read* (``get_state``, which ipywidgets
-calls when a front end asks for the state, and when the widget is opened),
-after an update made it stale. The copy is written into the traits' values
-without a change notification, so it sends nothing: a live view has already
-applied the update message, and plotly's front-end *model* applies those
-messages to its own copy of ``_widget_data``/``_widget_layout`` too (in
-``widgetbundle.js``, ``do_restyle``/``do_relayout``/``do_update`` of the model),
-so a view created later on the same page is current as well. An earlier
-version assigned the traits after every update; that sent the whole figure
-again with every small change (the full loss history at each step), which
-kept a 2-core machine's browser and kernel busy enough to delay clicks.
+The fix: while no browser view of the figure exists (``_view_count`` 0), every
+update also assigns the two traits (:func:`sync_state`): the front-end model
+(created when the widget opens, and initialised asynchronously by anywidget)
+then holds the current figure whatever messages it missed (updates sent right
+after construction were seen to be lost: the figure was drawn empty). Once a
+view exists, :class:`SyncedFigureWidget` copies ``_data`` and the layout's
+props into the two traits only *when its state is read* (``get_state``, which
+ipywidgets calls when a front end asks for the state), after an update made it
+stale. That copy is written into the traits' values without a change
+notification, so it sends nothing: a live view has applied the update message,
+and plotly's front-end *model* applies those messages to its own copy of
+``_widget_data``/``_widget_layout`` too (seen in a browser: a second view
+created after updates shows them). An earlier version assigned the traits
+after every update; that sent the whole figure again with every small change
+(the full loss history at each step), which kept a 2-core machine's browser
+and kernel busy enough to delay clicks.
 
 :func:`sync_state` assigns the traits (a notified change) on any FigureWidget;
 ``tests/test_widgets_plotly.py`` checks the lazy sync for property assignment,
@@ -37,11 +41,14 @@ documented as "only synced on construction").
 
 from __future__ import annotations
 
+import time
 from copy import deepcopy
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.serializers import custom_serializers
+from traitlets import Dict, observe
 
 __all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none"]
 
@@ -53,26 +60,64 @@ def sync_state(fig: go.FigureWidget) -> None:
 
 
 class SyncedFigureWidget(go.FigureWidget):
-    """A ``go.FigureWidget`` whose ``get_state()`` reflects every update (see the module doc).
+    """A ``go.FigureWidget`` whose ``get_state()`` reflects every update, and that knows when a
+    browser has not yet drawn its last update (:attr:`front_end_behind`).
 
     The ``_send_*_msg`` methods of plotly 7.1's ``BaseFigureWidget`` mark the
     stored state stale; if a release renames them, the state tests in
     ``tests/test_widgets_plotly.py`` fail.
+
+    Acknowledgements: after drawing an update, each browser view of the figure
+    sends back "deltas" carrying the update's edit id; plotly's Python side then
+    clears ``_trace_edit_in_process`` / ``_layout_edit_in_process``. plotly 7.1's
+    front end sends the layout one as ``_js2py_widget_layoutDelta``, a trait the
+    Python side does not have (so ``_layout_edit_in_process`` never clears); this
+    class adds that trait and clears the flag. The delta traits are not echoed
+    back to the browser (``echo_update=False``), which saves a round of messages
+    per update. The panels skip a redraw while their figure's previous update is
+    not acknowledged (back-pressure: a slow browser gets fewer, not queued, updates).
     """
 
     _SYNCED = ("_widget_data", "_widget_layout")
+    ack_timeout_s = 5.0  # after this, draw anyway (a view that closed without saying so never answers)
+
+    _js2py_traceDeltas = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
+    _js2py_layoutDelta = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
+    _js2py_widget_layoutDelta = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._state_stale = False
+        self._sent_at = -np.inf
         super().__init__(*args, **kwargs)
 
+    @property
+    def front_end_behind(self) -> bool:
+        """A browser shows this figure and has not acknowledged its last update (for ``ack_timeout_s``)."""
+        if not self._view_count:
+            return False
+        pending = self._trace_edit_in_process or self._layout_edit_in_process
+        return pending and time.monotonic() - self._sent_at < self.ack_timeout_s
+
+    @observe("_js2py_widget_layoutDelta")
+    def _on_layout_ack(self, change) -> None:
+        message = change["new"]
+        if message and message.get("layout_edit_id") == self._last_layout_edit_id:
+            self._layout_edit_in_process = False
+
     def _mark_stale(self) -> None:
-        self._state_stale = True
+        self._sent_at = time.monotonic()
+        if not self._view_count:  # None while plotly's __init__ runs
+            # No browser view yet: its front-end model may not be listening (anywidget initialises
+            # it asynchronously, and update messages that arrive before are lost: a figure whose
+            # traces were added right after construction was drawn empty). Send the state itself.
+            sync_state(self)
+            self._state_stale = False
+        else:
+            self._state_stale = True
 
     def get_state(self, key=None, drop_defaults=False):
-        if self._state_stale and (
-            key is None or (set([key] if isinstance(key, str) else key) & set(self._SYNCED))
-        ):
+        keys = None if key is None else {key} if isinstance(key, str) else set(key)
+        if self._state_stale and (keys is None or keys & set(self._SYNCED)):
             self._state_stale = False
             # Written into the trait values directly: no change notification, so nothing is sent.
             self._trait_values["_widget_data"] = deepcopy(self._data)
@@ -108,17 +153,22 @@ class SyncedFigureWidget(go.FigureWidget):
         self._mark_stale()
 
 
+LEGEND_MARGIN = 40
+
+
 def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) -> SyncedFigureWidget:
     """An empty :class:`SyncedFigureWidget` with the workbench's compact defaults.
 
     A fixed ``height`` (and ``width`` when given) avoids plotly sizing a figure
-    to zero when it is first drawn inside a hidden tab.
+    to zero when it is first drawn inside a hidden tab. The legend sits in a row
+    under the x-axis title (``LEGEND_MARGIN`` pixels are added to the height for
+    it): above the plot it covered the figure's title.
     """
     defaults = dict(
         template="plotly_white",
-        height=height,
-        margin=dict(l=55, r=15, t=35, b=45),
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+        height=height + LEGEND_MARGIN,
+        margin=dict(l=55, r=15, t=35, b=45 + LEGEND_MARGIN),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, yref="paper"),
     )
     if width is not None:
         defaults["width"] = width

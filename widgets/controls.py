@@ -175,6 +175,7 @@ class ControlsPanel(Panel):
         self.messages: deque[str] = deque(maxlen=3)
         self._event_state = "created"
         self._switch_requested = False
+        self._switching = False  # the engine said it is switching (scoring candidates)
         self._drawn_state: str | None = None
         self.error_summary.value = self.error_detail.value = ""
         self.errors.layout.display = "none"
@@ -319,7 +320,7 @@ class ControlsPanel(Panel):
         self.phases[event.branch] = event.new
         if event.new is Phase.DIRECT:
             self.switches.append(event)
-            self._switch_requested = False
+            self._switch_requested = self._switching = False
         if event.new is Phase.FINISHED:
             self.epochs_done.pop(event.branch, None)  # no time left for it
 
@@ -343,6 +344,8 @@ class ControlsPanel(Panel):
             self._event_state = "running"
         elif "switch_now" in event.message or "already" in event.message:
             self._switch_requested = False  # rejected or moot
+        elif event.message.startswith("switching:"):
+            self._switching = True  # the engine is scoring every image's candidates
 
     def _on_failure(self, event: FailureEvent) -> None:
         self.failure = event
@@ -383,7 +386,7 @@ class ControlsPanel(Panel):
         self.fork_button.disabled = not (has_run and active and amortized)
         self.switch_button.disabled = not (has_run and active and amortized) or self._switch_requested
         if self._switch_requested:
-            self.switch_button.description = "Switch requested…"
+            self.switch_button.description = "Switching…" if self._switching else "Switch requested…"
         elif self.switches and not amortized:
             last = self.switches[-1]
             self.switch_button.description = (

@@ -37,7 +37,7 @@ from plotly.subplots import make_subplots
 from cryospin_lab.events import ForkEvent, PoseCandidatesEvent, VolumeEvent
 from cryospin_lab.posterior import ViewPosterior, mollweide_raster, mollweide_xy, render_image, view_posterior
 
-from ._plotly import SyncedFigureWidget, gaps_as_none, new_figure
+from ._plotly import LEGEND_MARGIN, SyncedFigureWidget, gaps_as_none, new_figure
 from .heads import BranchSelector, head_color
 from .pump import Panel
 
@@ -180,7 +180,13 @@ class PosteriorPanel(Panel):
         self.log_scale.observe(lambda _: self._draw_result(), names="value")
         self.ambiguous.on_click(lambda _: self.select_most_ambiguous())
 
-        self.sphere = new_figure(height=330, width=560, margin=dict(l=5, r=5, t=30, b=5), **mollweide_axes())
+        self.sphere = new_figure(
+            height=330,
+            width=560,
+            margin=dict(l=5, r=5, t=30, b=5 + LEGEND_MARGIN),
+            legend=dict(orientation="h", yanchor="top", y=-0.01, x=0),
+            **mollweide_axes(),
+        )
         self.sphere.add_trace(
             go.Heatmap(z=[], colorscale="Viridis", colorbar=dict(thickness=10), hoverinfo="z")
         )
@@ -269,9 +275,15 @@ class PosteriorPanel(Panel):
         return self._future is not None
 
     def poll(self) -> None:
-        """Pump tick: redraw markers if events came, apply a finished result, start the next one."""
+        """Pump tick: redraw markers if events came, apply a finished result, start the next one.
+
+        Hidden (another tab shown): nothing is drawn or started, so no CPU goes to a posterior
+        nobody sees; the latest map's posterior is computed when the panel is shown again.
+        """
         super().poll()
-        if self._future is not None and self._future.done():
+        if not self.visible:
+            return
+        if self._future is not None and self._future.done() and not self.front_end_behind():
             future, self._future = self._future, None
             err = future.exception()
             if err is not None:

@@ -58,6 +58,8 @@ class Panel:
     def __init__(self) -> None:
         self._handlers: dict[type[Event], Callable[[Any], None]] = {}
         self._dirty = False
+        self.n_deferred = 0  # redraws put off because a browser was behind
+        self.visible = True  # False: in a tab not shown; redraws wait (see show())
 
     def handle(self, event: Event) -> None:
         """Record ``event`` (no widget is touched here: drawing waits for :meth:`poll`)."""
@@ -67,10 +69,35 @@ class Panel:
             self._dirty = True
 
     def poll(self) -> None:
-        """Redraw once if events arrived since the last poll (called by the pump every tick)."""
-        if self._dirty:
+        """Redraw once if events arrived since the last poll (called by the pump every tick).
+
+        Not while a browser is still drawing this panel's previous update
+        (:meth:`front_end_behind`): the panel stays dirty and redraws, with the
+        latest data, on a later tick. So a slow browser gets fewer updates
+        instead of a growing queue of them (which delayed clicks by tens of seconds).
+        Nor while the panel is hidden (:attr:`visible` False: the workbench hides
+        the panels of the tabs not shown); it catches up when shown again.
+        """
+        if self._dirty and self.visible:
+            if self.front_end_behind():
+                self.n_deferred += 1
+                return
             self._dirty = False
             self.redraw()
+
+    def show(self, visible: bool = True) -> None:
+        """Mark the panel shown or hidden (by the workbench, when its tab is selected or left)."""
+        self.visible = bool(visible)
+
+    def front_end_behind(self) -> bool:
+        """Some figure of this panel has an update that a browser showing it has not yet drawn."""
+        return any(figure.front_end_behind for figure in self.figures())
+
+    def figures(self) -> list[Any]:
+        """The panel's plotly figures (its :class:`~._plotly.SyncedFigureWidget` attributes)."""
+        from ._plotly import SyncedFigureWidget
+
+        return [value for value in vars(self).values() if isinstance(value, SyncedFigureWidget)]
 
     def redraw(self) -> None:  # pragma: no cover - overridden
         """Apply the recorded state to the widgets (main thread only)."""

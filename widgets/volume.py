@@ -85,6 +85,8 @@ class VolumePanel(Panel):
         super().__init__()
         self._handlers = {VolumeEvent: self._on_volume}
         self.refresh_s = float(refresh_s)
+        self.ngl_ack_timeout_s = 30.0
+        self._ngl_acknowledged = True
         self.latest: dict[str, VolumeEvent] = {}
         self.branch_select = BranchSelector(self._branch_changed)
         self.info = w.HTML("<i>waiting for the first map</i>")
@@ -125,6 +127,7 @@ class VolumePanel(Panel):
                 self.view = nglview.NGLWidget()
                 self.view.layout = w.Layout(width="420px", height="360px")
                 self._tmpdir = Path(tempfile.mkdtemp(prefix="cryospin-lab-maps-"))
+                self.view.observe(self._on_ngl_components, names="n_components")
                 children_3d.insert(0, self.view)
         else:
             self.message.value = "<i>3-D view off (use_nglview=False)</i>"
@@ -168,9 +171,11 @@ class VolumePanel(Panel):
     def _refresh_3d(self, force: bool = False) -> None:
         """Reload the map into nglview if a newer one arrived and ``refresh_s`` has passed."""
         event = self.current()
-        if self.view is None or event is None or event is self._shown_event:
+        if self.view is None or event is None or event is self._shown_event or not self.visible:
             return
         if not force and time.monotonic() - self._last_load < self.refresh_s:
+            return
+        if not force and self._ngl_behind():
             return
         path = self._tmpdir / f"map_{event.branch}_{event.step}.mrc"
         write_map(path, event.volume, event.voxel_size_angstrom)
@@ -180,7 +185,24 @@ class VolumePanel(Panel):
         path.unlink()  # nglview read the file into its message already
         self._shown_event = event
         self._last_load = time.monotonic()
+        self._ngl_acknowledged = False
         self._apply_isolevel()
+
+    def _ngl_behind(self) -> bool:
+        """A browser shows the 3-D view and has not yet reported loading the last map.
+
+        nglview's front end sets ``n_components`` when a component has been added
+        (parsed, surfaced, drawn): that is the acknowledgement. Without a view
+        (``_ngl_view_id`` empty) or after ``ngl_ack_timeout_s``, nothing is awaited.
+        A browser drawing surfaces slowly (software WebGL) then gets fewer maps
+        instead of a growing queue of them.
+        """
+        if self._ngl_acknowledged or not self.view._ngl_view_id:
+            return False
+        return time.monotonic() - self._last_load < self.ngl_ack_timeout_s
+
+    def _on_ngl_components(self, _change) -> None:
+        self._ngl_acknowledged = True
 
     def _sigma_changed(self, _change) -> None:
         self._apply_isolevel()

@@ -140,6 +140,9 @@ class Workbench:
             self.container.children = [panel.widget for panel in self.panels.values()]
             for index, title in enumerate(self.panels):
                 self.container.set_title(index, title)
+            if self.container.selected_index is None:
+                self.container.selected_index = 0
+            self._show_selected(self.container.selected_index)
         else:
             self.container.children = [
                 w.VBox([w.HTML(f"<h3>{html.escape(title)}</h3>"), panel.widget])
@@ -160,10 +163,19 @@ class Workbench:
     def _tab_selected(self, change) -> None:
         titles = list(self.panels)
         index = change["new"]
+        self._show_selected(index)
         if index is not None and 0 <= index < len(titles):
             resize = getattr(self.panels[titles[index]], "handle_resize", None)
             if resize is not None:
                 resize()
+
+    def _show_selected(self, index: int | None) -> None:
+        """Only the shown tab's panel redraws (and computes): hidden figures cost the browser as much
+        as shown ones, and on a slow machine that work delayed clicks by seconds."""
+        for i, panel in enumerate(self.panels.values()):
+            show = getattr(panel, "show", None)
+            if show is not None:
+                show(i == index)
 
     # ------------------------------------------------------------------ lifecycle
     def tick(self) -> int:
