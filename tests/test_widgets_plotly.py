@@ -184,3 +184,38 @@ def test_without_a_view_the_state_itself_is_sent():
     fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
     fig.add_trace(go.Scatter(x=np.arange(3.0), y=np.zeros(3)))
     assert any("_widget_data" in keys for keys in sent)
+
+
+def test_the_plotly_bundle_is_evaluated_once_per_page_by_a_host_widget():
+    """Figures load a small module that waits for the host's single evaluation of plotly's bundle."""
+    from cryospin_lab.widgets import _plotly
+
+    fig = new_figure()
+    assert len(fig._esm) < 5000 and "globalThis" in fig._esm  # not the 5 MB bundle
+    host = _plotly._host
+    assert host is not None and host.comm is not None
+    source = host._esm
+    tail = source[source.rindex("export{") :]
+    # the factory that plotly exported as default is published, and the host's own default is empty
+    assert tail.startswith("export{TD as FigureModel, MD as FigureView};")
+    assert 'globalThis[Symbol.for("cryospin-lab.plotly-widget")] = ' in tail
+    assert "export default {};" in tail and " as default" not in tail
+    assert len(source) > 4_000_000
+
+
+def test_host_esm_rewrites_the_last_export_and_refuses_an_unknown_bundle():
+    from cryospin_lab.widgets._plotly import host_esm
+
+    bundle = (
+        'const s = "export{x as default}";\n'
+        "function A(){}\nconst f=()=>1;export{A as FigureModel,f as default};"
+    )
+    out = host_esm(bundle)
+    assert out.startswith('const s = "export{x as default}";')  # a string that looks like one is left alone
+    assert out.endswith(
+        "export{A as FigureModel};\n"
+        'globalThis[Symbol.for("cryospin-lab.plotly-widget")] = f;\n'
+        "export default {};"
+    )
+    with pytest.raises(ValueError, match="as default"):
+        host_esm("export{a as b};")

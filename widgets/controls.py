@@ -320,7 +320,10 @@ class ControlsPanel(Panel):
         self.phases[event.branch] = event.new
         if event.new is Phase.DIRECT:
             self.switches.append(event)
-            self._switch_requested = self._switching = False
+            if not any(phase is Phase.AMORTIZED for phase in self.phases.values()):
+                # the request (all amortized branches) is done; a forked `direct` child switching
+                # on its own leaves the request of its amortized sibling pending
+                self._switch_requested = self._switching = False
         if event.new is Phase.FINISHED:
             self.epochs_done.pop(event.branch, None)  # no time left for it
 
@@ -345,7 +348,7 @@ class ControlsPanel(Panel):
         elif "switch_now" in event.message or "already" in event.message:
             self._switch_requested = False  # rejected or moot
         elif event.message.startswith("switching:"):
-            self._switching = True  # the engine is scoring every image's candidates
+            self._switching = self._switch_requested  # scoring candidates for the requested switch
 
     def _on_failure(self, event: FailureEvent) -> None:
         self.failure = event
