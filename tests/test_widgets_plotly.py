@@ -18,6 +18,13 @@ pytest.importorskip("anywidget")
 from cryospin_lab.widgets._plotly import SyncedFigureWidget, new_figure, sync_state  # noqa: E402
 
 
+def record_messages(fig, record) -> None:
+    """Record what ``fig`` sends. ipywidgets sends only through a comm that has a kernel: once
+    ipykernel is imported, widgets made outside a kernel get a comm without one and send nothing."""
+    fig.comm.kernel = object()
+    fig.comm.send = lambda data=None, buffers=None, **kwargs: record(data)
+
+
 def stored(value) -> np.ndarray:
     """A value of the serialised state as a numpy array (a binary buffer or a plain list)."""
     if isinstance(value, dict) and "buffer" in value:
@@ -72,7 +79,7 @@ def test_an_update_sends_only_plotlys_message_not_the_whole_figure():
     fig.add_trace(go.Scatter(x=np.arange(1000.0), y=np.zeros(1000)))
     fig._view_count = 1  # a browser shows it (its front-end model applies plotly's messages)
     sent: list[set[str]] = []
-    fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
+    record_messages(fig, lambda msg: sent.append(set(msg.get("state", {}))))
     fig.data[0].y = np.ones(1000)
     with fig.batch_update():
         fig.data[0].x = np.arange(1000.0) + 1
@@ -149,7 +156,7 @@ def test_acknowledgements_are_not_echoed_back_to_the_browser():
     fig._view_count = 1
     fig.data[0].y = [2.0]
     sent: list[dict] = []
-    fig._send = lambda msg, buffers=None: sent.append(msg)
+    record_messages(fig, sent.append)
     browser_ack(fig)
     assert not [m for m in sent if m.get("method") == "echo_update"], sent
 
@@ -181,41 +188,6 @@ def test_without_a_view_the_state_itself_is_sent():
     """Before any view exists the front-end model may miss plotly's messages: the state goes out."""
     fig = new_figure()
     sent: list[set[str]] = []
-    fig._send = lambda msg, buffers=None: sent.append(set(msg.get("state", {})))
+    record_messages(fig, lambda msg: sent.append(set(msg.get("state", {}))))
     fig.add_trace(go.Scatter(x=np.arange(3.0), y=np.zeros(3)))
     assert any("_widget_data" in keys for keys in sent)
-
-
-def test_the_plotly_bundle_is_evaluated_once_per_page_by_a_host_widget():
-    """Figures load a small module that waits for the host's single evaluation of plotly's bundle."""
-    from cryospin_lab.widgets import _plotly
-
-    fig = new_figure()
-    assert len(fig._esm) < 5000 and "globalThis" in fig._esm  # not the 5 MB bundle
-    host = _plotly._host
-    assert host is not None and host.comm is not None
-    source = host._esm
-    tail = source[source.rindex("export{") :]
-    # the factory that plotly exported as default is published, and the host's own default is empty
-    assert tail.startswith("export{TD as FigureModel, MD as FigureView};")
-    assert 'globalThis[Symbol.for("cryospin-lab.plotly-widget")] = ' in tail
-    assert "export default {};" in tail and " as default" not in tail
-    assert len(source) > 4_000_000
-
-
-def test_host_esm_rewrites_the_last_export_and_refuses_an_unknown_bundle():
-    from cryospin_lab.widgets._plotly import host_esm
-
-    bundle = (
-        'const s = "export{x as default}";\n'
-        "function A(){}\nconst f=()=>1;export{A as FigureModel,f as default};"
-    )
-    out = host_esm(bundle)
-    assert out.startswith('const s = "export{x as default}";')  # a string that looks like one is left alone
-    assert out.endswith(
-        "export{A as FigureModel};\n"
-        'globalThis[Symbol.for("cryospin-lab.plotly-widget")] = f;\n'
-        "export default {};"
-    )
-    with pytest.raises(ValueError, match="as default"):
-        host_esm("export{a as b};")

@@ -41,15 +41,11 @@ documented as "only synced on construction").
 
 from __future__ import annotations
 
-import re
 import time
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
-import anywidget
 import numpy as np
-import plotly
 import plotly.graph_objects as go
 from plotly.serializers import custom_serializers
 from traitlets import Dict, observe
@@ -61,65 +57,6 @@ def sync_state(fig: go.FigureWidget) -> None:
     """Copy ``fig``'s current traces and layout into its synced widget traits (see the module doc)."""
     fig._widget_data = deepcopy(fig._data)
     fig._widget_layout = deepcopy(fig._layout_obj._props)
-
-
-PLOTLY_WIDGET_BUNDLE = Path(plotly.__file__).parent / "package_data" / "widgetbundle.js"
-_BUNDLE_KEY = 'Symbol.for("cryospin-lab.plotly-widget")'
-
-# plotly's front-end module (``_esm``) is its 5 MB widget bundle, plotly.js included. anywidget
-# imports a module given as text from a fresh blob URL for every model, so each FigureWidget on
-# a page evaluates plotly.js again: measured in Chromium on this 2-core machine, a notebook cell
-# with 1 figure drew in 15 s, with 10 figures in 58 s. Here one hidden widget (_BundleHost)
-# carries the bundle and evaluates it once; every SyncedFigureWidget's own module is a loader
-# that waits for that evaluation and runs plotly's widget definition (initialize, render).
-LOADER_ESM = """
-const KEY = __KEY__;
-async function plotlyWidget() {
-  for (let waited = 0; !globalThis[KEY]; waited += 50) {
-    if (waited > 180000) throw new Error("cryospin-lab: plotly's widget module never arrived");
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return globalThis[KEY];
-}
-export default async () => {
-  const factory = await plotlyWidget();
-  return typeof factory === "function" ? await factory() : factory;
-};
-""".replace("__KEY__", _BUNDLE_KEY)
-
-
-def host_esm(bundle: str) -> str:
-    """plotly's bundle with its default export (the widget factory) published on ``globalThis``.
-
-    The bundle's last statement is ``export{A as FigureModel,B as FigureView,C as default};``; ``C`` is kept
-    exported under its own name, put on ``globalThis`` and replaced by an empty default (the host
-    shows nothing). Raises ValueError if a plotly release changes that statement.
-    """
-    # the last one: the bundle also holds module sources inside strings (maplibre's worker)
-    matches = list(re.finditer(r"export\s*\{([^{}]*?)\b(\w+)\s+as\s+default\b([^{}]*)\}\s*;?", bundle))
-    match = matches[-1] if matches else None
-    if match is None or "FigureModel" not in match.group(0):
-        raise ValueError(f"{PLOTLY_WIDGET_BUNDLE}: no 'export {{... as default}}' statement found")
-    names = [part.strip() for part in (match.group(1) + match.group(3)).split(",") if part.strip()]
-    local = match.group(2)
-    statement = f"export{{{', '.join(names)}}};\nglobalThis[{_BUNDLE_KEY}] = {local};\nexport default {{}};"
-    return bundle[: match.start()] + statement + bundle[match.end() :]
-
-
-class _BundleHost(anywidget.AnyWidget):
-    """Never displayed: its model, created on every page that talks to the kernel (models are
-    made for all of a kernel's widgets), evaluates plotly's bundle once for the whole page."""
-
-    _esm = host_esm(PLOTLY_WIDGET_BUNDLE.read_text(encoding="utf-8"))
-
-
-_host: _BundleHost | None = None
-
-
-def _ensure_bundle_host() -> None:
-    global _host
-    if _host is None or _host.comm is None:
-        _host = _BundleHost()
 
 
 class SyncedFigureWidget(go.FigureWidget):
@@ -148,12 +85,9 @@ class SyncedFigureWidget(go.FigureWidget):
     _js2py_layoutDelta = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
     _js2py_widget_layoutDelta = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
 
-    _esm = LOADER_ESM
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._state_stale = False
         self._sent_at = -np.inf
-        _ensure_bundle_host()  # opened before this figure, so a page creates its model first
         super().__init__(*args, **kwargs)
 
     @property
