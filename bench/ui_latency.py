@@ -25,16 +25,8 @@ import time
 from collections import defaultdict
 
 import ipywidgets as w
-import numpy as np
 import torch
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+from jupyter_client.jsonutil import json_default  # what the kernel serialises messages with
 
 
 def _timed(method, bucket: list[float]):
@@ -93,7 +85,7 @@ def main() -> None:
     def counting_send(widget, msg, buffers=None):
         # What the kernel would put on the wire: the JSON of the message plus its binary buffers.
         name = owners.get(id(widget), type(widget).__name__)
-        sent_bytes[name] += len(json.dumps(msg, default=_json_default)) + sum(len(b) for b in buffers or ())
+        sent_bytes[name] += len(json.dumps(msg, default=json_default)) + sum(len(b) for b in buffers or ())
         sent_messages[name] += 1
         return send(widget, msg, buffers)
 

@@ -53,10 +53,14 @@ from traitlets import Dict, observe
 __all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none"]
 
 
+def _state_copies(fig: go.FigureWidget) -> tuple[list, dict]:
+    """Deep copies of ``fig``'s current traces and layout: the values of its two synced traits."""
+    return deepcopy(fig._data), deepcopy(fig._layout_obj._props)
+
+
 def sync_state(fig: go.FigureWidget) -> None:
     """Copy ``fig``'s current traces and layout into its synced widget traits (see the module doc)."""
-    fig._widget_data = deepcopy(fig._data)
-    fig._widget_layout = deepcopy(fig._layout_obj._props)
+    fig._widget_data, fig._widget_layout = _state_copies(fig)
 
 
 class SyncedFigureWidget(go.FigureWidget):
@@ -120,8 +124,8 @@ class SyncedFigureWidget(go.FigureWidget):
         if self._state_stale and (keys is None or keys & set(self._SYNCED)):
             self._state_stale = False
             # Written into the trait values directly: no change notification, so nothing is sent.
-            self._trait_values["_widget_data"] = deepcopy(self._data)
-            self._trait_values["_widget_layout"] = deepcopy(self._layout_obj._props)
+            data, layout = _state_copies(self)
+            self._trait_values["_widget_data"], self._trait_values["_widget_layout"] = data, layout
         return super().get_state(key=key, drop_defaults=drop_defaults)
 
     def _send_restyle_msg(self, *args: Any, **kwargs: Any) -> None:

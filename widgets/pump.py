@@ -43,6 +43,8 @@ import ipywidgets as w
 from cryospin_lab.events import Event
 from cryospin_lab.runner import EventBus
 
+from ._plotly import SyncedFigureWidget
+
 __all__ = ["Panel", "PanelError", "UIPump", "kernel_loop"]
 
 
@@ -95,8 +97,6 @@ class Panel:
 
     def figures(self) -> list[Any]:
         """The panel's plotly figures (its :class:`~._plotly.SyncedFigureWidget` attributes)."""
-        from ._plotly import SyncedFigureWidget
-
         return [value for value in vars(self).values() if isinstance(value, SyncedFigureWidget)]
 
     def redraw(self) -> None:  # pragma: no cover - overridden
