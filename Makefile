@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,lab]'
+	# plotly's widget module as a file the Jupyter server serves: the browser evaluates it once per
+	# page instead of once per figure (widgets/_plotly_module.py)
+	$(BIN)/python -m cryospin_lab.widgets._plotly_module
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,7 +11,8 @@ Start here::
     bench
 
 Layout: ``pump`` (the one UI pump and the ``Panel`` base), ``_plotly``
-(FigureWidget whose stored state follows updates), one module per panel
+(FigureWidget whose stored state follows updates), ``_plotly_module``
+(plotly's browser code served once per page, not sent with every figure), one module per panel
 (``controls``, ``heads``, ``curves``, ``volume``, ``posterior``,
 ``specialisation``) and ``workbench`` (all of them together). Names are
 imported on first use (PEP 562), so importing one panel module does not import

@@ -50,6 +50,8 @@ import plotly.graph_objects as go
 from plotly.serializers import custom_serializers
 from traitlets import Dict, observe
 
+from ._plotly_module import figure_module
+
 __all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none"]
 
 
@@ -92,6 +94,9 @@ class SyncedFigureWidget(go.FigureWidget):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._state_stale = False
         self._sent_at = -np.inf
+        module = figure_module()
+        if module is not None:  # else plotly's own (class attribute): see _plotly_module
+            self._esm = module
         super().__init__(*args, **kwargs)
 
     @property

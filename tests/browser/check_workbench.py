@@ -319,6 +319,10 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
             f"{status_text(page)!r} {time.monotonic() - clicked:.1f} s after the click",
         )
         before_reload = len(plots(page))
+        # Saved first: a reload reopens the notebook from disk, and without its saved outputs (the
+        # widget views) there is nothing to rebuild (JupyterLab's autosave runs every 2 minutes).
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.wait_for_timeout(2000)
         page.reload()
         ok = wait_until(
             page, "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6", 180
