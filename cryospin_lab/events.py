@@ -71,6 +71,9 @@ def _array(owner: Event, name: str, value: Any, *, ndim: int | None = None, dtyp
     return out
 
 
+_J = np.diag([1.0, 1.0, -1.0])  # the mirror z -> -z (handedness flip), as in metrics.PoseError
+
+
 def _set(owner: Event, name: str, value: Any) -> None:
     object.__setattr__(owner, name, value)
 
@@ -149,14 +152,20 @@ class EpochEvent(Event):
         _set(self, "epoch_time_s", float(self.epoch_time_s))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class PoseErrorEvent(Event):
-    """Pose error against the ground truth (after global alignment, and handedness flip if ``flipped``)."""
+    """Pose error against the ground truth (after global alignment, and handedness flip if ``flipped``).
+
+    ``global_rotation`` ``G`` (3, 3), when given, is that alignment (``metrics.PoseError``):
+    ``R_true ~ F(R_est) @ G^T`` with ``F(R) = J R J`` if ``flipped`` (``J = diag(1, 1, -1)``),
+    so a true pose seen in the learned map's frame is ``F(R_true @ G)``.
+    """
 
     mean_deg: float
     median_deg: float
     flipped: bool  # the best alignment uses the mirror (hand-flipped) map
     shift_error_angstrom: float | None = None  # None when shifts are not estimated or not known
+    global_rotation: np.ndarray | None = None  # (3, 3) float64
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +174,17 @@ class PoseErrorEvent(Event):
         _set(self, "flipped", bool(self.flipped))
         if self.shift_error_angstrom is not None:
             _set(self, "shift_error_angstrom", float(self.shift_error_angstrom))
+        if self.global_rotation is not None:
+            rotation = _array(self, "global_rotation", self.global_rotation, ndim=2, dtype=np.float64)
+            if rotation.shape != (3, 3):
+                raise ValueError(f"PoseErrorEvent.global_rotation must be (3, 3), got {rotation.shape}")
+
+    def true_pose_in_map_frame(self, true_rotation) -> np.ndarray:
+        """``F(R_true @ G)``: where a true pose (3, 3) sits in the learned map's frame."""
+        if self.global_rotation is None:
+            raise ValueError("this PoseErrorEvent carries no global_rotation")
+        rotation = np.asarray(true_rotation, dtype=np.float64) @ self.global_rotation
+        return _J @ rotation @ _J if self.flipped else rotation
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

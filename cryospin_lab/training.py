@@ -335,6 +335,7 @@ class Trainer:
                 median_deg=pose.median_deg,
                 flipped=pose.flipped,
                 shift_error_angstrom=shift_err,
+                global_rotation=pose.global_rotation.numpy(),
                 **stamp,
             )
         volume_real = branch.volume.to_real().detach().float().cpu()

@@ -180,6 +180,16 @@ def test_head_assignment_event(amortized_run):
     pose = of_type(events, PoseErrorEvent)[-1]
     assert last.errors_deg.shape == (N_PARTICLES,)
     assert float(np.median(last.errors_deg)) == pytest.approx(pose.median_deg, abs=1e-3)
+    # The event's alignment carries the true poses into the learned map's frame: there, each one is
+    # its image's error away from the trainer's pose (geodesic distance via scipy).
+    g = pose.global_rotation
+    np.testing.assert_allclose(g @ g.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(g) == pytest.approx(1.0)
+    learned = trainer.poses()[0].numpy().astype(np.float64)
+    true = trainer.true_rotations.numpy().astype(np.float64)
+    in_map = np.stack([pose.true_pose_in_map_frame(r) for r in true])
+    distance = Rotation.from_matrix(in_map @ learned.transpose(0, 2, 1)).magnitude()
+    np.testing.assert_allclose(np.degrees(distance), last.errors_deg, atol=0.05)
 
 
 # ----------------------------------------------------------------------------- switch

@@ -24,8 +24,14 @@ from cryospin_lab.widgets.posterior import PosteriorPanel  # noqa: E402
 from cryospin_lab.widgets.specialisation import HeadSpecialisationPanel  # noqa: E402
 from healpy.projector import MollweideProj  # noqa: E402
 
-from cryospin_lab import so3  # noqa: E402
-from cryospin_lab.events import HeadAssignmentEvent, Phase, PoseCandidatesEvent, VolumeEvent  # noqa: E402
+from cryospin_lab import metrics, so3  # noqa: E402
+from cryospin_lab.events import (  # noqa: E402
+    HeadAssignmentEvent,
+    Phase,
+    PoseCandidatesEvent,
+    PoseErrorEvent,
+    VolumeEvent,
+)
 from cryospin_lab.posterior import render_image  # noqa: E402
 from cryospin_lab.session import Reconstruction  # noqa: E402
 from cryospin_lab.simulate import simulate_particles  # noqa: E402
@@ -216,6 +222,58 @@ def test_candidates_from_events_alone_and_most_ambiguous():
     panel.index = 0  # not tracked: no candidates drawn
     assert len(panel.sphere.data[4].x) == 0 and panel.tracked.value is None
     assert not panel.busy
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_true_view_is_drawn_in_the_learned_maps_frame_once_aligned(flipped):
+    """A run that learned every pose right, up to a global rotation (and hand): once the pose-error
+    alignment arrives, the true view marker sits on the best head's candidate."""
+    from scipy.spatial.transform import Rotation
+
+    n, heads = 40, 3
+    truth = Rotation.random(n, random_state=5).as_matrix()
+    g = Rotation.random(random_state=6).as_matrix()  # the map's arbitrary global orientation
+    mirror = np.diag([1.0, 1.0, -1.0])
+    learned = truth @ g
+    if flipped:
+        learned = mirror @ learned @ mirror  # the learned map has the other hand
+    pose = metrics.pose_error(truth, learned)
+    assert pose.flipped == flipped and pose.median_deg < 1e-3
+    rotations = np.repeat(learned[:, None], heads, axis=1)
+    rotations[:, 1:] = (
+        Rotation.random(n * (heads - 1), random_state=7).as_matrix().reshape(n, heads - 1, 3, 3)
+    )
+    losses = np.tile(np.array([1.0, 2.0, 3.0], np.float32), (n, 1))  # head 0 is the learned pose
+    indices = np.arange(n)
+    panel = PosteriorPanel(nside=4)
+    panel.feed(
+        [
+            PoseCandidatesEvent(
+                indices=indices, rotations=rotations, losses=losses, true_rotations=truth, **STAMP
+            )
+        ]
+    )
+    panel.tracked.value = 7
+    marker = panel.sphere.data[3]
+    tx, ty = healpy_xy(truth[7][2][None])  # before alignment: the simulation's frame
+    np.testing.assert_allclose([marker.x[0], marker.y[0]], [tx[0], ty[0]], atol=0.2)
+    assert "simulation frame" in marker.hovertext[0]
+
+    event = PoseErrorEvent(
+        mean_deg=pose.mean_deg,
+        median_deg=pose.median_deg,
+        flipped=pose.flipped,
+        global_rotation=pose.global_rotation.numpy(),
+        **STAMP,
+    )
+    panel.feed([event])
+    panel.tracked.value = 7
+    marker, candidates = panel.sphere.data[3], panel.sphere.data[4]
+    np.testing.assert_allclose([marker.x[0], marker.y[0]], [candidates.x[0], candidates.y[0]], atol=0.2)
+    lx, ly = healpy_xy(learned[7][2][None])
+    np.testing.assert_allclose([marker.x[0], marker.y[0]], [lx[0], ly[0]], atol=0.2)
+    assert "aligned to the learned map at epoch 1" in marker.hovertext[0]
+    assert ("mirrored" in marker.hovertext[0]) == flipped
 
 
 # ----------------------------------------------------------------------------- head specialisation

@@ -8,9 +8,11 @@ RELION rot to the right, latitude = 90 deg - tilt). Marked on it: the best grid
 pose (star), every head's candidate from the latest
 :class:`~cryospin_lab.events.PoseCandidatesEvent` when the particle is one of the
 tracked ones (one colour per head, as in the head-assignment panel), and the
-true view for simulated data. The true view is in the *simulation's* frame; a
-map learned ab initio is defined up to a global rotation (and hand), so on a
-live run the true view sits elsewhere until the map is aligned. Beside the map:
+true view for simulated data. A map learned ab initio is defined up to a global
+rotation (and hand): the true view is drawn in the learned map's frame, moved by
+the alignment of the branch's latest :class:`~cryospin_lab.events.PoseErrorEvent`
+(``F(R_true @ G)``); before the first one it is in the simulation's frame, and its
+hover text says which. Beside the map:
 the particle image, the image the trainer predicts at the best pose, and the CTF.
 
 Threads: the posterior (a few seconds at nside 8, D = 64) runs in a one-worker
@@ -34,7 +36,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cryospin_lab.events import ForkEvent, PoseCandidatesEvent, VolumeEvent
+from cryospin_lab.events import ForkEvent, PoseCandidatesEvent, PoseErrorEvent, VolumeEvent
 from cryospin_lab.posterior import ViewPosterior, mollweide_raster, mollweide_xy, render_image, view_posterior
 
 from ._plotly import LEGEND_MARGIN, SyncedFigureWidget, gaps_as_none, new_figure
@@ -92,7 +94,7 @@ class PosteriorResult:
     image: np.ndarray  # (D, D) the particle
     predicted: np.ndarray  # (D, D) the trainer's image at the best grid pose
     ctf: np.ndarray | None  # (D, D) centred
-    true_view_direction: np.ndarray | None
+    true_rotation: np.ndarray | None  # (3, 3), the simulation's frame
     raster: tuple[np.ndarray, np.ndarray, np.ndarray]  # Mollweide (x, y, log10 p)
 
 
@@ -113,7 +115,7 @@ def _compute(key, volume, reconstruction, index: int, nside: int, n_psi: int) ->
         particle.image,
         predicted,
         particle.ctf,
-        particle.true_view_direction,
+        particle.true_rotation,
         mollweide_raster(log10_p, width=RASTER_WIDTH),
     )
 
@@ -150,11 +152,13 @@ class PosteriorPanel(Panel):
             VolumeEvent: self._on_volume,
             PoseCandidatesEvent: self._on_candidates,
             ForkEvent: self._on_fork,
+            PoseErrorEvent: self._on_pose_error,
         }
         self.reconstruction = reconstruction
         self.n_psi = int(n_psi)
         self.volumes: dict[str, VolumeEvent] = {}
         self.candidates: dict[str, PoseCandidatesEvent] = {}
+        self.alignments: dict[str, PoseErrorEvent] = {}  # latest with a global rotation, per branch
         self.result: PosteriorResult | None = None
         self.error: str | None = None
         self._future: Future | None = None
@@ -220,6 +224,10 @@ class PosteriorPanel(Panel):
 
     def _on_fork(self, event: ForkEvent) -> None:
         self.branch_select.offer(event.children[0])
+
+    def _on_pose_error(self, event: PoseErrorEvent) -> None:
+        if event.global_rotation is not None:
+            self.alignments[event.branch] = event
 
     # ------------------------------------------------------------------ selection
     @property
@@ -369,19 +377,33 @@ class PosteriorPanel(Panel):
                 cand.hovertext = [f"head {h}: loss {loss:.5g}" for h, loss in enumerate(losses)]
                 cand.marker.color = [head_color(h) for h in range(len(losses))]
                 cand.marker.size = [15 if h == best else 10 for h in range(len(losses))]
-            direction = self._true_direction(index, found)
+            direction, where = self.true_view(index, found)
             if direction is None:
                 true.x, true.y = [], []
             else:
                 true.x, true.y = mollweide_xy(direction[None])
-                true.hovertext = ["true view (simulation frame; a learned map may be globally rotated)"]
+                true.hovertext = [f"true view ({where})"]
 
-    def _true_direction(self, index: int, found) -> np.ndarray | None:
+    def true_view(self, index: int | None = None, found=None) -> tuple[np.ndarray | None, str]:
+        """The particle's true view direction as drawn (``R[2, :]``, in the learned map's frame once
+        the branch has an alignment) and a few words on the frame; ``(None, "")`` if unknown."""
+        index = self.index if index is None else index
+        truth = None
         if self.result is not None and self.result.index == index:
-            return self.result.true_view_direction
-        if found is not None and found[2] is not None:
-            return np.asarray(found[2], dtype=np.float64)[2, :]
-        return None
+            truth = self.result.true_rotation
+        else:
+            found = self.current_candidates(index) if found is None else found
+            if found is not None:
+                truth = found[2]
+        if truth is None:
+            return None, ""
+        truth = np.asarray(truth, dtype=np.float64)
+        alignment = self.alignments.get(self.branch_select.value)
+        if alignment is None:
+            return truth[2, :], "simulation frame: no alignment to the learned map yet"
+        hand = ", mirrored hand" if alignment.flipped else ""
+        where = f"aligned to the learned map at epoch {alignment.epoch}{hand}"
+        return alignment.true_pose_in_map_frame(truth)[2, :], where
 
     def _draw_result(self) -> None:
         result = self.result
