@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 LAB_ARGS ?=
 VOILA_ARGS ?=
 
-.PHONY: install demo test lint format clean lab voila dataset
+.PHONY: install demo test lint format clean lab voila dataset chromium
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,16 @@ lab: dataset
 voila: dataset
 	$(BIN)/voila $(VOILA_ARGS) notebooks/workbench.ipynb
 
-test: $(STAMP)
+# The browser test (tests/test_browser.py) drives Debian's Chromium: installed here with apt-get if
+# missing (as root, else with sudo); never a browser download. Without it the test is skipped (-ra
+# lists it).
+chromium:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
+	  else echo "warning: /usr/bin/chromium is missing and apt-get needs root: the browser test will be skipped" >&2; fi; }
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
