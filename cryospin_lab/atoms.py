@@ -93,12 +93,20 @@ def read_model(path: str | Path) -> AtomicModel:
     """Read a PDB or mmCIF file (``.gz`` allowed) with gemmi.
 
     Keeps the first model, removes waters. Raises ``FileNotFoundError`` for a
-    missing file and ``ValueError`` naming the file when it cannot be parsed or
-    holds no atoms.
+    missing file and ``ValueError`` naming the file when it cannot be parsed,
+    holds no atoms, has non-finite coordinates, or is named ``.gz`` but is not
+    gzip-compressed.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"atomic model file not found: {path}")
+    if path.suffix.lower() == ".gz":
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic != b"\x1f\x8b":  # gemmi would read such a file as an empty PDB
+            raise ValueError(
+                f"atomic model {path}: named .gz but not gzip-compressed (starts with {magic!r})"
+            )
     try:
         structure = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError) as exc:
@@ -111,8 +119,15 @@ def read_model(path: str | Path) -> AtomicModel:
     if n_atoms == 0:
         raise ValueError(f"atomic model {path} contains no atoms (n_atoms = 0)")
     model = structure[0]
-    com = np.array(model.calculate_center_of_mass().tolist(), dtype=np.float64)
     positions = np.array([cra.atom.pos.tolist() for cra in model.all()], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        cra = list(model.all())[bad[0]]
+        raise ValueError(
+            f"atomic model {path}: atom {cra} has coordinates {positions[bad[0]].tolist()} (x, y, z); "
+            f"{bad.size} atoms are not finite"
+        )
+    com = np.array(model.calculate_center_of_mass().tolist(), dtype=np.float64)
     return AtomicModel(
         path=path,
         structure=structure,

@@ -80,6 +80,59 @@ _positive_float = _number_type(float, allow_zero=False, what="a positive number"
 _non_negative_float = _number_type(float, allow_zero=True, what="a number >= 0")
 
 
+def _int_in_range(low: int, high: int):
+    """An argparse ``type=``: an integer from ``low`` to ``high`` (bounds that keep sizes allocatable)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Simulation sizes: a D^3 map is computed on a (2D)^3 grid (atoms.density_from_model), so D = 1024
+# already needs tens of GB; 10 million particles is more than any EMPIAR set.
+_simulate_box = _int_in_range(4, 1024)
+_n_particles = _int_in_range(1, 10_000_000)
+
+
+def _heads(text: str) -> int:
+    from cryospin_lab.config import MAX_HEADS  # imports torch: only when --heads is given
+
+    return _int_in_range(1, MAX_HEADS)(text)
+
+
+def _threads(text: str) -> int:
+    # More threads than cores only slows torch down; tens of thousands exhaust memory (seen: the STAR
+    # parser's allocations failed after torch.set_num_threads(100000)).
+    return _int_in_range(0, 4 * (os.cpu_count() or 1))(text)
+
+
+def _device(text: str) -> str:
+    import torch  # only when --device is given
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"must be a torch device such as cpu or cuda, got {text!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asked for, but torch.cuda.is_available() is False")
+    return text
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be a folder (or not exist yet): found before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+
+
 def _snr(text: str) -> float:
     try:
         value = float(text)
@@ -94,9 +147,11 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``cryospin-lab simulate``."""
     parser.add_argument("model", metavar="MODEL", help="PDB/mmCIF atomic model (optionally .gz) or MRC map")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    parser.add_argument("--box", type=_positive_int, default=64, help="image size D in pixels (default 64)")
+    parser.add_argument(
+        "--box", type=_simulate_box, default=64, help="image size D in pixels, 4 to 1024 (default 64)"
+    )
     parser.add_argument("--apix", type=_positive_float, default=3.0, help="pixel size in Å (default 3.0)")
-    parser.add_argument("--n", type=_positive_int, default=10000, help="number of particles (default 10000)")
+    parser.add_argument("--n", type=_n_particles, default=10000, help="number of particles (default 10000)")
     parser.add_argument(
         "--snr",
         type=_snr,
@@ -124,7 +179,9 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="voxel size of an MRC map whose header has none",
     )
-    parser.add_argument("--device", default=None, help="torch device for projecting (default cpu)")
+    parser.add_argument(
+        "--device", type=_device, default=None, help="torch device for projecting (default cpu)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -133,6 +190,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     model = Path(args.model)
     if not model.is_file():
         raise FileNotFoundError(f"MODEL file not found: {model}")
+    _check_out_dir(Path(args.out))
     if args.defocus_um is not None and args.defocus_um[0] > args.defocus_um[1]:
         raise ValueError(
             f"--defocus-um MIN must be <= MAX, got {args.defocus_um[0]:g} {args.defocus_um[1]:g}"
@@ -183,7 +241,7 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("particles", metavar="PARTICLES", help="RELION STAR file (or cryoSPARC .cs / .mrcs)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    parser.add_argument("--heads", type=_positive_int, default=None, help="pose heads H (default 7)")
+    parser.add_argument("--heads", type=_heads, default=None, help="pose heads H, 1 to 64 (default 7)")
     parser.add_argument(
         "--switch",
         type=_switch_rule,
@@ -201,7 +259,7 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
     parser.add_argument(
         "--threads",
-        type=_non_negative_int,
+        type=_threads,
         default=0,
         help="CPU threads for torch (default: torch's choice); 1 can be faster when other jobs share cores",
     )
@@ -228,6 +286,13 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="two independent half-set reconstructions; half maps and their FSC at 0.143",
     )
+    parser.add_argument(
+        "--nan-guard",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="skip up to N batches in a row whose loss or gradients are not finite (default 0: stop)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -235,6 +300,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     """Run a reconstruction (see :mod:`cryospin_lab.reconstruct`)."""
     from cryospin_lab.reconstruct import run_reconstruction, settings_from_args
 
+    _check_out_dir(Path(args.out))
     return run_reconstruction(settings_from_args(args))
 
 
@@ -243,7 +309,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)"
     )
-    parser.add_argument("--n", type=_positive_int, default=10000, help="number of particles (default 10000)")
+    parser.add_argument("--n", type=_n_particles, default=10000, help="number of particles (default 10000)")
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="dataset cache (default $CRYOSPIN_LAB_CACHE or ~/.cache)"
     )
@@ -261,6 +327,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The default HSP90 set (simulated once, then cached), reconstructed into ``--out``."""
     from cryospin_lab.datasets import hsp90
 
+    _check_out_dir(Path(args.out))
     start = time.perf_counter()
     cached = hsp90(cache_dir=args.cache_dir, n_particles=args.n, progress=not args.no_progress)
     print(f"HSP90 (PDB 2CG9) demo set, cached in {cached.out_dir}")

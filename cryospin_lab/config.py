@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from cryospin_lab.encoder import EncoderConfig
 
-__all__ = ["TrainingConfig", "parse_switch_rule"]
+__all__ = ["MAX_HEADS", "TrainingConfig", "parse_switch_rule"]
+
+# Pose heads: the paper uses 7 (synthetic) and 15 (real data). Every head renders every image, so a
+# step costs H renders; 64 is the workbench's limit too (widgets/controls.py).
+MAX_HEADS = 64
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,16 @@ class TrainingConfig:
         0  # CPU threads for torch (0: torch's default); 1 can be faster when other work shares the cores
     )
     checkpoint_every: int = 1  # epochs between checkpoints (0: none)
+    # NaN guard: a batch whose loss or gradients are not finite is skipped (no update, a LogEvent) up to
+    # this many times in a row; 0: the run stops at the first. Either way no update is applied from it.
+    nan_guard: int = 0
     # Two independent half-set reconstructions (branches "half1", "half2", each with its own
     # initialisation) and their half-map FSC at 0.143 after every epoch; no fork in this mode.
     gold_standard: bool = False
 
     def __post_init__(self) -> None:
         parse_switch_rule(self.switch)
+        self._check_numbers()
         if self.loss not in ("l2", "l1"):
             raise ValueError(f"TrainingConfig.loss must be 'l2' or 'l1', got {self.loss!r}")
         if self.n_epochs < 1 or self.batch_size < 1 or self.n_pose_steps < 1:
@@ -78,10 +88,54 @@ class TrainingConfig:
                 "TrainingConfig.encoder.estimate_shifts needs encoder.max_shift_angstrom > 0 "
                 f"(the range of the shift heads), got {self.encoder.max_shift_angstrom}"
             )
+        if self.nan_guard < 0:
+            raise ValueError(f"TrainingConfig.nan_guard must be >= 0, got {self.nan_guard}")
         if not 0 < self.radius_start_fraction <= 1:
             raise ValueError(
                 f"TrainingConfig.radius_start_fraction must be in (0, 1], got {self.radius_start_fraction}"
             )
+
+    def _check_numbers(self) -> None:
+        """ValueError naming the field and the value of a number outside its meaningful range."""
+
+        def check(name: str, value, ok: bool, what: str) -> None:
+            if isinstance(value, bool) or not ok:
+                raise ValueError(f"TrainingConfig.{name} must be {what}, got {value!r}")
+
+        for name in ("encoder_lr", "decoder_lr", "decoder_lr_direct", "pose_lr", "shift_lr_angstrom"):
+            value = getattr(self, name)
+            check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
+        betas = self.pose_betas
+        check(
+            "pose_betas",
+            betas,
+            len(betas) == 2 and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas),
+            "two numbers in [0, 1)",
+        )
+        n_heads = self.encoder.n_heads
+        check(
+            "encoder.n_heads",
+            n_heads,
+            isinstance(n_heads, numbers.Integral) and 1 <= n_heads <= MAX_HEADS,
+            f"an integer from 1 to {MAX_HEADS}",
+        )
+        for name in (
+            "radius_ramp_epochs",
+            "auto_min_epochs",
+            "auto_max_epochs",
+            "n_tracked",
+            "seed",
+            "threads",
+            "checkpoint_every",
+        ):
+            value = getattr(self, name)
+            check(name, value, isinstance(value, numbers.Integral) and value >= 0, "an integer >= 0")
+        for name in ("auto_gap_rise", "auto_stable_deg", "volume_init_mantissa"):
+            value = getattr(self, name)
+            check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
+        for name in ("auto_loss_plateau", "volume_interval_s"):
+            value = getattr(self, name)
+            check(name, value, isinstance(value, numbers.Real) and 0 <= value <= math.inf, "a number >= 0")
 
 
 def parse_switch_rule(rule: str | int) -> str | int:

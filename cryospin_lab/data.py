@@ -21,6 +21,7 @@ Hand-written: mrcfile does the I/O; this module is bookkeeping and checks.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -82,12 +83,15 @@ class ParticleBatch:
 def _peek_checked(stack_path: str, source: str) -> tuple[int, int, int]:
     """``(nz, ny, nx)`` of a stack after checking it exists and holds real pixels; warns on a lenient read."""
     if not os.path.isfile(stack_path):
-        raise FileNotFoundError(f"{source}: image stack {stack_path} does not exist")
+        raise FileNotFoundError(
+            f"{source}: image stack {stack_path} does not exist (if the stacks moved, pass "
+            "mrcs_path_map= a folder or {old: new} dict; on the command line --stack-dir DIR)"
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            shape, _, mode = peek_stack(stack_path)
-        except (ValueError, OSError) as err:
+            shape, _, mode = peek_stack(stack_path)  # its ValueErrors name the file and the field
+        except OSError as err:
             raise ValueError(f"{stack_path}: not a readable MRC stack ({err})") from err
     if any("map id" in str(w.message).lower() for w in caught):
         warnings.warn(f"{stack_path}: MRC header lacks the 'MAP ' id; reading it leniently", stacklevel=3)
@@ -133,7 +137,7 @@ class ParticleStack:
         self._check_stacks()
         self.original_box_size = metadata.box_size
         self.box_size = metadata.box_size if box_size is None else int(box_size)
-        if not 0 < self.box_size <= metadata.box_size:
+        if not 0 < self.box_size <= metadata.box_size or (box_size is not None and box_size != self.box_size):
             raise ValueError(
                 f"{path}: box_size {box_size} must be between 1 and the stack's {metadata.box_size}"
             )
@@ -175,10 +179,13 @@ class ParticleStack:
         if data is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already reported by _peek_checked
-                with mrcfile.mmap(stack_path, mode="r", permissive=True) as mrc:
-                    data = mrc.data
-            if data is None:
-                raise ValueError(f"{stack_path}: mrcfile could not map the image data")
+                try:
+                    with mrcfile.mmap(stack_path, mode="r", permissive=True) as mrc:
+                        data = mrc.data
+                except Exception as err:  # the header was checked; the file may have changed since
+                    raise ValueError(f"{stack_path}: cannot map the image data ({err})") from err
+            if data is None or data.ndim not in (2, 3):
+                raise ValueError(f"{stack_path}: mrcfile could not map the image data as a 2-D stack")
             if data.ndim == 2:
                 data = data[None]
             if len(self._mmaps) >= _MAX_OPEN_STACKS:
@@ -301,14 +308,18 @@ def _subtract_background(images: Tensor) -> Tensor:
 
 def _metadata_from_stack(path: Path, pixel_size_angstrom: float | None) -> ParticleMetadata:
     nz, _, nx = _peek_checked(str(path.absolute()), str(path))
+    if nz == 0:
+        raise ValueError(f"{path}: the stack holds 0 images (header nz = 0)")
     if pixel_size_angstrom is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixel_size_angstrom = peek_stack(str(path))[1]
-        if not pixel_size_angstrom > 0:
+        if not 0 < pixel_size_angstrom < math.inf:
             raise ValueError(
                 f"{path}: header voxel size is {pixel_size_angstrom}; pass pixel_size_angstrom= explicitly"
             )
+    elif not 0 < pixel_size_angstrom < math.inf:
+        raise ValueError(f"{path}: pixel_size_angstrom={pixel_size_angstrom} must be a positive number")
     return ParticleMetadata(
         image_paths=[os.path.abspath(path)] * nz,
         image_indices=np.arange(nz),
@@ -336,28 +347,43 @@ def read_map(path: str | os.PathLike, *, voxel_size_angstrom: float | None = Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"map file not found: {path}")
+    if voxel_size_angstrom is not None and not 0 < voxel_size_angstrom < math.inf:
+        raise ValueError(f"{path}: voxel_size_angstrom={voxel_size_angstrom} must be positive")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with mrcfile.open(path, mode="r", permissive=True) as mrc:
-            if mrc.data is None:
-                raise ValueError(f"{path}: mrcfile could not read the map data")
-            if int(mrc.header.mode) not in _REAL_MODES:
-                raise ValueError(f"{path}: MRC mode {int(mrc.header.mode)} is not a real-valued map")
-            data = np.array(mrc.data, dtype=np.float32)  # a writable copy; the file is closed below
-            voxel = mrc.voxel_size
-            axes = (int(mrc.header.mapc), int(mrc.header.mapr), int(mrc.header.maps))
+        # The header first: it must back the data it declares before mrcfile allocates and reads it.
+        (nz, ny, nx), _, mode = peek_stack(str(path))
+        if mode not in _REAL_MODES:
+            kind = "complex" if mode in (3, 4) else "unsupported"
+            raise ValueError(f"{path}: MRC mode {mode} ({kind}) is not a real-valued map")
+        if min(nz, ny, nx) < 1:
+            raise ValueError(f"{path}: the map holds no voxels (nx, ny, nz = {nx}, {ny}, {nz})")
+        try:
+            with mrcfile.open(path, mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    raise ValueError("mrcfile could not read the map data")
+                data = np.array(mrc.data, dtype=np.float32)  # a writable copy; the file is closed below
+                voxel = mrc.voxel_size
+                axes = (int(mrc.header.mapc), int(mrc.header.mapr), int(mrc.header.maps))
+        except Exception as err:  # the header was checked; anything else is a corrupt file
+            raise ValueError(f"{path}: cannot read the map data ({err})") from err
     for w in caught:
         warnings.warn(f"{path}: {w.message}", stacklevel=2)
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D map, got shape {data.shape}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        where = np.unravel_index(np.flatnonzero(~finite)[0], data.shape)
+        raise ValueError(
+            f"{path}: {int((~finite).sum())} voxels are NaN or Inf, the first at [z, y, x] = "
+            f"{tuple(int(i) for i in where)}"
+        )
     if sorted(axes) == [1, 2, 3] and axes != (1, 2, 3):
         # Data axes are (section, row, column), holding axes (maps, mapr, mapc) with x=1, y=2, z=3.
         labels = [axes[2], axes[1], axes[0]]
         data = np.ascontiguousarray(np.transpose(data, [labels.index(3), labels.index(2), labels.index(1)]))
     header_sizes = tuple(_float32_to_float(v) for v in (voxel.x, voxel.y, voxel.z))
     if voxel_size_angstrom is not None:
-        if not voxel_size_angstrom > 0:
-            raise ValueError(f"{path}: voxel_size_angstrom={voxel_size_angstrom} must be positive")
         if header_sizes[0] > 0 and abs(header_sizes[0] - voxel_size_angstrom) > 1e-3 * voxel_size_angstrom:
             warnings.warn(
                 f"{path}: header voxel size {header_sizes[0]} Å overridden by {voxel_size_angstrom} Å",

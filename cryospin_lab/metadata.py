@@ -14,6 +14,7 @@ Hand-written bookkeeping (mrcfile reads headers).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -140,19 +141,140 @@ def _path_resolver(source: Path, path_map: PathMap):
     return resolve, unused_keys
 
 
+# Bytes per pixel of the MRC modes (MRC2014): 3 and 4 are complex (int16, float32 pairs).
+_MRC_MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2}
+_MRC_HEADER_BYTES = 1024
+
+
 def peek_stack(path: str) -> tuple[tuple[int, ...], float, int]:
     """``(shape, voxel_size_x, mode)`` from an MRC header without reading the data.
 
     ``shape`` is ``(nz, ny, nx)``. Lenient about a missing "MAP " id (old or
-    third-party writers); mrcfile's warnings are left to the caller.
+    third-party writers; a RuntimeWarning as mrcfile gives). Raises ValueError
+    naming the file and the header field when the header is short, declares a
+    mode that is not an MRC mode, negative sizes, or more data than the file
+    holds, so nothing is ever allocated or mapped for a size the file does not back.
     """
-    import mrcfile
+    header = _read_mrc_header(path)
+    nx, ny, nz, mz = (int(header[name]) for name in ("nx", "ny", "nz", "mz"))
+    mode, n_extended, ispg = int(header["mode"]), int(header["nsymbt"]), int(header["ispg"])
+    if mode not in _MRC_MODE_BYTES:
+        raise ValueError(f"{path}: MRC header mode is {mode}, not one of {sorted(_MRC_MODE_BYTES)}")
+    if nx < 1 or ny < 1 or nz < 0:
+        raise ValueError(f"{path}: MRC header sizes (nx, ny, nz) = ({nx}, {ny}, {nz}) are not valid")
+    if n_extended < 0:
+        raise ValueError(f"{path}: MRC header extended header size nsymbt = {n_extended} is negative")
+    if 401 <= ispg <= 630 and (mz < 1 or nz % mz):  # a volume stack: nz // mz volumes of mz sections
+        raise ValueError(f"{path}: MRC volume stack (ispg {ispg}) has nz = {nz} not a multiple of mz = {mz}")
+    # Python ints: no overflow however large the header's sizes are.
+    n_data = nx * ny * nz * _MRC_MODE_BYTES[mode]
+    n_needed = _MRC_HEADER_BYTES + n_extended + n_data
+    n_file = os.path.getsize(path)
+    if n_file < n_needed:
+        raise ValueError(
+            f"{path}: MRC header declares {nx} x {ny} x {nz} (nx x ny x nz) pixels of mode {mode}, "
+            f"{n_data} bytes after {_MRC_HEADER_BYTES + n_extended} header bytes, but the file holds "
+            f"{n_file} bytes (truncated or corrupt)"
+        )
+    with np.errstate(all="ignore"):  # mx = 0: an unset voxel size, inf or nan, rejected by the callers
+        voxel = np.float32(header["cella"]["x"] / header["mx"])  # what mrcfile's voxel_size gives
+    # Shortest decimal of the float32 header value: 4.88, not 4.880000114.
+    return (nz, ny, nx), float(str(voxel)), mode
 
-    with mrcfile.open(path, mode="r", permissive=True, header_only=True) as mrc:
-        h = mrc.header
-        shape = (int(h.nz), int(h.ny), int(h.nx))
-        # Shortest decimal of the float32 header value: 4.88, not 4.880000114.
-        return shape, float(str(np.float32(mrc.voxel_size.x))), int(h.mode)
+
+def _read_mrc_header(path: str) -> np.void:
+    """The 1024-byte MRC header as a numpy record, in the file's byte order (mrcfile's rules).
+
+    Parsed here rather than by ``mrcfile.open(header_only=True)``, which also reads the
+    extended header into a buffer of the header's ``nsymbt`` bytes (up to 2 GB) before
+    anything can check it against the file size.
+    """
+    from mrcfile.constants import MAP_ID
+    from mrcfile.dtypes import HEADER_DTYPE
+    from mrcfile.utils import byte_order_from_machine_stamp
+
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_DTYPE.itemsize)
+    if len(raw) < HEADER_DTYPE.itemsize:
+        raise ValueError(
+            f"{path}: {len(raw)} bytes, shorter than the {HEADER_DTYPE.itemsize}-byte MRC header"
+        )
+    header = np.frombuffer(raw, dtype=HEADER_DTYPE)[0]
+    if bytes(header["map"])[:3] != MAP_ID[:3]:
+        warnings.warn(
+            f"{path}: Map ID string not found - not an MRC file, or file is corrupt",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of peek_stack
+        )
+    try:
+        order = byte_order_from_machine_stamp(header["machst"])
+    except ValueError:
+        order = "<"  # mrcfile's permissive default
+    header = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(order))[0]
+    if int(header["mode"]) not in _MRC_MODE_BYTES:
+        # Files "in the wild" with a wrong machine stamp: mrcfile tries the other byte order too.
+        swapped = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(">" if order == "<" else "<"))[0]
+        if int(swapped["mode"]) in _MRC_MODE_BYTES:
+            header = swapped
+    return header
+
+
+def _check_range(path, field: str, values, low: float, high: float, what: str) -> None:
+    """ValueError naming ``path``, ``field``, the first value outside ``[low, high]`` and its row."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~((values >= low) & (values <= high)))
+    if bad.size:
+        raise ValueError(
+            f"{path}: {field} value {values[bad[0]]:g} in row {bad[0] + 1} is outside the physical range "
+            f"[{low:g}, {high:g}] {what}"
+        )
+
+
+def _as_integers(path, field: str, values, low: int = 0, high: int = 2**31 - 1) -> np.ndarray:
+    """int64 ``values`` of an integer column; ValueError naming the first non-integer or out-of-range one."""
+    values = np.asarray(values)
+    try:
+        numbers = values.astype(np.float64)
+    except (TypeError, ValueError):
+        numbers = np.array([_float_or_nan(v) for v in values.reshape(-1)]).reshape(values.shape)
+    numbers = numbers.reshape(len(numbers), -1) if numbers.ndim else numbers.reshape(1, 1)
+    ok = np.isfinite(numbers) & (numbers == np.round(numbers)) & (numbers >= low) & (numbers <= high)
+    bad = np.flatnonzero(~ok.all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"{path}: {field} value {_plain(values[bad[0]])!r} in row {bad[0] + 1} is not an integer in "
+            f"[{low}, {high}]"
+        )
+    return numbers.astype(np.int64).reshape(values.shape)
+
+
+def _plain(value):
+    """A numpy scalar or array as a Python value (for messages: 8.5, not np.float64(8.5))."""
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def _float_or_nan(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# Bounds on CTF parameters, wide enough for every real microscope and set-up; a value outside
+# them is a unit mistake (volts for kV, µm for Å) or a corrupt file, and would give a garbage CTF.
+_CTF_LIMITS = {
+    "voltage_kv": (1.0, 3000.0, "kV"),  # 300000 means volts were written
+    "cs_mm": (-20.0, 20.0, "mm"),  # ~0 with a corrector (which can also make it negative); up to ~6 mm
+    "amplitude_contrast": (0.0, 1.0, "(a fraction)"),
+    "defocus_angstrom": (-1e6, 1e6, "Å (100 µm)"),
+}
+
+
+def _check_ctf_ranges(path, columns: list[tuple[str, str, np.ndarray]]) -> None:
+    """Check CTF columns ``(limit key, field name in the file, values)`` against ``_CTF_LIMITS``."""
+    for key, field, values in columns:
+        low, high, unit = _CTF_LIMITS[key]
+        _check_range(path, field, values, low, high, unit)
 
 
 def _single_value(path: Path, field: str, values: np.ndarray, kind: str) -> float:

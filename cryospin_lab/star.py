@@ -23,6 +23,7 @@ Hand-written on top of ``starfile`` (parsing).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +40,8 @@ from .files import atomic_path
 from .metadata import (
     ParticleMetadata,
     PathMap,
+    _as_integers,
+    _check_ctf_ranges,
     _path_resolver,
     _single_value,
     peek_stack,
@@ -49,14 +52,48 @@ __all__ = ["ParticleMetadata", "read_star", "read_cs", "write_relion31_star", "P
 
 # ----------------------------------------------------------------------------- STAR
 
+_MAX_IMAGE_INDEX = 2**31 - 1  # MRC's nz is an int32
+
+
+def _check_utf8(path: Path) -> None:
+    """ValueError naming the offset of the first byte that is not UTF-8 (STAR files are text).
+
+    Read in chunks so a large file is never held twice; a character cut by a chunk
+    boundary is carried over to the next chunk.
+    """
+    offset, carry = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 16)
+            buffer, carry = carry + chunk, b""
+            try:
+                buffer.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if not (chunk and err.reason == "unexpected end of data"):
+                    raise ValueError(
+                        f"{path}: not UTF-8 text: byte {buffer[err.start : err.start + 1]!r} at offset "
+                        f"{offset + err.start}; a STAR file is text (re-save it as UTF-8 or ASCII)"
+                    ) from None
+                carry = buffer[err.start :]
+            offset += len(buffer) - len(carry)
+            if not chunk:
+                return
+
 
 def _read_star_blocks(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     if not path.is_file():
         raise FileNotFoundError(f"STAR file not found: {path}")
+    _check_utf8(path)
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as err:  # starfile raises assorted parser errors
-        raise ValueError(f"{path}: cannot parse as a STAR file ({err})") from err
+        raise ValueError(f"{path}: cannot parse as a STAR file ({type(err).__name__}: {err})") from err
+    if not blocks:
+        raise ValueError(f"{path}: no data block (no line starting with 'data_'); not a STAR file")
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            column = block.columns[block.columns.duplicated()][0]
+            raise ValueError(f"{path}: column {column} appears twice in data_{name}")
     optics = blocks.get("optics")
     particles = blocks.get("particles")
     if particles is None:
@@ -74,6 +111,8 @@ def _read_star_blocks(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         raise ValueError(f"{path}: missing required column rlnImageName in every data block (found {found})")
     if len(particles) == 0:
         raise ValueError(f"{path}: the particles block has 0 rows")
+    if optics is not None and not isinstance(optics, pd.DataFrame):
+        raise ValueError(f"{path}: data_optics is a key/value block; a loop_ table is expected")
     return particles.reset_index(drop=True), optics
 
 
@@ -83,9 +122,19 @@ class _Columns:
     def __init__(self, path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None):
         self.path, self.particles, self.optics = path, particles, optics
         if "rlnOpticsGroup" in particles:
-            self.groups = particles["rlnOpticsGroup"].to_numpy().astype(np.int64)
+            self.groups = _as_integers(path, "rlnOpticsGroup", particles["rlnOpticsGroup"].to_numpy())
         else:
             self.groups = np.ones(len(particles), dtype=np.int64)
+        self.optics_rows: dict[int, int] = {}
+        if optics is not None and "rlnOpticsGroup" in optics:
+            ids = _as_integers(path, "rlnOpticsGroup (optics block)", optics["rlnOpticsGroup"].to_numpy())
+            for row, group in enumerate(ids.tolist()):
+                if group in self.optics_rows:
+                    raise ValueError(
+                        f"{path}: rlnOpticsGroup {group} is defined twice in the optics block (rows "
+                        f"{self.optics_rows[group] + 1} and {row + 1}); each optics group needs one row"
+                    )
+                self.optics_rows[group] = row
 
     def has(self, name: str) -> bool:
         return name in self.particles or (self.optics is not None and name in self.optics)
@@ -96,13 +145,13 @@ class _Columns:
         elif self.optics is not None and name in self.optics:
             if "rlnOpticsGroup" not in self.optics:
                 raise ValueError(f"{self.path}: optics block has {name} but no rlnOpticsGroup column")
-            table = dict(zip(self.optics["rlnOpticsGroup"].astype(np.int64), self.optics[name], strict=True))
-            missing = sorted(set(self.groups.tolist()) - set(table))
+            missing = sorted(set(self.groups.tolist()) - set(self.optics_rows))
             if missing:
                 raise ValueError(
                     f"{self.path}: rlnOpticsGroup value {missing[0]} has no row in the optics block"
                 )
-            values = np.array([table[g] for g in self.groups])
+            column = self.optics[name].to_numpy()
+            values = column[[self.optics_rows[g] for g in self.groups.tolist()]]
         elif required:
             raise ValueError(
                 f"{self.path}: missing required column {name} "
@@ -140,6 +189,11 @@ def _parse_image_names(path: Path, names: np.ndarray) -> tuple[list[str], np.nda
             raise ValueError(
                 f"{path}: rlnImageName {name!r} in row {row + 1} is not 'NNNNNN@stack' (1-based)"
             )
+        if index > _MAX_IMAGE_INDEX:
+            raise ValueError(
+                f"{path}: rlnImageName {name!r} in row {row + 1} has image number {index}, "
+                f"more than the {_MAX_IMAGE_INDEX} an MRC stack can hold"
+            )
         raw_paths.append(stack)
         indices[row] = index - 1
     return raw_paths, indices
@@ -161,6 +215,10 @@ def read_star(
     metadata (``data.ParticleStack`` checks them).
     """
     path = Path(path)
+    if pixel_size_angstrom is not None and not 0 < pixel_size_angstrom < math.inf:
+        raise ValueError(f"{path}: pixel_size_angstrom={pixel_size_angstrom} must be a positive number")
+    if box_size is not None and (int(box_size) != box_size or box_size < 1):
+        raise ValueError(f"{path}: box_size={box_size} must be a positive integer")
     particles, optics = _read_star_blocks(path)
     cols = _Columns(path, particles, optics)
     n = len(particles)
@@ -190,13 +248,15 @@ def read_star(
             f"{path}: no pixel size column; using {header_size} Å from {image_paths[0]}", stacklevel=2
         )
         pixel_sizes = np.full(n, header_size)
-    if np.any(pixel_sizes <= 0):
-        raise ValueError(f"{path}: pixel size {pixel_sizes[pixel_sizes <= 0][0]} is not positive")
+    bad = np.flatnonzero(~((pixel_sizes > 0) & (pixel_sizes < math.inf)))
+    if bad.size:
+        raise ValueError(f"{path}: pixel size {pixel_sizes[bad[0]]} in row {bad[0] + 1} is not positive")
     apix = _single_value(path, "rlnImagePixelSize", pixel_sizes, "pixel size")
 
     if box_size is None:
         if cols.has("rlnImageSize"):
-            box_size = int(_single_value(path, "rlnImageSize", cols.get("rlnImageSize"), "box size"))
+            sizes = _as_integers(path, "rlnImageSize", cols.get("rlnImageSize"), low=1)
+            box_size = int(_single_value(path, "rlnImageSize", sizes, "box size"))
         else:
             box_size = _header_value(image_paths[0], 0)
             if box_size is None:
@@ -236,12 +296,25 @@ def read_star(
             # cryoDRGN's parser does the same; RELION 3.0 files written by old versions often omit it.
             warnings.warn(f"{path}: no rlnAmplitudeContrast column; using 0.1", stacklevel=2)
             amplitude_contrast = np.full(n, 0.1)
+        defocus_v = optional("rlnDefocusV", defocus_u)
+        voltage = cols.get("rlnVoltage", required=True)
+        cs = cols.get("rlnSphericalAberration", required=True)
+        _check_ctf_ranges(
+            path,
+            [
+                ("defocus_angstrom", "rlnDefocusU", defocus_u),
+                ("defocus_angstrom", "rlnDefocusV", defocus_v),
+                ("voltage_kv", "rlnVoltage", voltage),
+                ("cs_mm", "rlnSphericalAberration", cs),
+                ("amplitude_contrast", "rlnAmplitudeContrast", amplitude_contrast),
+            ],
+        )
         ctf = CTFParams(
             defocus_u_angstrom=defocus_u,
-            defocus_v_angstrom=optional("rlnDefocusV", defocus_u),
+            defocus_v_angstrom=defocus_v,
             defocus_angle_deg=optional("rlnDefocusAngle", 0.0),
-            voltage_kv=cols.get("rlnVoltage", required=True),
-            cs_mm=cols.get("rlnSphericalAberration", required=True),
+            voltage_kv=voltage,
+            cs_mm=cs,
             amplitude_contrast=amplitude_contrast,
             phase_shift_deg=optional("rlnPhaseShift", 0.0),
             b_factor=optional("rlnCtfBFactor", 0.0) if b_factor is None else b_factor,
