@@ -36,6 +36,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import types
 import typing
 import warnings
@@ -106,6 +107,44 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         os.fsync(file.fileno())
     _fsync_directory(path.parent)
     return path
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in a nested payload (dicts, lists, tuples): about its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_output_dir(directory: str | os.PathLike, need_bytes: int, what: str = "checkpoints") -> Path:
+    """Create ``directory`` and prove it can take ``need_bytes`` of ``what``; return it.
+
+    Raises OSError naming the folder when it cannot be created, a probe file cannot be written
+    there (read-only, permissions), or the file system has less free space than ``need_bytes``:
+    a clear error before a run starts, not when its first checkpoint fails hours later.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        with open(probe, "wb") as file:
+            file.write(b"\0" * 4096)
+            file.flush()
+            os.fsync(file.fileno())
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"{directory}: cannot write {what} there ({err.strerror or err})") from err
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise OSError(
+            f"{directory}: {free / 1e6:.0f} MB free, but the {what} of this run need about "
+            f"{need_bytes / 1e6:.0f} MB; free some space or choose another output folder"
+        )
+    return directory
 
 
 def _fsync_directory(directory: Path) -> None:

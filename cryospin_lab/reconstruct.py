@@ -74,6 +74,7 @@ class ReconstructSettings:
     progress: bool = True  # tqdm bar per epoch (the per-epoch lines are printed anyway)
     gold_standard: bool | None = None  # two half-set reconstructions (half maps, FSC 0.143)
     replace_checkpoints: bool = False  # delete old epoch checkpoints in out_dir first (the demo's rerun)
+    nan_guard: int | None = None  # skip up to this many non-finite batches in a row (TrainingConfig)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -116,6 +117,7 @@ def _check_same(settings: ReconstructSettings, config: TrainingConfig, checkpoin
         "--max-shift-angstrom": (settings.max_shift_angstrom, enc.max_shift_angstrom),
         "--box": (settings.box_size, enc.box_size),
         "--gold-standard": (settings.gold_standard or None, config.gold_standard or None),
+        "--nan-guard": (settings.nan_guard, config.nan_guard),
     }
     for option, (value, stored) in given.items():
         if value is not None and value != stored:
@@ -149,6 +151,7 @@ def _new_config(settings: ReconstructSettings, stack: ParticleStack) -> Training
         seed=defaults.seed if settings.seed is None else settings.seed,
         device=settings.device,
         gold_standard=bool(settings.gold_standard),
+        nan_guard=defaults.nan_guard if settings.nan_guard is None else settings.nan_guard,
     )
 
 
@@ -411,4 +414,5 @@ def settings_from_args(args) -> ReconstructSettings:
         stack_dir=None if args.stack_dir is None else Path(args.stack_dir),
         progress=not args.no_progress,
         gold_standard=True if args.gold_standard else None,
+        nan_guard=args.nan_guard,
     )

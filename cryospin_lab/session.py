@@ -55,6 +55,7 @@ _CONFIG_KEYS = {
     "volume_interval_s",
     "checkpoint_every",
     "gold_standard",
+    "nan_guard",
 }
 _ENCODER_KEYS = {"n_heads", "preset", "estimate_shifts", "max_shift_angstrom"}
 
@@ -100,7 +101,7 @@ class Reconstruction:
             "never" or an epoch), ``batch_size``, ``encoder_lr``, ``decoder_lr``,
             ``decoder_lr_direct``, ``pose_lr``, ``seed``, ``device``, ``threads``,
             ``n_tracked``, ``volume_interval_s``, ``checkpoint_every``, ``gold_standard``,
-            ``estimate_shifts``, ``max_shift_angstrom``.
+            ``nan_guard``, ``estimate_shifts``, ``max_shift_angstrom``.
 
     Raises ValueError naming the setting for an unknown or bad one, and the
     file for unreadable particles, before anything runs.

@@ -36,12 +36,14 @@ from torch import Tensor
 from cryospin_lab import gold_standard, metrics, so3
 from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
+    check_output_dir,
     config_from_dict,
     config_to_dict,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    tensor_bytes,
 )
 from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack
@@ -137,6 +139,20 @@ class Trainer:
         self._t0 = time.perf_counter()
         self._last_volume_time = -math.inf
         self._fork_count = 0
+        self._bad_in_a_row: dict[str, int] = {}  # NaN guard: consecutive skipped batches per branch
+        self._skipped_batch = False  # the last step was skipped by the NaN guard
+        if self.out_dir is not None:
+            check_output_dir(self.out_dir / "checkpoints", self.checkpoint_bytes_needed())
+
+    def checkpoint_bytes_needed(self) -> int:
+        """Disk space the run's checkpoints will take, estimated before it starts: one per saved epoch
+        plus the one being written (each: the parameters with their two Adam moments, and the pose
+        table after the switch), plus the failure checkpoint."""
+        per_branch = 3 * sum(tensor_bytes(b.state_dict()) for b in self.branches)
+        per_branch += len(self.stack) * 4 * 24 * len(self.branches)  # pose table rows and their moments
+        every = self.config.checkpoint_every
+        n_saved = self.config.n_epochs // every if every else 0
+        return (n_saved + 2) * per_branch
 
     # ------------------------------------------------------------------ data
     def _batch(self, indices: Tensor, disc: FourierDisc) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -162,6 +178,8 @@ class Trainer:
         disc = self._disc(branch.epoch)
         images, observed, ctf = self._batch(indices, disc)
         branch.encoder.train()
+        # Batch-norm running statistics change in the forward pass: kept to undo a non-finite batch's.
+        buffers = [b.clone() for b in branch.encoder.buffers()]
         candidates = branch.encoder(images)
         best_losses, best_heads, all_losses = winner_losses(
             branch.volume.hartley(),
@@ -177,7 +195,17 @@ class Trainer:
         loss = best_losses.mean()  # winner-takes-all: only the best head gets gradient
         branch.encoder_opt.zero_grad(set_to_none=True)
         branch.decoder_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            finite = self._finite(branch, loss)
+            if finite:
+                loss.backward()
+                finite = self._finite(branch, loss, (branch.encoder_opt, branch.decoder_opt))
+        except FloatingPointError:
+            self._restore_buffers(branch, buffers)
+            raise
+        if not finite:
+            self._restore_buffers(branch, buffers)
+            return math.nan
         branch.encoder_opt.step()
         branch.decoder_opt.step()
         with torch.no_grad():
@@ -209,6 +237,8 @@ class Trainer:
             )
             # Sum, not mean: each image's gradient is then independent of the batch size.
             pose_loss = image_losses(predicted, observed, disc, self.loss_kind).sum()
+            if not self._finite(branch, pose_loss):
+                return math.nan  # before any change to the table: omega is folded in only below
             pose_loss.backward()
             omega, shifts = table.apply_step(rows, omega, shifts)
         table.fold(rows, omega, shifts)
@@ -221,9 +251,47 @@ class Trainer:
         )
         loss = image_losses(predicted, observed, disc, self.loss_kind).mean()
         branch.decoder_opt.zero_grad(set_to_none=True)
+        if not self._finite(branch, loss):
+            return math.nan
         loss.backward()
+        if not self._finite(branch, loss, (branch.decoder_opt,)):
+            return math.nan
         branch.decoder_opt.step()
         return float(loss.detach())
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_buffers(branch: Branch, saved: list[Tensor]) -> None:
+        for buffer, value in zip(branch.encoder.buffers(), saved, strict=True):
+            buffer.copy_(value)
+
+    def _finite(self, branch: Branch, loss: Tensor, optimizers=()) -> bool:
+        """True if ``loss`` (and the gradients ``optimizers`` would apply) are finite. Otherwise the
+        gradients are dropped and, within ``config.nan_guard`` bad batches in a row, False (the caller
+        skips the batch); beyond it, FloatingPointError, raised before any update is applied."""
+        values = [loss.detach().reshape(1)]
+        for opt in optimizers:
+            values += [p.grad.detach().abs().sum().reshape(1) for g in opt.param_groups for p in g["params"]
+                       if p.grad is not None]  # fmt: skip
+        if bool(torch.isfinite(torch.cat(values)).all()):
+            return True
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        what = "loss" if not torch.isfinite(loss.detach()).all() else "gradient"
+        count = self._bad_in_a_row.get(branch.name, 0) + 1
+        if count > self.config.nan_guard:
+            guard = (
+                f"nan_guard={self.config.nan_guard} allows no more in a row"
+                if self.config.nan_guard
+                else "set TrainingConfig.nan_guard to skip such batches"
+            )
+            raise FloatingPointError(
+                f"{what} became {float(loss.detach())} at step {branch.step} (epoch {branch.epoch}, "
+                f"branch {branch.name!r}); no update was applied from this batch ({guard})"
+            )
+        self._bad_in_a_row[branch.name] = count
+        self._skipped_batch = True
+        return False
 
     @torch.no_grad()
     def _candidates(self, branch: Branch, indices: Tensor, disc: FourierDisc):
@@ -513,11 +581,21 @@ class Trainer:
                     loss = self._amortized_step(branch, indices)
                 else:
                     loss = self._direct_step(branch, indices)
-                if not math.isfinite(loss):
+                if self._skipped_batch:  # by the NaN guard (see _finite): no update was applied
+                    self._skipped_batch = False
+                    count = self._bad_in_a_row[branch.name]
+                    yield LogEvent(
+                        message=f"NaN guard: skipped a batch of {len(indices)} images with a non-finite "
+                        f"loss or gradient ({count} in a row, at most {self.config.nan_guard})",
+                        **self._stamp(branch),
+                    )
+                    continue
+                if not math.isfinite(loss):  # a step that bypassed _finite
                     raise FloatingPointError(
                         f"loss became {loss} at step {branch.step} "
                         f"(epoch {branch.epoch}, branch {branch.name!r})"
                     )
+                self._bad_in_a_row[branch.name] = 0
                 branch.step += 1
                 branch.epoch_loss_sum += loss * len(indices)
                 branch.epoch_images += len(indices)

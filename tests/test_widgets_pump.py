@@ -248,6 +248,26 @@ def test_close_stops_a_running_run_and_its_thread(tiny_set, tmp_path):
     assert_no_new_threads(threads_before)
 
 
+def test_relaunching_stops_the_previous_workbench_run(tiny_set, tmp_path, capsys):
+    """Re-running the launch cell: the earlier workbench's run must not go on unseen."""
+    from cryospin_lab.widgets import launch
+
+    threads_before = set(threading.enumerate())
+    settings = dict(n_epochs=50, switch="never", use_nglview=False, **TINY)
+    first = launch(tiny_set.star_path, out_dir=tmp_path / "a", start=True, **settings)
+    assert first.pump.run_until(lambda: first.controls.last_step is not None, timeout_s=60)
+    second = launch(tiny_set.star_path, out_dir=tmp_path / "b", start=True, **settings)
+    try:
+        assert first.reconstruction.state == "stopped" and second.reconstruction.runner.is_running
+        assert "stopped the run of the workbench launched before" in capsys.readouterr().out
+        kept = launch(tiny_set.star_path, out_dir=tmp_path / "c", keep_previous=True, **settings)
+        assert second.reconstruction.runner.is_running
+        kept.close()
+    finally:
+        second.close()
+    assert_no_new_threads(threads_before)
+
+
 def test_start_builds_a_new_run_from_the_form(tiny_set, tmp_path):
     """A workbench without a run: Start builds one from the form, and the pump follows its bus."""
     bench = Workbench(

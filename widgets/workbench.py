@@ -23,6 +23,7 @@ from __future__ import annotations
 import html
 import importlib
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,10 @@ from .pump import UIPump
 from .volume import VolumePanel
 
 __all__ = ["Workbench", "launch"]
+
+# Workbenches made by launch() in this kernel: re-running the launch cell stops the previous one's run
+# (it would otherwise go on, unseen, sharing the CPU with the new one).
+_LAUNCHED: weakref.WeakSet = weakref.WeakSet()
 
 _FORM_KEYS = ("particles", "box_size", "n_heads", "n_epochs", "switch", "encoder_lr", "decoder_lr")
 _FORM_KEYS += ("decoder_lr_direct", "pose_lr", "ground_truth")
@@ -222,6 +227,7 @@ def launch(
     use_nglview: bool = True,
     posterior_nside: int = 8,
     specialisation_nside: int = 4,
+    keep_previous: bool = False,
     **settings,
 ):
     """Build a reconstruction (default: the embedded HSP90 set) and return its :class:`Workbench`.
@@ -230,10 +236,21 @@ def launch(
     ``n_epochs``, ``switch``, ``box_size``, ``device`` ...); the ones the form does
     not show are kept for the runs the form builds later. ``start=True`` starts it.
     ``posterior_nside`` / ``specialisation_nside``: HEALPix resolution of those panels.
+
+    A workbench launched before in this kernel whose run is still going is closed first (its run
+    stopped, its pump ended), with a message: re-running the launch cell must not leave a run
+    going that no panel shows. ``keep_previous=True`` leaves it running.
     """
     from cryospin_lab.session import Reconstruction
 
     reconstruction = Reconstruction(particles, **settings)
+    if not keep_previous:
+        for previous in list(_LAUNCHED):
+            running = previous.reconstruction is not None and previous.reconstruction.runner.is_running
+            previous.close()
+            _LAUNCHED.discard(previous)
+            if running:
+                print("cryospin-lab: stopped the run of the workbench launched before in this kernel")
     extra = {key: value for key, value in settings.items() if key not in _FORM_KEYS}
     bench = Workbench(
         reconstruction,
@@ -243,6 +260,7 @@ def launch(
         posterior_nside=posterior_nside,
         specialisation_nside=specialisation_nside,
     )
+    _LAUNCHED.add(bench)
     if start:
         reconstruction.start()
     return bench
