@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,15 +16,59 @@ from cryospin_lab.data import ParticleStack
 from cryospin_lab.projection import FourierDisc, max_disc_radius
 from cryospin_lab.render import images_to_hartley
 
-__all__ = ["ParticleFeed"]
+__all__ = ["ParticleFeed", "available_memory_bytes"]
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2, no limit) -> None
+
+
+def available_memory_bytes() -> float:
+    """Memory this process may still use: the smaller of MemAvailable (/proc/meminfo) and the headroom
+    of its memory cgroup (v2 ``memory.max - memory.current``, v1 ``limit_in_bytes - usage_in_bytes``);
+    infinity where neither can be read (not Linux)."""
+    limits = [math.inf]
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/cgroup") as file:
+            entries = [line.rstrip("\n").split(":", 2) for line in file]
+    except OSError:
+        entries = []
+    for _, controllers, group in entries:
+        if controllers == "":  # cgroup v2
+            base = "/sys/fs/cgroup" + group
+            limit, usage = _read_int(base + "/memory.max"), _read_int(base + "/memory.current")
+        elif "memory" in controllers.split(","):
+            base = "/sys/fs/cgroup/memory" + group
+            limit = _read_int(base + "/memory.limit_in_bytes")
+            usage = _read_int(base + "/memory.usage_in_bytes")
+        else:
+            continue
+        if limit is not None and usage is not None and limit < 2**60:
+            limits.append(max(limit - usage, 0))
+    return float(min(limits))
 
 
 class ParticleFeed:
     """Batches of one :class:`ParticleStack` for a run (shared by all its branches).
 
-    Images are held in memory as one float32 tensor when they take < 2 GiB
-    (else read from the memory-mapped stack per batch); each batch comes with
-    its Hartley values and CTF on the epoch's frequency disc, on the device.
+    Images are held in memory as one float32 tensor when they take less than
+    2 GiB and less than a quarter of the memory available to the process (the
+    smaller of the system's available memory and the memory cgroup's headroom);
+    else each batch is read from the memory-mapped stack, so a stack larger than
+    the process's memory streams (``bench/stream_memory.py``). Each batch comes
+    with its Hartley values and CTF on the epoch's frequency disc, on the device.
     """
 
     def __init__(self, stack: ParticleStack, config: TrainingConfig, device: torch.device):
@@ -43,9 +88,9 @@ class ParticleFeed:
         return len(self.stack)
 
     def _preload(self) -> Tensor | None:
-        """All images as one float32 tensor when they take < 2 GiB, else None (read per batch)."""
+        """All images as one float32 tensor when they fit (see the class doc), else None (read per batch)."""
         n, d = len(self.stack), self.box_size
-        if n * d * d * 4 > 2 * 2**30:
+        if n * d * d * 4 > min(2 * 2**30, available_memory_bytes() / 4):
             return None
         chunks = [self.stack.get_batch(np.arange(i, min(i + 1024, n))).images for i in range(0, n, 1024)]
         return torch.cat(chunks)
