@@ -37,12 +37,14 @@ its guarantees are tested in ``tests/test_runner.py``).
 
 from __future__ import annotations
 
+import atexit
 import enum
 import itertools
 import queue
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -225,6 +227,26 @@ class Steppable(Protocol):
 _ENDED = ("finished", "stopped", "failed")
 
 
+# Runners whose thread was started: stopped when the interpreter exits (a kernel restart, the end of a
+# script). A daemon thread still inside torch when the interpreter tears down aborts the process
+# ("terminate called without an active exception", SIGABRT); stopping it first ends cleanly.
+_STARTED: weakref.WeakSet = weakref.WeakSet()
+EXIT_JOIN_TIMEOUT_S = 30.0
+
+
+@atexit.register
+def _stop_running_runners() -> None:
+    for runner in list(_STARTED):
+        if runner.is_running:
+            try:
+                runner.stop()
+            except RuntimeError:  # it ended meanwhile
+                continue
+    for runner in list(_STARTED):
+        if runner._thread is not None:
+            runner._thread.join(EXIT_JOIN_TIMEOUT_S)
+
+
 class Runner:
     """Runs ``trainer.events()`` on one daemon thread and publishes every event on ``bus``.
 
@@ -278,6 +300,7 @@ class Runner:
         self._start_time = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="cryospin-runner", daemon=True)
         self._thread.start()
+        _STARTED.add(self)
         return self
 
     def switch_now(self, **kwargs: Any) -> None:

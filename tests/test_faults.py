@@ -326,3 +326,25 @@ def test_full_disk_is_named_before_the_run(tiny_stack, tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"10 MB free, but the checkpoints of this run need about \d+ MB"):
         Trainer(tiny_stack, config(n_epochs=30), out_dir=tmp_path / "out")
     check_output_dir(tmp_path / "small", 1_000_000)  # what fits passes
+
+
+def test_a_kernel_that_exits_mid_run_leaves_no_thread_behind(tiny_simulation):
+    """Restarting the kernel ends its process: the run's thread must not keep it alive."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from cryospin_lab.session import Reconstruction
+        rec = Reconstruction({str(tiny_simulation.star_path)!r}, n_epochs=1000, switch="never", n_heads=2,
+                             batch_size=16, device="cpu", threads=1, checkpoint_every=0)
+        rec.start()
+        time.sleep(2)
+        assert rec.runner.is_running
+        print("exiting while running", flush=True)
+        sys.exit(0)
+        """
+    )
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "exiting while running" in run.stdout and "terminate called" not in run.stderr
+    assert time.monotonic() - started < 60
