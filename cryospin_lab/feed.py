@@ -71,7 +71,9 @@ class ParticleFeed:
     with its Hartley values and CTF on the epoch's frequency disc, on the device.
     """
 
-    def __init__(self, stack: ParticleStack, config: TrainingConfig, device: torch.device):
+    def __init__(
+        self, stack: ParticleStack, config: TrainingConfig, device: torch.device, *, preload: bool = True
+    ):
         self.stack, self.config, self.device = stack, config, device
         self.box_size = stack.box_size
         self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
@@ -81,7 +83,7 @@ class ParticleFeed:
             None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
         )
         self._discs: dict[float, FourierDisc] = {}
-        self.images = self._preload()
+        self.images = self._preload() if preload else None
         self.signal_envelope = self._signal_envelope()
 
     def __len__(self) -> int:

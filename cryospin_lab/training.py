@@ -47,6 +47,7 @@ from cryospin_lab.checkpoint import (
 )
 from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack
+from cryospin_lab.distributed import Comm, convert_batchnorm
 from cryospin_lab.events import (
     CheckpointEvent,
     EpochEvent,
@@ -102,7 +103,11 @@ class Trainer:
         *,
         ground_truth_map: Tensor | None = None,
         out_dir: str | Path | None = None,
+        comm: Comm | None = None,
     ):
+        self.comm = comm if comm is not None else Comm()
+        if self.comm.active and config.gold_standard:
+            raise ValueError("gold-standard mode does not run on several ranks (run it in one process)")
         if config.encoder.box_size != stack.box_size:
             config = replace(config, encoder=replace(config.encoder, box_size=stack.box_size))
         self.config = config
@@ -120,7 +125,8 @@ class Trainer:
                 f"the particles' box is {self.box_size}"
             )
         self.ground_truth_map = ground_truth_map
-        self.feed = ParticleFeed(stack, config, self.device)
+        # Several ranks: each reads its own images per batch (no rank loads the whole stack).
+        self.feed = ParticleFeed(stack, config, self.device, preload=not self.comm.active)
         self.true_rotations, self.true_shifts = self.feed.true_rotations, self.feed.true_shifts
         n_tracked = min(config.n_tracked, len(stack))
         self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None
@@ -141,6 +147,8 @@ class Trainer:
         self._fork_count = 0
         self._bad_in_a_row: dict[str, int] = {}  # NaN guard: consecutive skipped batches per branch
         self._skipped_batch = False  # the last step was skipped by the NaN guard
+        for branch in self.branches:
+            convert_batchnorm(branch.encoder, self.comm)
         if self.out_dir is not None:
             check_output_dir(self.out_dir / "checkpoints", self.checkpoint_bytes_needed())
 
@@ -176,6 +184,8 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _amortized_step(self, branch: Branch, indices: Tensor) -> float:
         disc = self._disc(branch.epoch)
+        n_batch = len(indices)  # the global batch; this rank trains on the images it owns
+        indices = self.comm.local(indices)
         images, observed, ctf = self._batch(indices, disc)
         branch.encoder.train()
         # Batch-norm running statistics change in the forward pass: kept to undo a non-finite batch's.
@@ -192,14 +202,16 @@ class Trainer:
             shifts_angstrom=candidates.shifts_angstrom,
             contrast=self.config.contrast,
         )
-        loss = best_losses.mean()  # winner-takes-all: only the best head gets gradient
+        loss = self._batch_mean(best_losses, n_batch)  # winner-takes-all: only the best head gets gradient
+        total = self.comm.sum_(loss.detach().clone())  # the global batch's mean loss
         branch.encoder_opt.zero_grad(set_to_none=True)
         branch.decoder_opt.zero_grad(set_to_none=True)
         try:
-            finite = self._finite(branch, loss)
+            finite = self._finite(branch, total)
             if finite:
                 loss.backward()
-                finite = self._finite(branch, loss, (branch.encoder_opt, branch.decoder_opt))
+                self.comm.sync_grads([*branch.encoder.parameters(), *branch.volume.parameters()])
+                finite = self._finite(branch, total, (branch.encoder_opt, branch.decoder_opt))
         except FloatingPointError:
             self._restore_buffers(branch, buffers)
             raise
@@ -214,10 +226,12 @@ class Trainer:
             branch.best_heads[indices] = best_heads.cpu()
             branch.head_wins += torch.bincount(best_heads.cpu(), minlength=self.config.encoder.n_heads)
             branch.epoch_gap_sum += float((all_losses.mean(dim=1) - all_losses.min(dim=1).values).sum())
-        return float(loss.detach())
+        return float(total)
 
     def _direct_step(self, branch: Branch, indices: Tensor) -> float:
         disc = self._disc(branch.epoch)
+        n_batch = len(indices)
+        indices = self.comm.local(indices)  # this rank's images: its rows of the pose table
         images, observed, ctf = self._batch(indices, disc)
         table, rows = branch.pose_table, indices.to(self.device)
         render_kwargs = dict(
@@ -237,7 +251,7 @@ class Trainer:
             )
             # Sum, not mean: each image's gradient is then independent of the batch size.
             pose_loss = image_losses(predicted, observed, disc, self.loss_kind).sum()
-            if not self._finite(branch, pose_loss):
+            if not self._finite(branch, self.comm.sum_(pose_loss.detach().clone())):
                 return math.nan  # before any change to the table: omega is folded in only below
             pose_loss.backward()
             omega, shifts = table.apply_step(rows, omega, shifts)
@@ -249,15 +263,22 @@ class Trainer:
             shifts_angstrom=table.shifts_angstrom[rows] if use_shifts else None,
             **render_kwargs,
         )
-        loss = image_losses(predicted, observed, disc, self.loss_kind).mean()
+        loss = self._batch_mean(image_losses(predicted, observed, disc, self.loss_kind), n_batch)
+        total = self.comm.sum_(loss.detach().clone())
         branch.decoder_opt.zero_grad(set_to_none=True)
-        if not self._finite(branch, loss):
+        if not self._finite(branch, total):
             return math.nan
         loss.backward()
-        if not self._finite(branch, loss, (branch.decoder_opt,)):
+        self.comm.sync_grads(branch.volume.parameters())
+        if not self._finite(branch, total, (branch.decoder_opt,)):
             return math.nan
         branch.decoder_opt.step()
-        return float(loss.detach())
+        return float(total)
+
+    def _batch_mean(self, losses: Tensor, n_batch: int) -> Tensor:
+        """This rank's share of the global batch's mean loss: its images' sum over the global batch size
+        (summed over ranks, the batch mean; with one rank, the mean itself)."""
+        return losses.mean() if not self.comm.active else losses.sum() / n_batch
 
     @staticmethod
     @torch.no_grad()
@@ -321,6 +342,7 @@ class Trainer:
             f"{len(own_rows)} images",
             **self._stamp(branch),
         )
+        own_rows = self.comm.local(own_rows)  # each rank its own images (the rows it will update)
         # Rows outside a gold-standard half keep the identity; they are never trained or reported.
         rotations = torch.eye(3, device=self.device).repeat(n, 1, 1)
         shifts = torch.zeros(n, 2, device=self.device)
@@ -362,8 +384,27 @@ class Trainer:
             return branch.pose_table.rotations.cpu()
         return branch.best_rotations
 
+    def _merge_ranks(self, branch: Branch) -> None:
+        """Several ranks: every rank takes the epoch's counts and sums from all, and each image's row
+        (best pose, pose table and its Adam moments) from the rank that owns it. Then the switch rule
+        decides alike everywhere, and rank 0 holds the whole state for metrics and checkpoints."""
+        comm = self.comm
+        comm.sum_(branch.head_wins)
+        (branch.epoch_gap_sum,) = comm.sum_floats(branch.epoch_gap_sum)
+        branch.best_rotations = comm.merge_rows(branch.best_rotations)
+        branch.best_heads = comm.merge_rows(branch.best_heads)
+        table = branch.pose_table
+        if table is not None:
+            table.rotations = comm.merge_rows(table.rotations)
+            table.shifts_angstrom = comm.merge_rows(table.shifts_angstrom)
+            for adam in (table.rotation_adam, table.shift_adam):
+                for name in ("exp_avg", "exp_avg_sq", "steps"):
+                    setattr(adam, name, comm.merge_rows(getattr(adam, name)))
+
     def _end_epoch(self, branch: Branch, epoch_time_s: float) -> Iterator[Event]:
         cfg = self.config
+        if self.comm.active:
+            self._merge_ranks(branch)
         branch.epoch += 1
         pose_change = self._pose_change_deg(branch)  # for the switch rule and the EpochEvent
         # Decided before the epoch's events go out, so that a listener (UI, benchmark) seeing
@@ -391,7 +432,7 @@ class Trainer:
         )
         rotations = self._current_rotations(branch)
         pose = None
-        if self.true_rotations is not None:
+        if self.true_rotations is not None and self.comm.is_main:
             pose = metrics.pose_error(branch.rows(self.true_rotations), branch.rows(rotations))
             shift_err = None
             if cfg.encoder.estimate_shifts and self.true_shifts is not None and branch.pose_table is not None:
@@ -407,13 +448,16 @@ class Trainer:
                 **stamp,
             )
         volume_real = branch.volume.to_real().detach().float().cpu()
-        if self.ground_truth_map is not None:
-            yield self._resolution_event(volume_real, pose, stamp)
-        if self.tracked is not None and branch.encoder is not None:
-            yield self._candidates_event(branch, stamp)
-        if branch.phase is Phase.AMORTIZED:
-            yield self._assignment_event(branch, pose, stamp)
-        yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp)
+        if self.comm.is_main:  # the metrics (FSC alignment: seconds) once, on rank 0
+            if self.ground_truth_map is not None:
+                yield self._resolution_event(volume_real, pose, stamp)
+            if self.tracked is not None and branch.encoder is not None:
+                yield self._candidates_event(branch, stamp)
+            if branch.phase is Phase.AMORTIZED:
+                yield self._assignment_event(branch, pose, stamp)
+            yield VolumeEvent(
+                volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp
+            )
         self._last_volume_time = time.perf_counter()
         if cfg.gold_standard:
             yield from self._half_map_event()
@@ -422,7 +466,12 @@ class Trainer:
         branch.epoch_loss_sum, branch.epoch_images, branch.epoch_gap_sum = 0.0, 0, 0.0
         # Saved last, after the switch decision and the resets, so that a run resumed
         # from this file continues exactly as the uninterrupted one.
-        if cfg.checkpoint_every and self.out_dir is not None and branch.epoch % cfg.checkpoint_every == 0:
+        if (
+            cfg.checkpoint_every
+            and self.out_dir is not None
+            and self.comm.is_main  # merged above: rank 0 holds every row
+            and branch.epoch % cfg.checkpoint_every == 0
+        ):
             epoch = max(b.epoch for b in self.branches + self.finished)
             path = self.save_checkpoint(f"epoch_{epoch:04d}.pt")
             yield CheckpointEvent(path=path, **stamp)
@@ -634,6 +683,8 @@ class Trainer:
                         LogEvent(message=f"branch {b.name!r} is already {b.phase.value}", **self._stamp(b))
                     )
             return events
+        if command is Command.FORK and self.comm.active:
+            raise CommandError("a run on several ranks cannot fork (fork it in a one-process run)")
         if command is Command.FORK:
             if self.config.gold_standard:
                 raise CommandError("fork is not available in gold-standard mode (two independent halves)")
@@ -728,6 +779,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         n_epochs: int | None = None,
         device: str | None = None,
+        comm: Comm | None = None,
     ) -> Trainer:
         """A trainer restored from a checkpoint: it continues exactly where the checkpoint left off.
 
@@ -738,7 +790,7 @@ class Trainer:
         config = config_from_dict(TrainingConfig, payload["config"])
         overrides = {k: v for k, v in (("n_epochs", n_epochs), ("device", device)) if v is not None}
         config = replace(config, **overrides)
-        trainer = cls(stack, config, ground_truth_map=ground_truth_map, out_dir=out_dir)
+        trainer = cls(stack, config, ground_truth_map=ground_truth_map, out_dir=out_dir, comm=comm)
         trainer.load_state(checkpoint)
         return trainer
 
@@ -754,6 +806,9 @@ class Trainer:
         # With a larger n_epochs than the checkpoint's run, finished branches go on.
         self.branches += [b for b in self.finished if b.epoch < self.config.n_epochs]
         self.finished = [b for b in self.finished if b.epoch >= self.config.n_epochs]
+        for branch in self.branches:
+            if branch.encoder is not None:
+                convert_batchnorm(branch.encoder, self.comm)
         self._fork_count = int(payload["fork_count"])
         halves = [b.epoch for b in self.branches + self.finished if b.name in ("half1", "half2")]
         self._half_map_epoch = min(halves) if len(halves) == 2 else 0  # reported before the checkpoint
