@@ -287,6 +287,11 @@ def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
         help="two independent half-set reconstructions; half maps and their FSC at 0.143",
     )
     parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a torchrun job (also detected from WORLD_SIZE > 1): nccl on GPUs, gloo on CPU",
+    )
+    parser.add_argument(
         "--nan-guard",
         type=_non_negative_int,
         default=None,

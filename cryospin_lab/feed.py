@@ -72,9 +72,18 @@ class ParticleFeed:
     """
 
     def __init__(
-        self, stack: ParticleStack, config: TrainingConfig, device: torch.device, *, preload: bool = True
+        self,
+        stack: ParticleStack,
+        config: TrainingConfig,
+        device: torch.device,
+        *,
+        preload: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.stack, self.config, self.device = stack, config, device
+        # (rank, world): with several ranks this feed serves only images i with i % world == rank
+        # (distributed.Comm.owns) and preloads only those: row i is self.images[i // world].
+        self.rank, self.world = shard
         self.box_size = stack.box_size
         self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
         meta = stack.metadata
@@ -91,10 +100,11 @@ class ParticleFeed:
 
     def _preload(self) -> Tensor | None:
         """All images as one float32 tensor when they fit (see the class doc), else None (read per batch)."""
-        n, d = len(self.stack), self.box_size
-        if n * d * d * 4 > min(2 * 2**30, available_memory_bytes() / 4):
+        rows = np.arange(self.rank, len(self.stack), self.world)
+        d = self.box_size
+        if len(rows) * d * d * 4 > min(2 * 2**30, available_memory_bytes() / 4):
             return None
-        chunks = [self.stack.get_batch(np.arange(i, min(i + 1024, n))).images for i in range(0, n, 1024)]
+        chunks = [self.stack.get_batch(rows[i : i + 1024]).images for i in range(0, len(rows), 1024)]
         return torch.cat(chunks)
 
     @torch.no_grad()
@@ -111,7 +121,7 @@ class ParticleFeed:
         d = self.box_size
         disc = FourierDisc.make(d, device=torch.device("cpu"))
         idx = torch.linspace(0, len(self.stack) - 1, min(n_images, len(self.stack))).round().long()
-        if self.images is not None:
+        if self.images is not None and self.world == 1:
             images = self.images[idx]
         else:
             images = self.stack.get_batch(idx.numpy()).images
@@ -134,9 +144,10 @@ class ParticleFeed:
 
     def batch(self, indices: Tensor, disc: FourierDisc) -> tuple[Tensor, Tensor, Tensor | None]:
         """Images ``(B, D, D)``, their Hartley values ``(B, M)`` and CTF ``(B, M)`` on the device."""
-        if self.images is not None:
-            images = self.images[indices]
-        else:
+        mine = self.world == 1 or bool((indices % self.world == self.rank).all())
+        if self.images is not None and mine:
+            images = self.images[indices // self.world]  # this shard's images only (see __init__)
+        else:  # not preloaded, or another rank's images (rank 0's tracked images for the UI)
             images = self.stack.get_batch(indices.numpy()).images
         images = images.to(self.device)
         ctf = None

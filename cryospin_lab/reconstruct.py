@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm  # the terminal bar (tqdm.auto would pick the notebook one under IPython)
 
 from cryospin_lab.checkpoint import config_from_dict, latest_checkpoint, load_checkpoint
 from cryospin_lab.config import TrainingConfig, parse_switch_rule
 from cryospin_lab.data import ParticleStack, read_map
+from cryospin_lab.distributed import Comm, init_from_env
 from cryospin_lab.encoder import EncoderConfig
 from cryospin_lab.events import EpochEvent, Event, ForkEvent, LogEvent, Phase, PhaseChangeEvent, StepEvent
 from cryospin_lab.fourier import fourier_crop
@@ -75,6 +78,7 @@ class ReconstructSettings:
     gold_standard: bool | None = None  # two half-set reconstructions (half maps, FSC 0.143)
     replace_checkpoints: bool = False  # delete old epoch checkpoints in out_dir first (the demo's rerun)
     nan_guard: int | None = None  # skip up to this many non-finite batches in a row (TrainingConfig)
+    distributed: bool = False  # one rank of a torchrun job (also when WORLD_SIZE > 1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -155,8 +159,9 @@ def _new_config(settings: ReconstructSettings, stack: ParticleStack) -> Training
     )
 
 
-def _prepare(settings: ReconstructSettings) -> tuple[Trainer, Path | None]:
+def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[Trainer, Path | None]:
     """The trainer (new or restored) and the checkpoint it was restored from."""
+    comm = comm if comm is not None else Comm()
     particles = Path(settings.particles_path)
     if not particles.is_file():
         raise FileNotFoundError(f"particle file not found: {particles}")
@@ -200,13 +205,14 @@ def _prepare(settings: ReconstructSettings) -> tuple[Trainer, Path | None]:
     if settings.ground_truth_path is not None:
         ground_truth = load_ground_truth(Path(settings.ground_truth_path), stack)
     try:
-        trainer = Trainer(stack, config, ground_truth_map=ground_truth, out_dir=out_dir)
+        trainer = Trainer(stack, config, ground_truth_map=ground_truth, out_dir=out_dir, comm=comm)
     except ValueError as err:  # e.g. a box too small for the encoder's poolings
         raise ValueError(
             f"{particles} (box {stack.box_size}, --preset {config.encoder.preset}): {err}"
         ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    if latest is not None and not settings.resume:  # replace_checkpoints: the inputs are fine, start over
+    comm.barrier()  # every rank has read the checkpoint before rank 0 may delete it below
+    if latest is not None and not settings.resume and comm.is_main:  # replace_checkpoints: start over
         for old in checkpoints.glob("epoch_*.pt"):
             old.unlink()
         (checkpoints / "interrupted.pt").unlink(missing_ok=True)
@@ -289,7 +295,20 @@ def run_reconstruction(settings: ReconstructSettings) -> int:
     prints one line on stderr and returns 130. Bad input raises ValueError /
     FileNotFoundError naming the file and the problem.
     """
-    trainer, resumed_from = _prepare(settings)
+    comm = init_from_env() if settings.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1 else Comm()
+    try:
+        trainer, resumed_from = _prepare(settings, comm)
+        if not comm.is_main:  # rank 0 prints and writes the results; the others train
+            for _ in _events(trainer):
+                pass
+            return 0
+        return _run_main(settings, trainer, resumed_from)
+    finally:
+        if comm.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Path | None) -> int:
     out_dir = Path(settings.out_dir)
     names = [b.name for b in trainer.branches + trainer.finished]
     writer = ResultWriter(trainer, out_dir, names)
@@ -415,4 +434,5 @@ def settings_from_args(args) -> ReconstructSettings:
         progress=not args.no_progress,
         gold_standard=True if args.gold_standard else None,
         nan_guard=args.nan_guard,
+        distributed=args.distributed,
     )

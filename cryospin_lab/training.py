@@ -125,8 +125,8 @@ class Trainer:
                 f"the particles' box is {self.box_size}"
             )
         self.ground_truth_map = ground_truth_map
-        # Several ranks: each reads its own images per batch (no rank loads the whole stack).
-        self.feed = ParticleFeed(stack, config, self.device, preload=not self.comm.active)
+        # Several ranks: each holds (or reads per batch) only its own images, never the whole stack.
+        self.feed = ParticleFeed(stack, config, self.device, shard=(self.comm.rank, self.comm.world))
         self.true_rotations, self.true_shifts = self.feed.true_rotations, self.feed.true_shifts
         n_tracked = min(config.n_tracked, len(stack))
         self.tracked = torch.linspace(0, len(stack) - 1, n_tracked).round().long() if n_tracked else None

@@ -160,3 +160,33 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(one_and_two):
     resumed = run_ranks(star, base / "resumed", 1, resume=str(checkpoint))
     resumed["losses"] = one["losses"][:1] + resumed["losses"]
     assert_same_run(one, resumed)
+
+
+def test_torchrun_reconstruct_writes_one_set_of_results_and_resumes_in_one_process(tiny_simulation, tmp_path):
+    """``torchrun --nproc_per_node 2 ... reconstruct``: rank 0 prints and writes, as a one-process run
+    would; its checkpoint continues in one process."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "out"
+    common = [str(tiny_simulation.star_path), "--out", str(out), "--heads", "3", "--batch-size", "16"]
+    common += ["--switch", "1", "--threads", "1", "--no-progress"]
+    argv = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    argv += ["-m", "cryospin_lab.cli", "reconstruct", *common, "--epochs", "2"]
+    run = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    epoch_lines = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2, run.stdout  # printed once, by rank 0
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", *common, "--epochs", "3", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "resuming" in resumed.stdout and len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
+    )
