@@ -40,6 +40,7 @@ from cryospin_lab.config import TrainingConfig, parse_switch_rule
 from cryospin_lab.data import ParticleStack, read_map
 from cryospin_lab.distributed import Comm, init_from_env
 from cryospin_lab.encoder import EncoderConfig
+from cryospin_lab.event_log import EventLogWriter
 from cryospin_lab.events import EpochEvent, Event, ForkEvent, LogEvent, Phase, PhaseChangeEvent, StepEvent
 from cryospin_lab.fourier import fourier_crop
 from cryospin_lab.results import EpochCollector, FinishedEpoch, ResultWriter
@@ -326,8 +327,11 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
             return 0
     collector = EpochCollector()
     progress = _Progress(trainer, settings.progress)
+    # For watching from another process (cryospin_lab.widgets.watch): a resumed run appends.
+    log = EventLogWriter(out_dir / "events.jsonl", append=resumed_from is not None)
     try:
         for event in _events(trainer):
+            log.write(event)
             if isinstance(event, ForkEvent):
                 writer.add_branches(event.children)
             for done in collector.feed(event):  # before the bar: an epoch's line precedes the next bar
@@ -339,6 +343,8 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
     except KeyboardInterrupt:
         progress.close()
         return _interrupted(trainer, writer, collector)
+    finally:
+        log.close()
     progress.close()
     for done in collector.flush():
         _epoch_done(done, writer, n_epochs)

@@ -180,6 +180,11 @@ def test_torchrun_reconstruct_writes_one_set_of_results_and_resumes_in_one_proce
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    from cryospin_lab.event_log import read_events
+    from cryospin_lab.events import EpochEvent
+
+    logged = read_events(out / "events.jsonl")  # rank 0's events, for watching from a notebook
+    assert [e.epoch for e in logged if isinstance(e, EpochEvent)] == [1, 2]
     resumed = subprocess.run(
         [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", *common, "--epochs", "3", "--resume"],
         capture_output=True,

@@ -26,6 +26,7 @@ import importlib
 _EXPORTS = {
     "Workbench": "workbench",
     "launch": "workbench",
+    "watch": "workbench",
     "UIPump": "pump",
     "Panel": "pump",
     "ControlsPanel": "controls",

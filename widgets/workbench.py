@@ -189,6 +189,8 @@ class Workbench:
 
     def close(self) -> None:
         """Stop the pump, stop the run and wait for its thread, release the panels' resources."""
+        if getattr(self, "follower", None) is not None:  # a watched run (see watch())
+            self.follower.stop()
         self.pump.stop()
         if self.reconstruction is not None:
             self.reconstruction.close()
@@ -263,4 +265,46 @@ def launch(
     _LAUNCHED.add(bench)
     if start:
         reconstruction.start()
+    return bench
+
+
+def watch(
+    events_path,
+    *,
+    layout: str = "tabs",
+    use_nglview: bool = True,
+    n_epochs: int | None = None,
+    posterior_nside: int = 8,
+    specialisation_nside: int = 4,
+) -> Workbench:
+    """A read-only workbench following a run in another process through its event log.
+
+    ``events_path``: the ``events.jsonl`` that ``cryospin-lab reconstruct`` writes in its output
+    folder (rank 0 of a ``torchrun`` job, a run on a cluster node with a shared file system). The
+    panels show the run as it goes; the buttons and the form are hidden (the run is controlled
+    where it runs). ``n_epochs`` lets the status line show progress out of the total.
+    """
+    from pathlib import Path
+
+    from cryospin_lab.event_log import EventLogFollower
+
+    path = Path(events_path)
+    bench = Workbench(
+        None,
+        layout=layout,
+        use_nglview=use_nglview,
+        posterior_nside=posterior_nside,
+        specialisation_nside=specialisation_nside,
+    )
+    bench.follower = EventLogFollower(path).start()
+    bench.pump.set_bus(bench.follower.bus)
+    controls = bench.controls
+    controls.n_epochs = n_epochs
+    for child in (*controls.widget.children[:2], controls.form):
+        child.layout.display = "none"
+    exists = "" if path.exists() else " (not there yet: waiting for it)"
+    bench.title.value = (
+        f"<h2>cryospin-lab workbench</h2><small>watching {html.escape(str(path))}{exists}: read-only, "
+        "the run is controlled where it runs</small>"
+    )
     return bench
