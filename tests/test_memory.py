@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_stack_larger_than_the_memory_limit_streams():
-    limit_mb, stack_mb = 500, 700
+    limit_mb, stack_mb = 800, 1100  # the reader alone (python, torch, page cache) takes ~450 MB
     run = subprocess.run(
         [
             sys.executable,
