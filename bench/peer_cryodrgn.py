@@ -52,12 +52,21 @@ np.save(sys.argv[2], np.asarray(rot, dtype=np.float64))
 """
 
 
-def timed(argv: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run ``argv`` with its output in ``log``; wall seconds and peak RSS (MB) of the process."""
+def timed(argv: list[str], log: Path, env: dict | None = None, timeout_s: float | None = None) -> dict:
+    """Run ``argv`` with its output in ``log``; wall seconds and peak RSS (MB) of the process.
+    Past ``timeout_s`` the process is killed and TimeoutError raised."""
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout_s is not None and time.perf_counter() - started > timeout_s:
+                process.kill()
+                process.wait()
+                raise TimeoutError(f"{shlex.join(argv[:2])} still running after {timeout_s:.0f} s: killed")
+            time.sleep(0.5)
     seconds = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -111,6 +120,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/cryospin-peer-cryodrgn"))
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--drgn-timeout-min", type=float, default=120.0, help="stop cryoDRGN after this")
     args = parser.parse_args()
     if not (DRGN_VENV / "bin" / "cryodrgn").exists():
         print(f"cryoDRGN is not installed in {DRGN_VENV}: see this script's docstring", file=sys.stderr)
@@ -148,12 +158,18 @@ def main() -> int:
     argv += ["--num-epochs", str(args.epochs), "--max-threads", str(args.threads), "--seed", str(args.seed)]
     argv += ["--no-analysis"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    run = timed(argv, args.out / "cryodrgn.log", env=env)
+    name = "cryoDRGN 4.3 abinit (zdim 0)"
+    try:
+        run = timed(argv, args.out / "cryodrgn.log", env=env, timeout_s=60 * args.drgn_timeout_min)
+    except (TimeoutError, RuntimeError) as err:  # our rows are still written
+        print(f"{name}: {err}", file=sys.stderr)
+        rows[name] = {"failed": str(err).splitlines()[0]}
+        write_table(rows, args)
+        return 1
     last = args.epochs - 1
     rot = drgn_rotations(out / f"pose.{last}.pkl", args.out / "cryodrgn_poses.npy")
     if transposed:
         rot = rot.transpose(0, 2, 1)
-    name = "cryoDRGN 4.3 abinit (zdim 0)"
     rows[name] = {**run, **evaluate(out / f"reconstruct.{last}.mrc", rot, sim, pixel_size)}
     print(name, json.dumps(rows[name]), flush=True)
 
@@ -186,6 +202,9 @@ def write_table(rows: dict, args) -> Path:
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        if "failed" in r:
+            lines.append(f"| {name} | {r['failed']} | | | | |")
+            continue
         lines.append(
             f"| {name} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['resolution_angstrom']:.1f} | "
             f"{r['pose_mean_deg']:.1f} / {r['pose_median_deg']:.1f} | "
