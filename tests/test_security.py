@@ -18,15 +18,20 @@ LOADERS = {"load", "loads", "Unpickler", "open"}  # what reads a pickle (shelve.
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
 
 
+def _skipped(path: Path) -> bool:
+    """Virtual environments (``.venv``, the peer's ``bench/.venv-cryodrgn``) and notebook checkpoints."""
+    return any(part.startswith(".venv") or part == ".ipynb_checkpoints" for part in path.parts)
+
+
 def sources() -> list[tuple[str, str]]:
     """(name, source) of every Python file and notebook code cell we ship or run."""
     out = []
     for folder in ("cryospin_lab", "widgets", "bench", "notebooks", "tests/browser"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if ".venv" not in path.parts:
+            if not _skipped(path):
                 out.append((str(path.relative_to(ROOT)), path.read_text(encoding="utf-8")))
         for path in sorted((ROOT / folder).rglob("*.ipynb")):
-            if ".ipynb_checkpoints" in path.parts:
+            if _skipped(path):
                 continue
             cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
             for i, cell in enumerate(cells):
