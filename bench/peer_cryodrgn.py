@@ -139,7 +139,7 @@ def main() -> int:
         argv += ["--seed", str(args.seed), "--no-progress"]
         subprocess.run(["rm", "-rf", str(out)], check=True)
         run = timed(argv, args.out / f"ours-{switch}.log")
-        rotations = _our_rotations(out / "poses.star", star)
+        rotations = _our_rotations(out / "poses.star")
         rows[name] = {**run, **evaluate(out / "map.mrc", rotations, sim, pixel_size)}
         print(name, json.dumps(rows[name]), flush=True)
 
@@ -177,7 +177,7 @@ def main() -> int:
     return 0
 
 
-def _our_rotations(poses_star: Path, star: Path) -> np.ndarray:
+def _our_rotations(poses_star: Path) -> np.ndarray:
     """Our output poses.star read back with our own STAR reader (the same convention as the input)."""
     return np.asarray(read_star(poses_star).rotations, dtype=np.float64)
 
