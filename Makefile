@@ -52,10 +52,14 @@ chromium:
 	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
 	  else echo "warning: /usr/bin/chromium is missing and apt-get needs root: the browser test will be skipped" >&2; fi; }
 
+# Two test processes (pytest-xdist), one test file each at a time: most of the long tests wait on
+# subprocesses, servers or a browser, so two of them share two cores well (about 9 minutes here,
+# 12.5 in one process). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 format: $(STAMP)
 	$(BIN)/ruff format .

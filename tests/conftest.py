@@ -47,3 +47,25 @@ def tiny_simulation(data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_simulation) -> ParticleStack:
     return ParticleStack(tiny_simulation.star_path)
+
+
+# The longest files first: under pytest-xdist (make test: -n 2 --dist loadfile) a file goes to the
+# first free worker in collection order, so the 4-minute browser check starts at once beside the rest
+# instead of last. In one process the order changes nothing else (each file keeps its own order).
+# (make test passes --no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
+# Each worker starts with two files: the browser check and test_memory, the notebooks and test_faults.
+_LONG_FIRST = (
+    "test_browser.py",
+    "test_notebooks.py",
+    "test_memory.py",
+    "test_faults.py",
+    "test_distributed.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return _LONG_FIRST.index(name) if name in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)
