@@ -103,8 +103,9 @@ class Comm:
         mask = self.owns(rows).reshape(-1, *([1] * (tensor.ndim - 1)))
         kind = tensor.dtype
         work = torch.where(mask, tensor, torch.zeros((), dtype=kind, device=tensor.device))
-        work = work.to(self._device() if kind != torch.bool else work.device)
-        return self.sum_(work.double() if kind.is_floating_point else work).to(kind).to(tensor.device)
+        # summed as float64 or int64 on the backend's device (nccl: CUDA only, and no bool sums)
+        work = work.to(self._device(), torch.float64 if kind.is_floating_point else torch.int64)
+        return self.sum_(work).to(tensor.device, kind)
 
     def barrier(self) -> None:
         if self.active:
