@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -14,6 +15,9 @@ from cryospin_lab.events import Phase
 from cryospin_lab.feed import ParticleFeed
 from cryospin_lab.pose_table import PoseTable
 from cryospin_lab.volume import HartleyVolume
+
+if TYPE_CHECKING:
+    from cryospin_lab.distributed import Comm
 
 __all__ = ["Branch"]
 
@@ -94,6 +98,22 @@ class Branch:
             "switch_rule": str(self.switch_rule),
             "subset": self.subset,
         }
+
+    def merge_ranks(self, comm: Comm) -> None:
+        """Several ranks: every rank takes the epoch's counts and sums from all, and each image's row
+        (best pose, pose table and its Adam moments) from the rank that owns it. Then the switch rule
+        decides alike everywhere, and rank 0 holds the whole state for metrics and checkpoints."""
+        comm.sum_(self.head_wins)
+        (self.epoch_gap_sum,) = comm.sum_floats(self.epoch_gap_sum)
+        self.best_rotations = comm.merge_rows(self.best_rotations)
+        self.best_heads = comm.merge_rows(self.best_heads)
+        table = self.pose_table
+        if table is not None:
+            table.rotations = comm.merge_rows(table.rotations)
+            table.shifts_angstrom = comm.merge_rows(table.shifts_angstrom)
+            for adam in (table.rotation_adam, table.shift_adam):
+                for name in ("exp_avg", "exp_avg_sq", "steps"):
+                    setattr(adam, name, comm.merge_rows(getattr(adam, name)))
 
     def rows(self, values: Tensor) -> Tensor:
         """``values`` restricted to this branch's rows (all rows outside gold-standard mode)."""

@@ -52,7 +52,7 @@ class TrainingConfig:
     auto_gap_rise: float = 1.12  # auto switch: head loss gap at least this times its lowest value so far
     auto_stable_deg: float = 10.0  # auto switch: and median change of best poses per epoch below this
     # auto switch: or mean epoch loss improved by less than this (relative); 0: off (it fired too early
-    # on the CPU trajectory of the default set, see Trainer._switch_due)
+    # on the CPU trajectory of the default set, see _switch_rule.switch_due)
     auto_loss_plateau: float = 0.0
     auto_max_epochs: int = 20  # auto switch: at the latest after this many epochs (0: never forced)
     volume_init_mantissa: float = 0.1  # std of the initial mantissa (exponent starts at the data's envelope)

@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cryospin_lab import gold_standard, metrics, so3
+from cryospin_lab import gold_standard, metrics
+from cryospin_lab._epoch_report import assignment_event, resolution_event
+from cryospin_lab._switch_rule import pose_change, switch_due
 from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
     check_output_dir,
@@ -54,13 +56,11 @@ from cryospin_lab.events import (
     Event,
     FinishedEvent,
     ForkEvent,
-    HeadAssignmentEvent,
     LogEvent,
     Phase,
     PhaseChangeEvent,
     PoseCandidatesEvent,
     PoseErrorEvent,
-    ResolutionEvent,
     StepEvent,
     VolumeEvent,
 )
@@ -71,9 +71,6 @@ from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_l
 from cryospin_lab.runner import Command, CommandError
 
 __all__ = ["Branch", "Trainer", "resolve_device"]
-
-# Above this median pose error the pose-derived map alignment is unreliable (see _resolution_event).
-_POSE_ALIGNMENT_MAX_MEDIAN_DEG = 30.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -384,46 +381,29 @@ class Trainer:
             return branch.pose_table.rotations.cpu()
         return branch.best_rotations
 
-    def _merge_ranks(self, branch: Branch) -> None:
-        """Several ranks: every rank takes the epoch's counts and sums from all, and each image's row
-        (best pose, pose table and its Adam moments) from the rank that owns it. Then the switch rule
-        decides alike everywhere, and rank 0 holds the whole state for metrics and checkpoints."""
-        comm = self.comm
-        comm.sum_(branch.head_wins)
-        (branch.epoch_gap_sum,) = comm.sum_floats(branch.epoch_gap_sum)
-        branch.best_rotations = comm.merge_rows(branch.best_rotations)
-        branch.best_heads = comm.merge_rows(branch.best_heads)
-        table = branch.pose_table
-        if table is not None:
-            table.rotations = comm.merge_rows(table.rotations)
-            table.shifts_angstrom = comm.merge_rows(table.shifts_angstrom)
-            for adam in (table.rotation_adam, table.shift_adam):
-                for name in ("exp_avg", "exp_avg_sq", "steps"):
-                    setattr(adam, name, comm.merge_rows(getattr(adam, name)))
-
     def _end_epoch(self, branch: Branch, epoch_time_s: float) -> Iterator[Event]:
         cfg = self.config
         if self.comm.active:
-            self._merge_ranks(branch)
+            branch.merge_ranks(self.comm)
         branch.epoch += 1
-        pose_change = self._pose_change_deg(branch)  # for the switch rule and the EpochEvent
+        change_deg = pose_change(branch)  # for the switch rule and the EpochEvent
         # Decided before the epoch's events go out, so that a listener (UI, benchmark) seeing
         # EpochEvent already knows whether the branch will switch before its next step.
         if branch.phase is Phase.AMORTIZED:
             branch.gap_history.append(branch.epoch_gap_sum / max(branch.epoch_images, 1))
             branch.loss_history.append(branch.epoch_loss_sum / max(branch.epoch_images, 1))
-            reason = self._switch_due(branch, pose_change)
+            reason = self._switch_due(branch, change_deg)
             if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
                 branch.pending_switch = reason
         stamp = self._stamp(branch)
         mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
         if branch.phase is Phase.DIRECT and branch.pose_table is not None:
-            pose_change = float("nan")
+            change_deg = float("nan")
         yield EpochEvent(
             head_loss_gap=branch.epoch_gap_sum / max(branch.epoch_images, 1)
             if branch.phase is Phase.AMORTIZED
             else float("nan"),
-            median_pose_change_deg=pose_change,
+            median_pose_change_deg=change_deg,
             mean_loss=mean_loss,
             head_win_counts=branch.head_wins.numpy().copy(),
             n_images_seen=branch.epoch_images,
@@ -450,11 +430,13 @@ class Trainer:
         volume_real = branch.volume.to_real().detach().float().cpu()
         if self.comm.is_main:  # the metrics (FSC alignment: seconds) once, on rank 0
             if self.ground_truth_map is not None:
-                yield self._resolution_event(volume_real, pose, stamp)
+                yield resolution_event(
+                    volume_real, self.ground_truth_map, self.pixel_size_angstrom, pose, stamp
+                )
             if self.tracked is not None and branch.encoder is not None:
                 yield self._candidates_event(branch, stamp)
             if branch.phase is Phase.AMORTIZED:
-                yield self._assignment_event(branch, pose, stamp)
+                yield assignment_event(branch, self.true_rotations, pose, stamp)
             yield VolumeEvent(
                 volume=volume_real.numpy(), voxel_size_angstrom=self.pixel_size_angstrom, **stamp
             )
@@ -476,11 +458,6 @@ class Trainer:
             path = self.save_checkpoint(f"epoch_{epoch:04d}.pt")
             yield CheckpointEvent(path=path, **stamp)
 
-    def _pose_change_deg(self, branch: Branch) -> float:
-        """Median geodesic change of the branch's images' best poses since the previous epoch."""
-        previous, current = branch.rows(branch.previous_best), branch.rows(branch.best_rotations)
-        return float(so3.geodesic_angle_deg(previous, current).median())
-
     def _half_map_event(self) -> Iterator[Event]:
         yield from gold_standard.half_map_events(self)
 
@@ -493,84 +470,10 @@ class Trainer:
         return gold_standard.gold_standard_result(self)
 
     def _switch_due(self, branch: Branch, pose_change_deg: float | None = None) -> str | None:
-        """The switch rule after an amortized epoch: the reason, or None to stay amortized.
-
-        ``auto`` (our criterion; the paper leaves one open): switch once the
-        amortized poses have locked in, and at the latest after
-        ``auto_max_epochs``. After ``auto_min_epochs`` and the end of the disc
-        ramp (the head loss gap, mean minus best head loss, shrinks with every
-        shell added), and only while the median change of each image's best
-        pose since the previous epoch is below ``auto_stable_deg``, it
-        switches when the gap has risen to ``auto_gap_rise`` times its lowest
-        value (the map gained detail: the choice of pose matters more), or,
-        if ``auto_loss_plateau > 0``, when the mean epoch loss improved by
-        less than that fraction while the gap is past its minimum.
-
-        Measured on the default HSP90 set (seed 0, 30 epochs; commands and
-        logs in ``bench/results/gpu_h200_2026-11-26`` and the issue note):
-
-        * GPU (H200), one run per rule: fixed switch at epoch 8, 12, 20, 24
-          ended at 1.87, 1.92, 1.85, 1.90 degrees median pose error modulo
-          the pseudo two-fold (mean 2.94, 2.42, 2.18, 2.13; FSC 6.8-7.0 Å);
-          never switching 6.3 degrees, 7.7 Å. The gap rose only x1.09 by
-          epoch 30 there, so the gap arm never fired: the cap (20) makes
-          ``auto`` the fixed-20 run, the best of those tried.
-        * CPU (this machine's trajectory differs): the gap fell to 0.0752 at
-          epoch 13 and rose x1.13 at epoch 19, when the amortized poses
-          finished breaking the symmetry; switched after epoch 20, 2.9
-          degrees median at epoch 26, 7.9 Å. The loss-plateau arm fired
-          after epoch 14 there (loss 0.9368 -> 0.9361) and the direct stage
-          froze the remaining wrong poses: 5.9 degrees median, 17.9 mean,
-          11.4 Å at epoch 22; so it is off by default.
-        * One GPU run per rule stuck on the pseudo-symmetry (23-30 Å) whatever
-          the switch epoch: no switch rule rescues an amortized stage that
-          has not broken the symmetry.
-        """
-        rule, cfg = branch.switch_rule, self.config
-        if rule == "never":
-            return None
-        if isinstance(rule, int):
-            return "epoch" if branch.epoch >= rule else None
-        if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
-            return "auto"
-        # Not while the disc still grows: the gap shrinks with every added shell then.
-        if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
-            return None
-        gap = branch.gap_history[-1]
-        change = self._pose_change_deg(branch) if pose_change_deg is None else pose_change_deg
-        if change >= cfg.auto_stable_deg:
-            return None
-        if gap >= cfg.auto_gap_rise * min(branch.gap_history):
-            return "auto"
-        losses = branch.loss_history
-        if cfg.auto_loss_plateau > 0 and len(losses) >= 2 and gap > min(branch.gap_history):
-            if losses[-2] - losses[-1] < cfg.auto_loss_plateau * abs(losses[-2]):
-                return "auto"
-        return None
-
-    def _resolution_event(self, volume_real: Tensor, pose, stamp: dict) -> ResolutionEvent:
-        """FSC against the true map, after aligning the map with the pose alignment (or a map search).
-
-        The global rotation fitted to the poses is only meaningful once most
-        poses are right; while the median pose error is above
-        ``_POSE_ALIGNMENT_MAX_MEDIAN_DEG`` (e.g. on the amortized plateau, when
-        two pose populations related by a pseudo-symmetry are mixed) the map
-        is aligned by a map-to-map search instead (~2 s at D=64).
-        """
-        if pose is not None and pose.median_deg <= _POSE_ALIGNMENT_MAX_MEDIAN_DEG:
-            alignment = metrics.MapAlignment(
-                rotation=pose.global_rotation,
-                flipped=pose.flipped,
-                shift_voxels=torch.zeros(3),
-                correlation=math.nan,
-            )
-            aligned = metrics.apply_map_alignment(volume_real, alignment)
-        else:
-            aligned = metrics.apply_map_alignment(
-                volume_real, metrics.align_maps(volume_real, self.ground_truth_map)
-            )
-        curve = metrics.compute_fsc(aligned, self.ground_truth_map, self.pixel_size_angstrom)
-        return ResolutionEvent.from_curve(curve, kind="ground_truth", threshold=0.5, **stamp)
+        """The switch rule after an amortized epoch (:func:`~cryospin_lab._switch_rule.switch_due`)."""
+        if pose_change_deg is None:
+            pose_change_deg = pose_change(branch)
+        return switch_due(branch, self.config, pose_change_deg)
 
     def _candidates_event(self, branch: Branch, stamp: dict) -> PoseCandidatesEvent:
         rotations, _, losses = self._candidates(branch, self.tracked, self._disc(branch.epoch))
@@ -580,17 +483,6 @@ class Trainer:
             rotations=rotations.cpu().numpy(),
             losses=losses.cpu().numpy(),
             true_rotations=truth,
-            **stamp,
-        )
-
-    def _assignment_event(self, branch: Branch, pose, stamp: dict) -> HeadAssignmentEvent:
-        """Each image's winning head this epoch, with its true view and pose error when known."""
-        truth = None if self.true_rotations is None else branch.rows(self.true_rotations)
-        views = None if truth is None else so3.view_directions(truth).numpy()
-        return HeadAssignmentEvent(
-            winning_heads=branch.rows(branch.best_heads).numpy(),
-            true_view_directions=views,
-            errors_deg=None if pose is None else pose.errors_deg,
             **stamp,
         )
 

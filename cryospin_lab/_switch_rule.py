@@ -1,0 +1,74 @@
+"""When a branch leaves the amortized stage: the switch rule, decided after each amortized epoch."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from cryospin_lab import so3
+from cryospin_lab.branch import Branch
+from cryospin_lab.config import TrainingConfig
+
+__all__ = ["pose_change", "switch_due"]
+
+
+def pose_change(branch: Branch) -> float:
+    """Median geodesic change (degrees) of the branch's images' best poses since the previous epoch."""
+    previous: Tensor = branch.rows(branch.previous_best)
+    current: Tensor = branch.rows(branch.best_rotations)
+    return float(so3.geodesic_angle_deg(previous, current).median())
+
+
+def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> str | None:
+    """The switch rule after an amortized epoch: the reason, or None to stay amortized.
+
+    ``auto`` (our criterion; the paper leaves one open): switch once the
+    amortized poses have locked in, and at the latest after
+    ``auto_max_epochs``. After ``auto_min_epochs`` and the end of the disc
+    ramp (the head loss gap, mean minus best head loss, shrinks with every
+    shell added), and only while the median change of each image's best
+    pose since the previous epoch is below ``auto_stable_deg``, it
+    switches when the gap has risen to ``auto_gap_rise`` times its lowest
+    value (the map gained detail: the choice of pose matters more), or,
+    if ``auto_loss_plateau > 0``, when the mean epoch loss improved by
+    less than that fraction while the gap is past its minimum.
+
+    Measured on the default HSP90 set (seed 0, 30 epochs; commands and
+    logs in ``bench/results/gpu_h200_2026-11-26`` and the issue note):
+
+    * GPU (H200), one run per rule: fixed switch at epoch 8, 12, 20, 24
+      ended at 1.87, 1.92, 1.85, 1.90 degrees median pose error modulo
+      the pseudo two-fold (mean 2.94, 2.42, 2.18, 2.13; FSC 6.8-7.0 Å);
+      never switching 6.3 degrees, 7.7 Å. The gap rose only x1.09 by
+      epoch 30 there, so the gap arm never fired: the cap (20) makes
+      ``auto`` the fixed-20 run, the best of those tried.
+    * CPU (this machine's trajectory differs): the gap fell to 0.0752 at
+      epoch 13 and rose x1.13 at epoch 19, when the amortized poses
+      finished breaking the symmetry; switched after epoch 20, 2.9
+      degrees median at epoch 26, 7.9 Å. The loss-plateau arm fired
+      after epoch 14 there (loss 0.9368 -> 0.9361) and the direct stage
+      froze the remaining wrong poses: 5.9 degrees median, 17.9 mean,
+      11.4 Å at epoch 22; so it is off by default.
+    * One GPU run per rule stuck on the pseudo-symmetry (23-30 Å) whatever
+      the switch epoch: no switch rule rescues an amortized stage that
+      has not broken the symmetry.
+    """
+    rule = branch.switch_rule
+    if rule == "never":
+        return None
+    if isinstance(rule, int):
+        return "epoch" if branch.epoch >= rule else None
+    if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
+        return "auto"
+    # Not while the disc still grows: the gap shrinks with every added shell then.
+    if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
+        return None
+    gap = branch.gap_history[-1]
+    if pose_change_deg >= cfg.auto_stable_deg:
+        return None
+    if gap >= cfg.auto_gap_rise * min(branch.gap_history):
+        return "auto"
+    losses = branch.loss_history
+    if cfg.auto_loss_plateau > 0 and len(losses) >= 2 and gap > min(branch.gap_history):
+        if losses[-2] - losses[-1] < cfg.auto_loss_plateau * abs(losses[-2]):
+            return "auto"
+    return None
