@@ -17,7 +17,6 @@ import argparse
 import csv
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,7 @@ from pathlib import Path
 import torch
 
 from cryospin_lab import datasets
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cryospin_lab.distributed import free_port
 
 
 def run(star: Path, out: Path, ranks: int, threads: int, epochs: int, device: str) -> list[dict]:

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Comm", "DistributedBatchNorm", "convert_batchnorm", "init_from_env"]
+__all__ = ["Comm", "DistributedBatchNorm", "convert_batchnorm", "free_port", "init_from_env"]
 
 
 class Comm:
@@ -115,6 +116,13 @@ class Comm:
         if self.active and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for ``MASTER_PORT`` of a one-node job, or a local server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Comm:

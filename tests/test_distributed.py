@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from cryospin_lab import so3
+from cryospin_lab.distributed import free_port
 
 RANK_SCRIPT = textwrap.dedent(
     """
@@ -71,12 +71,6 @@ RANK_SCRIPT = textwrap.dedent(
         dist.destroy_process_group()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(star: Path, out: Path, world: int, resume: str = "-") -> dict:

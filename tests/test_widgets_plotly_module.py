@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ pytest.importorskip("anywidget")
 import plotly  # noqa: E402
 from cryospin_lab.widgets import _plotly_module as pm  # noqa: E402
 from cryospin_lab.widgets._plotly import new_figure  # noqa: E402
+
+from cryospin_lab.distributed import free_port
 
 
 @pytest.fixture
@@ -143,12 +144,6 @@ def test_loader_imports_the_module_from_the_pages_extensions_url(tmp_path):
     assert "_plotly_module" in missing["error"]
     for config in ("none", "{}", "not json"):
         assert "no Jupyter page config" in run_loader(tmp_path, config)["error"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_jupyterlab_serves_the_bundle_at_the_url_the_loader_builds(tmp_path):
