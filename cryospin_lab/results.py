@@ -26,7 +26,7 @@ Files in the output folder ``DIR`` (:class:`ResultWriter`):
 * ``fsc.png`` (FSC vs the ground-truth map at the last epoch, with the
   threshold line and the resolution) when a ground truth is given, else
   ``loss.png`` (mean loss per epoch). matplotlib's object API (``Figure``,
-  which renders PNG with Agg): no pyplot, no global backend.
+  which renders PNG with Agg): no pyplot, no global backend (``_result_plots``).
 
 Every file is written to a temporary name in ``DIR`` and renamed, so an
 interrupted write leaves the previous version.
@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cryospin_lab._result_plots import plot_fsc, plot_loss
 from cryospin_lab.data import ParticleStack, write_map
 from cryospin_lab.events import (
     EpochEvent,
@@ -376,12 +377,12 @@ class ResultWriter:
             if not self.last_fsc:
                 return None
             path = self.out_dir / "fsc.png"
-            _plot_fsc(path, self.last_fsc)
+            plot_fsc(path, self.last_fsc)
             return path
         if not self.rows:
             return None
         path = self.out_dir / "loss.png"
-        _plot_loss(path, self.rows)
+        plot_loss(path, self.rows)
         return path
 
 
@@ -442,68 +443,3 @@ def _input_image_names(stack: ParticleStack, out_dir: Path):
     relative = {p: os.path.relpath(p, out_dir.resolve()) for p in set(meta.image_paths)}
     names = [f"{i + 1:06d}@{relative[p]}" for p, i in zip(meta.image_paths, meta.image_indices, strict=True)]
     return names, None
-
-
-def _plot_fsc(path: Path, curves: dict[str, ResolutionEvent]) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    f_max = 0.0
-    for branch, event in curves.items():
-        versus = "half 1 vs half 2" if event.kind == "half_maps" else f"{branch} vs truth"
-        label = f"{versus}, epoch {event.epoch}: {event.resolution_angstrom:.1f} Å at {event.threshold:g}"
-        # Shell 0 (DC, one voxel) is left out: its "correlation" is only the sign of the two means.
-        ax.plot(event.frequencies_per_angstrom[1:], event.fsc[1:], label=label)
-        f_max = max(f_max, float(event.frequencies_per_angstrom[-1]))
-    for threshold in sorted({event.threshold for event in curves.values()}, reverse=True):
-        ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"FSC = {threshold:g}")
-    ax.set_xlim(0, f_max)
-    ax.set_ylim(-0.1, 1.05)
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
-
-    def inverse(x):
-        x = np.asarray(x, dtype=float)
-        return 1.0 / np.where(np.abs(x) < 1e-9, 1e-9, x)
-
-    top = ax.secondary_xaxis("top", functions=(inverse, inverse))
-    # Round resolutions inside the plotted range, none crowded against 1/Å = 0.
-    ticks = [a for a in (100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2) if 0.08 <= 1 / (a * f_max) <= 1]
-    top.set_xticks(ticks, [f"{a:g}" for a in ticks])
-    top.set_xlabel("resolution (Å)")
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _plot_loss(path: Path, rows: list[dict[str, str]]) -> None:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    losses = []
-    for branch in dict.fromkeys(r["branch"] for r in rows):
-        mine = [r for r in rows if r["branch"] == branch and r["mean_loss"]]
-        line = ax.plot([int(r["epoch"]) for r in mine], [float(r["mean_loss"]) for r in mine], "o-")[0]
-        line.set_label(branch)
-        losses += [float(r["mean_loss"]) for r in mine]
-        direct = [int(r["epoch"]) for r in mine if r["phase"] == Phase.DIRECT.value]
-        if direct and mine[0]["phase"] != Phase.DIRECT.value:
-            ax.axvline(direct[0] - 0.5, color=line.get_color(), linestyle=":", label=f"{branch}: switch")
-    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
-        ax.set_yscale("log")  # the loss falls by orders of magnitude early on
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
