@@ -15,7 +15,8 @@ shifts either), ``--checkpoint 1`` (a map per epoch, for the resolution-vs-time 
 default, ``--explicit-volume`` (a voxel array like ours; ``--drgn-volume implicit`` for its
 default MLP). On 2 CPU cores its hierarchical pose search is the bottleneck: with the MLP and the
 translation search, the first pose-search epoch of 1000 images ran over 46 minutes; with the
-explicit volume and no translation search, over 10 minutes. A GPU is what it is built for.
+explicit volume and no translation search, about 13 minutes (3 such epochs by default). A GPU is
+what it is built for.
 
 Both read the simulated HSP90 set's RELION 3.1 STAR + MRCS (``datasets.hsp90``); cryoDRGN's CTF
 comes from its own ``parse_ctf_star``. Its outputs (``pose.<E>.pkl``, ``reconstruct.<E>.mrc``) are

@@ -235,6 +235,33 @@ def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
     }
 
 
+def time_posteriors(stack: ParticleStack, nsides: list[int], device: torch.device, repeats: int) -> None:
+    """Seconds per image of :func:`cryospin_lab.posterior.view_posterior` (the workbench's pose
+    posterior panel: every HEALPix direction x 24 in-plane angles rendered and scored)."""
+    from cryospin_lab.posterior import view_posterior
+
+    d = stack.box_size
+    volume = blob_volume(d)
+    image = stack.get_batch([0]).images[0]  # CTF ignored: the timing is the same with it
+    for nside in nsides:
+        kwargs = dict(ctf=None, pixel_size_angstrom=3.0 * 64 / d, nside=nside, device=device)
+        view_posterior(volume, image, **kwargs)  # warm-up
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            view_posterior(volume, image, **kwargs)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        n_rot = 12 * nside**2 * 24
+        median = statistics.median(times)
+        print(
+            f"{device.type:6} posterior D={d} nside={nside:<3} ({n_rot} rotations): "
+            f"{median:.2f} s per image ({n_rot / median:,.0f} rotations/s)",
+            flush=True,
+        )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="box sizes D (default 64 128)")
@@ -260,6 +287,13 @@ def main(argv=None) -> None:
         help="encoder mixed precision settings to compare (default off)",
     )
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
+    parser.add_argument(
+        "--nsides",
+        type=int,
+        nargs="*",
+        default=[8, 16],
+        help="HEALPix nsides at which to time the pose posterior of one image (default 8 16; none: skip)",
+    )
     args = parser.parse_args(argv)
     sizes = args.sizes or ([64] if args.quick else [64, 128])
     repeats = args.repeats or (3 if args.quick else 7)
@@ -301,6 +335,8 @@ def main(argv=None) -> None:
                         parts = time_interleaved(breakdown_steps(trainer, args.batch), device, repeats)
                         for name, t in parts.items():
                             print(f"{'':29} {name:32} {1e3 * t.wall_s:>9.1f} ms", flush=True)
+                if args.nsides:
+                    time_posteriors(stacks[d], args.nsides, device, max(1, repeats // 2))
 
 
 if __name__ == "__main__":
