@@ -12,10 +12,10 @@ writes its curve as text (``-o``); nothing is unpickled. Pairs (all written as M
 The two programs bin shells differently: ours puts a voxel at radius ``r`` (in Fourier pixels) in
 shell ``round(r)``, cryoDRGN in shell ``floor(r) + 1`` (its shell ``i`` holds ``i-1 <= r < i``),
 so shell ``i`` of one is not shell ``i`` of the other. The check therefore compares each cryoDRGN
-shell with ours **on cryoDRGN's shells** (``--same-shells``, the default: our
-:func:`cryospin_lab.metrics.compute_fsc` sums, evaluated on a map pair whose Fourier coefficients
-outside cryoDRGN's shell are zeroed, i.e. our code computing the number cryoDRGN's shell defines)
-and, as a second view, with our own curve interpolated at the mean radius of cryoDRGN's shell.
+shell with ours **on cryoDRGN's shells** (our :func:`cryospin_lab.metrics.compute_fsc` run on the
+map pair with every Fourier coefficient outside cryoDRGN's shell zeroed, i.e. our code computing
+the number cryoDRGN's shell defines) and, as a second view, with our own curve interpolated at the
+mean radius of cryoDRGN's shell.
 
     .venv/bin/python bench/fsc_crosscheck.py
     .venv/bin/python bench/fsc_crosscheck.py --reconstruction /tmp/cryospin-peer-cryodrgn/ours-auto/map.mrc
@@ -53,9 +53,9 @@ def noisy_pair(volume: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Ten
     """
     d = volume.shape[0]
     g = torch.Generator().manual_seed(seed)
-    k = fourier.radial_index_3d(d).to(torch.float64).clamp(min=0.5)
-    signal = fourier.fft_center(volume.to(torch.float64), 3)
     shell = fourier.radial_index_3d(d)
+    k = shell.to(torch.float64).clamp(min=0.5)
+    signal = fourier.fft_center(volume.to(torch.float64), 3)
     k_half = d / 6
     inside = shell == round(k_half)
     signal_power = (signal.abs() ** 2)[inside].mean()
@@ -81,11 +81,10 @@ def ours_on_drgn_shells(a: torch.Tensor, b: torch.Tensor, apix: float) -> np.nda
     """Our compute_fsc evaluated on cryoDRGN's shells: for each of its shells ``i >= 1``, the maps'
     spectra kept only at radii ``[i-1, i)`` and shell sums of :func:`metrics.compute_fsc` added up.
 
-    ``compute_fsc`` works per whole shell of its own, so a spectrum restricted to cryoDRGN's shell
-    ``i`` spreads over our shells ``i-1`` and ``i``; the FSC of the restricted pair is the
-    power-weighted sum over those shells, which the curve's ``fsc`` does not give directly. We
-    therefore recover each shell's cross and power sums from three calls (a with b, a with a,
-    b with b, all FSCs of 1 but for the cross term) -- still our FFT, centring and shell code.
+    ``compute_fsc`` works per shell of its own, so a spectrum restricted to cryoDRGN's shell ``i``
+    spreads over our shells ``i-1`` and ``i``; the FSC of the restricted pair is the sum of
+    ``compute_fsc``'s per-shell values weighted by ``sqrt(power_a * power_b)`` of each shell
+    (:func:`_shell_power`), divided by ``sqrt(sum power_a * sum power_b)``.
     """
     d = a.shape[0]
     fa = fourier.fft_center(a.to(torch.float64), 3)
@@ -119,10 +118,8 @@ def _shell_power(x: torch.Tensor) -> np.ndarray:
     return power.numpy()
 
 
-def ours_interpolated(a: torch.Tensor, b: torch.Tensor, apix: float) -> np.ndarray:
+def ours_interpolated(curve: metrics.FSCCurve, d: int) -> np.ndarray:
     """Our own curve (round(r) shells) interpolated at the mean radius of each cryoDRGN shell."""
-    d = a.shape[0]
-    curve = metrics.compute_fsc(a, b, apix)
     k = np.arange(d) - d // 2
     kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
     r = np.sqrt(kx**2 + ky**2 + kz**2)
@@ -193,13 +190,15 @@ def main() -> int:
         b, _ = read_map(pb, voxel_size_angstrom=apix)
         theirs = drgn_fsc(pa, pb, args.out / f"{pa.stem}_{pb.stem}_drgn.txt")[:, 1]
         same = ours_on_drgn_shells(a, b, apix)
-        interp = ours_interpolated(a, b, apix)
+        ours = metrics.compute_fsc(a, b, apix)
+        interp = ours_interpolated(ours, a.shape[0])
         d_same = np.abs(same[1:] - theirs[1:]).max()
         d_interp = np.abs(interp[1:] - theirs[1:]).max()
         worst = max(worst, d_same)
-        ours_res = metrics.compute_fsc(a, b, apix).resolution_at_0_5
-        rows.append((name, a.shape[0], len(theirs) - 1, theirs.min(), d_same, d_interp, ours_res))
-        curves.append((name, a.shape[0], theirs, same, metrics.compute_fsc(a, b, apix).fsc))
+        rows.append(
+            (name, a.shape[0], len(theirs) - 1, theirs.min(), d_same, d_interp, ours.resolution_at_0_5)
+        )
+        curves.append((name, a.shape[0], theirs, same, ours.fsc))
         print(
             f"{name}: max |ours - cryoDRGN| on its shells {d_same:.2e}, interpolated {d_interp:.3f}",
             flush=True,

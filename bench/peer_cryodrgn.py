@@ -220,7 +220,10 @@ def main() -> int:
     if not args.skip_drgn:
         name = f"cryoDRGN 4.3 abinit (zdim 0, {args.drgn_volume} volume)"
         try:
-            runs[name] = [run_drgn(args, star, data_dir, sim, pixel_size, seed) for seed in seeds]
+            ctf, transposed = drgn_inputs(args, star)
+            runs[name] = [
+                run_drgn(args, star, data_dir, sim, pixel_size, seed, ctf, transposed) for seed in seeds
+            ]
         except (TimeoutError, RuntimeError) as err:  # our rows are still written
             print(f"{name}: {err}", file=sys.stderr)
             runs[name] = [{"failed": str(err).splitlines()[0]}]
@@ -230,14 +233,20 @@ def main() -> int:
     return 0
 
 
-def run_drgn(args, star: Path, data_dir: Path, sim, pixel_size: float, seed: int) -> dict:
-    # CTF and (to learn its convention) the true poses, parsed by its own tools
+def drgn_inputs(args, star: Path) -> tuple[Path, bool]:
+    """cryoDRGN's CTF file and whether its rotations are our transposes, both from its own parsers
+    (the true poses of the STAR, parsed by ``parse_pose_star``, show its convention)."""
     ctf = args.out / "ctf.pkl"
     timed(drgn("parse_ctf_star", str(star), "-o", str(ctf)), args.out / "parse_ctf.log")
     true_pkl = args.out / "true_poses.pkl"
     timed(drgn("parse_pose_star", str(star), "-o", str(true_pkl)), args.out / "parse_pose.log")
     true_rot = np.asarray(ParticleStack(star).metadata.rotations, dtype=np.float64)
-    transposed = convention(true_rot, drgn_rotations(true_pkl, args.out / "true_poses.npy"))
+    return ctf, convention(true_rot, drgn_rotations(true_pkl, args.out / "true_poses.npy"))
+
+
+def run_drgn(
+    args, star: Path, data_dir: Path, sim, pixel_size: float, seed: int, ctf: Path, transposed: bool
+):
     out = args.out / f"cryodrgn-s{seed}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     epochs = args.drgn_epochs or args.epochs

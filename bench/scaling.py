@@ -46,7 +46,7 @@ def _worker(args) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import make_trainer, stage_steps, synthetic_stack, time_interleaved
+    import throughput
 
     from cryospin_lab.config import TrainingConfig
     from cryospin_lab.encoder import EncoderConfig
@@ -59,15 +59,14 @@ def _worker(args) -> dict:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="cryospin-scaling-") as tmp:
         if args.kind == "step":
-            stack = synthetic_stack(args.d, max(4 * BATCH, 128), Path(tmp))
-            import throughput
-
-            throughput.N_HEADS = args.h
-            trainer = make_trainer(stack, args.preset, device, BATCH)
-            timings = time_interleaved(stage_steps(trainer, BATCH), device, args.repeats, n_warmup=1)
+            stack = throughput.synthetic_stack(args.d, max(4 * BATCH, 128), Path(tmp))
+            throughput.N_HEADS = args.h  # make_trainer's head count
+            trainer = throughput.make_trainer(stack, args.preset, device, BATCH)
+            steps = throughput.stage_steps(trainer, BATCH)
+            timings = throughput.time_interleaved(steps, device, args.repeats, n_warmup=1)
             out = {name: t.wall_s for name, t in timings.items()}
         else:
-            stack = synthetic_stack(args.d, args.n, Path(tmp))
+            stack = throughput.synthetic_stack(args.d, args.n, Path(tmp))
             config = TrainingConfig(
                 encoder=EncoderConfig(box_size=args.d, n_heads=args.h, preset=args.preset),
                 n_epochs=2,
@@ -88,14 +87,15 @@ def _worker(args) -> dict:
 
 def run_point(argv: list[str]) -> dict:
     """Run ``_worker`` in a fresh process; its result plus its peak RSS (MB)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+    # stderr to a file, not a pipe: nothing reads a pipe while os.wait4 waits, so a chatty worker
+    # would block on a full one
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result, tempfile.TemporaryFile("w+") as err:
         command = [sys.executable, __file__, "--worker", "--result", result.name, *argv]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
-        stderr = process.stderr.read()
-        process.stderr.close()
         if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"point {' '.join(argv)} failed:\n{stderr[-2000:]}")
+            err.seek(0)
+            raise RuntimeError(f"point {' '.join(argv)} failed:\n{err.read()[-2000:]}")
         out = json.loads(Path(result.name).read_text())
     out["peak_rss_mb"] = usage.ru_maxrss / 1024
     return out
@@ -166,7 +166,7 @@ def main() -> int:
     fits = {}
     for stage in ("amortized", "direct"):
         fits[f"D {stage}"] = fit_power(d_arr, [by_d[d][stage] for d in sizes])
-        fits[f"H {stage}"] = fit_line(heads, [by_h[h][stage] for h in heads])
+    fits["H amortized"] = fit_line(heads, [by_h[h]["amortized"] for h in heads])
     fits["N"] = fit_line(counts, [by_n[n]["epoch_s"] for n in counts])
     memory_key = "gpu_peak_mb" if gpu else "peak_rss_mb"
     mem = [by_d[d][memory_key] for d in sizes]
