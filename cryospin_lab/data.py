@@ -342,7 +342,9 @@ def read_map(path: str | os.PathLike, *, voxel_size_angstrom: float | None = Non
     The voxel size comes from the header (cell / sampling). A header voxel size of
     0 (unset) or non-finite raises ValueError unless ``voxel_size_angstrom`` is
     given; an explicit value always wins (with a warning if the header disagrees).
-    Axes are reordered to ``[z, y, x]`` when the header's mapc/mapr/maps say so.
+    Axes are reordered to ``[z, y, x]`` when the header's mapc/mapr/maps say so;
+    mapc/mapr/maps that are not an order of 1, 2, 3 raise ValueError (all three 0,
+    as some writers leave them, is read as the standard order with a warning).
     """
     path = Path(path)
     if not path.is_file():
@@ -378,7 +380,14 @@ def read_map(path: str | os.PathLike, *, voxel_size_angstrom: float | None = Non
             f"{path}: {int((~finite).sum())} voxels are NaN or Inf, the first at [z, y, x] = "
             f"{tuple(int(i) for i in where)}"
         )
-    if sorted(axes) == [1, 2, 3] and axes != (1, 2, 3):
+    if axes == (0, 0, 0):
+        warnings.warn(f"{path}: mapc/mapr/maps are unset (0); read as x, y, z (1, 2, 3)", stacklevel=2)
+        axes = (1, 2, 3)
+    if sorted(axes) != [1, 2, 3]:
+        raise ValueError(
+            f"{path}: header axis order mapc/mapr/maps = {axes} is not an order of 1, 2, 3 (x, y, z)"
+        )
+    if axes != (1, 2, 3):
         # Data axes are (section, row, column), holding axes (maps, mapr, mapc) with x=1, y=2, z=3.
         labels = [axes[2], axes[1], axes[0]]
         data = np.ascontiguousarray(np.transpose(data, [labels.index(3), labels.index(2), labels.index(1)]))
@@ -406,7 +415,10 @@ def _float32_to_float(value) -> float:
 
 
 def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> None:
-    """Write a ``[z, y, x]`` volume as a float32 MRC map atomically (temp file in the same dir, renamed)."""
+    """Write a ``[z, y, x]`` volume as a float32 MRC map atomically (temp file in the same dir, renamed).
+
+    A volume with NaN or Inf voxels raises ValueError and writes nothing.
+    """
     path = Path(path)
     if not voxel_size_angstrom > 0:
         raise ValueError(f"{path}: voxel_size_angstrom={voxel_size_angstrom} must be positive")
@@ -414,6 +426,9 @@ def write_map(path: str | os.PathLike, volume, voxel_size_angstrom: float) -> No
     array = np.ascontiguousarray(array, dtype=np.float32)
     if array.ndim != 3:
         raise ValueError(f"{path}: volume must be 3-D [z, y, x], got shape {array.shape}")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise ValueError(f"{path}: not written: {int(bad.sum())} of {array.size} voxels are NaN or Inf")
     with atomic_path(path, ".mrc") as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(array)
         mrc.voxel_size = float(voxel_size_angstrom)

@@ -255,6 +255,42 @@ def test_read_map_reorders_axes_from_header(tmp_path):
     assert voxel == 1.5
 
 
+@pytest.mark.parametrize("axes", [(1, 1, 3), (0, 2, 3), (1, 2, 4)])
+def test_read_map_rejects_an_axis_order_that_is_not_a_permutation(tmp_path, axes):
+    path = tmp_path / "bad_axes.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(np.zeros((4, 4, 4), np.float32))
+        mrc.voxel_size = 2.0
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = axes
+    with pytest.raises(ValueError, match=r"bad_axes\.mrc.*mapc/mapr/maps"):
+        read_map(path)
+
+
+def test_read_map_reads_unset_axis_order_as_xyz_with_a_warning(tmp_path):
+    volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    path = tmp_path / "unset_axes.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(volume)
+        mrc.voxel_size = 2.0
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 0, 0, 0
+    with pytest.warns(UserWarning, match=r"unset_axes\.mrc.*unset"):
+        got, _ = read_map(path)
+    np.testing.assert_array_equal(got.numpy(), volume)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_write_map_refuses_non_finite_voxels_and_keeps_the_old_file(tmp_path, bad):
+    out = tmp_path / "map.mrc"
+    write_map(out, np.ones((4, 4, 4), np.float32), 2.0)
+    volume = np.zeros((4, 4, 4), np.float32)
+    volume[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=r"map\.mrc: not written: 1 of 64 voxels are NaN or Inf"):
+        write_map(out, volume, 2.0)
+    assert os.listdir(tmp_path) == ["map.mrc"]
+    with mrcfile.open(out) as mrc:  # the earlier map is intact
+        np.testing.assert_array_equal(mrc.data, np.ones((4, 4, 4), np.float32))
+
+
 def test_write_map_atomic_round_trip(tmp_path, monkeypatch):
     volume = torch.randn(6, 7, 8)
     out = tmp_path / "map.mrc"
