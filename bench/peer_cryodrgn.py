@@ -18,14 +18,17 @@ translation search, the first pose-search epoch of 1000 images ran over 46 minut
 explicit volume and no translation search, about 13 minutes (3 such epochs by default). A GPU is
 what it is built for.
 
-Both read the simulated HSP90 set's RELION 3.1 STAR + MRCS (``datasets.hsp90``); cryoDRGN's CTF
-comes from its own ``parse_ctf_star``. Its outputs (``pose.<E>.pkl``, ``reconstruct.<E>.mrc``) are
-converted by a script run *in its environment* (its own ``utils.load_pkl`` on files it just wrote;
-nothing here unpickles). Its rotation convention is found, not assumed: ``parse_pose_star`` on the
-STAR's true poses, converted the same way, must give our true rotations or their transposes.
+Both read the same simulated RELION 3.1 STAR + MRCS (D=64, SNR 0.1, CTF with EMPIAR-10028's defocus
+values, centred): by default the HSP90 set (``datasets.hsp90``, 3 Å/px), or with ``--molecule
+ribosome`` a set simulated from the 70S ribosome map in ``tests/data/maps`` (5 Å/px, no symmetry;
+cached under ``--out``). cryoDRGN's CTF comes from its own ``parse_ctf_star``. Its outputs
+(``pose.<E>.pkl``, ``reconstruct.<E>.mrc``) are converted by a script run *in its environment*
+(its own ``utils.load_pkl`` on files it just wrote; nothing here unpickles). Its rotation
+convention is found, not assumed: ``parse_pose_star`` on the STAR's true poses, converted the same
+way, must give our true rotations or their transposes.
 
 Measured per method (wall time and peak RSS of the process, from ``os.wait4``): mean/median pose
-error after the best global rotation and hand (and modulo HSP90's pseudo two-fold), FSC 0.5
+error after the best global rotation and hand (and, for HSP90, modulo its pseudo two-fold), FSC 0.5
 resolution against the true map after alignment, the time to reach twice the Nyquist resolution
 and a resolution-vs-time curve per run (paper Fig. 3); ``--repeats K`` runs each method K times
 (seeds seed..seed+K-1) and reports medians with (min-max). ``--heads-variants 1 2`` adds our fully
@@ -52,10 +55,16 @@ import torch
 
 from cryospin_lab import datasets, metrics
 from cryospin_lab.data import ParticleStack, read_map
+from cryospin_lab.simulate import SimulationResult, simulate_particles
 from cryospin_lab.star import read_star
 
 ROOT = Path(__file__).resolve().parents[1]
 DRGN_VENV = ROOT / "bench" / ".venv-cryodrgn"
+RIBOSOME_MAP = ROOT / "tests" / "data" / "maps" / "clean70SRibosome_vol_65p.mrc"
+MOLECULES = {
+    "hsp90": "HSP90 (2CG9, 3 Å/px)",
+    "ribosome": "70S ribosome (ASPIRE's map, 5 Å/px)",
+}
 
 CONVERT = """
 import sys, numpy as np
@@ -108,7 +117,27 @@ def convention(true_rotations: np.ndarray, parsed: np.ndarray) -> bool:
     return transposed < same
 
 
-def evaluate(volume_path: Path, rotations: np.ndarray, sim, pixel_size: float) -> dict:
+def particle_set(molecule: str, n: int, cache: Path) -> tuple[SimulationResult, torch.Tensor | None]:
+    """The simulated set (D=64, SNR 0.1, CTF, centred, seed 0) and the rotations that count as the
+    same pose for the pose error (HSP90's pseudo two-fold; None for the ribosome)."""
+    if molecule == "hsp90":
+        return datasets.hsp90(n_particles=n, progress=False), datasets.hsp90_pseudo_symmetry()
+    out = cache / f"ribosome_n{n}_box64_apix5_snr0.1_seed0"
+    try:
+        sim = SimulationResult.load(out)
+        if sim.n_particles == n:
+            return sim, None
+    except (FileNotFoundError, ValueError):
+        pass
+    # the map's header has no voxel size; RELION projected it at 5 Å/px (tests/data/MANIFEST.md)
+    sim = simulate_particles(
+        RIBOSOME_MAP, out_dir=out, box_size=64, pixel_size_angstrom=5.0, n_particles=n, snr=0.1,
+        ctf=True, defocus="empiar10028", seed=0, map_pixel_size_angstrom=5.0, progress=False,
+    )  # fmt: skip
+    return sim, None
+
+
+def evaluate(volume_path: Path, rotations: np.ndarray, sim, pixel_size: float, symmetry) -> dict:
     truth_map, _ = read_map(sim.ground_truth_path)
     volume, _ = read_map(volume_path)
     curve, _ = metrics.fsc_vs_ground_truth(volume, truth_map, pixel_size)
@@ -116,7 +145,7 @@ def evaluate(volume_path: Path, rotations: np.ndarray, sim, pixel_size: float) -
     true = torch.as_tensor(stack.metadata.rotations, dtype=torch.float64)
     est = torch.as_tensor(rotations, dtype=torch.float64)
     plain = metrics.pose_error(true, est)
-    mate = metrics.pose_error(true, est, symmetry_rotations=datasets.hsp90_pseudo_symmetry())
+    mate = plain if symmetry is None else metrics.pose_error(true, est, symmetry_rotations=symmetry)
     return {
         "resolution_angstrom": curve.resolution_at_0_5,
         "pose_mean_deg": plain.mean_deg,
@@ -168,14 +197,19 @@ def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, 
     subprocess.run(["rm", "-rf", str(out)], check=True)
     run = timed(argv, args.out / f"{out.name}.log")
     curve = resolution_curve_ours(out / "events.jsonl")
-    row = {**run, **evaluate(out / "map.mrc", _our_rotations(out / "poses.star"), sim, apix), "curve": curve}
+    row = {
+        **run,
+        **evaluate(out / "map.mrc", _our_rotations(out / "poses.star"), sim, apix, args.symmetry),
+        "curve": curve,
+    }
     print(name, json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000, help="images of the simulated HSP90 set (D=64)")
+    parser.add_argument("--n", type=int, default=1000, help="images of the simulated set (D=64)")
+    parser.add_argument("--molecule", choices=sorted(MOLECULES), default="hsp90", help="default hsp90")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--drgn-epochs", type=int, default=None, help="cryoDRGN's epochs (default --epochs)")
     parser.add_argument("--threads", type=int, default=2)
@@ -198,11 +232,11 @@ def main() -> int:
     if not args.skip_drgn and not (DRGN_VENV / "bin" / "cryodrgn").exists():
         print(f"cryoDRGN is not installed in {DRGN_VENV}: see this script's docstring", file=sys.stderr)
         return 2
-    sim = datasets.hsp90(n_particles=args.n, progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sim, args.symmetry = particle_set(args.molecule, args.n, args.out)
     star, data_dir = Path(sim.star_path), Path(sim.star_path).parent
     truth = Path(sim.ground_truth_path)
     pixel_size = float(ParticleStack(star).pixel_size_angstrom)
-    args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     seeds = [args.seed + k for k in range(args.repeats)]
 
@@ -266,7 +300,11 @@ def run_drgn(
     if transposed:
         rot = rot.transpose(0, 2, 1)
     curve = resolution_curve_drgn(out, run["started_at"], sim, pixel_size)
-    row = {**run, **evaluate(out / f"reconstruct.{last}.mrc", rot, sim, pixel_size), "curve": curve}
+    row = {
+        **run,
+        **evaluate(out / f"reconstruct.{last}.mrc", rot, sim, pixel_size, args.symmetry),
+        "curve": curve,
+    }
     print("cryoDRGN", json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     return row
 
@@ -291,12 +329,15 @@ def write_table(runs: dict, args, pixel_size: float) -> Path:
         ).stdout.strip()  # fmt: skip
     stamp = datetime.date.today().isoformat()
     seeds = ", ".join(str(args.seed + k) for k in range(args.repeats))
-    path = args.results / f"peer_cryodrgn_cpu_n{args.n}_{stamp}.md"
+    tag = "" if args.molecule == "hsp90" else f"{args.molecule}_"
+    if args.repeats > 1:
+        tag += f"r{args.repeats}_"
+    path = args.results / f"peer_cryodrgn_cpu_{tag}n{args.n}_{stamp}.md"
     target = 2 * 2 * pixel_size  # twice the Nyquist resolution (2 * apix)
     command = " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
-        f"# cryospin-lab vs cryoDRGN, {args.n} HSP90 images (D=64, SNR 0.1, CTF), {args.epochs} epochs"
-        + (f" (cryoDRGN {args.drgn_epochs})" if args.drgn_epochs else ""),
+        f"# cryospin-lab vs cryoDRGN, {args.n} {MOLECULES[args.molecule]} images (D=64, SNR 0.1, CTF), "
+        f"{args.epochs} epochs" + (f" (cryoDRGN {args.drgn_epochs})" if args.drgn_epochs else ""),
         "",
         f"Machine: {platform.node()}, {os.cpu_count()} cores, {args.threads} threads per run, one run at a "
         f"time; torch {torch.__version__}; cryoDRGN {drgn_version}; seeds {seeds}.",
@@ -320,6 +361,8 @@ def write_table(runs: dict, args, pixel_size: float) -> Path:
             reach_text += f" ({len(reached)}/{len(reach)} runs)"
 
         def col(key: str, fmt: str, rows=rows) -> str:
+            if key.endswith("_mate_deg") and args.symmetry is None:
+                return "n/a"  # no pseudo-symmetry: the plain pose error is the whole story
             return _median_spread([r[key] for r in rows], fmt)
 
         lines.append(

@@ -134,6 +134,8 @@ def _sync(device: torch.device) -> None:
 class Timing:
     wall_s: float  # median seconds per call
     cpu_per_wall: float  # process CPU seconds per wall second over all timed calls
+    min_s: float  # the spread of the timed calls
+    max_s: float
 
 
 def time_interleaved(steps: dict, device: torch.device, n_repeats: int, n_warmup: int = 2) -> dict:
@@ -151,7 +153,9 @@ def time_interleaved(steps: dict, device: torch.device, n_repeats: int, n_warmup
             _sync(device)
             walls[name].append(time.perf_counter() - w0)
             cpus[name] += time.process_time() - c0
-    return {name: Timing(statistics.median(w), cpus[name] / sum(w)) for name, w in walls.items()}
+    return {
+        name: Timing(statistics.median(w), cpus[name] / sum(w), min(w), max(w)) for name, w in walls.items()
+    }
 
 
 def make_trainer(
@@ -257,7 +261,8 @@ def time_posteriors(stack: ParticleStack, nsides: list[int], device: torch.devic
         median = statistics.median(times)
         print(
             f"{device.type:6} posterior D={d} nside={nside:<3} ({n_rot} rotations): "
-            f"{median:.2f} s per image ({n_rot / median:,.0f} rotations/s)",
+            f"{median:.2f} s per image ({n_rot / median:,.0f} rotations/s; "
+            f"min-max {min(times):.2f}-{max(times):.2f} s over {len(times)} runs)",
             flush=True,
         )
 
@@ -304,9 +309,11 @@ def main(argv=None) -> None:
     thread_counts = args.threads or [torch.get_num_threads()]
 
     print(machine_description())
-    print(f"batch {args.batch}, {N_HEADS} heads, full disc, median of {repeats} steps per stage")
+    print(
+        f"batch {args.batch}, {N_HEADS} heads, full disc, median (and min-max) of {repeats} steps per stage"
+    )
     header = f"{'device':6} {'preset':6} {'amp':4} {'D':>4} {'thr':>3} {'stage':10} "
-    print(header + f"{'ms/step':>9} {'images/s':>9} {'cpu/wall':>8} {'min/10k':>8}")
+    print(header + f"{'ms/step':>9} {'min-max ms':>13} {'images/s':>9} {'cpu/wall':>8} {'min/10k':>8}")
     with tempfile.TemporaryDirectory(prefix="cryospin-throughput-") as tmp:
         stacks = {d: synthetic_stack(d, args.images, Path(tmp)) for d in sizes}
         for device in devices:
@@ -327,7 +334,8 @@ def main(argv=None) -> None:
                         rate = args.batch / t.wall_s
                         print(
                             f"{device.type:6} {preset:6} {amp:4} {d:>4} {threads:>3} {stage:10} "
-                            f"{1e3 * t.wall_s:>9.1f} {rate:>9.1f} {t.cpu_per_wall:>8.2f} "
+                            f"{1e3 * t.wall_s:>9.1f} {f'{1e3 * t.min_s:.0f}-{1e3 * t.max_s:.0f}':>13} "
+                            f"{rate:>9.1f} {t.cpu_per_wall:>8.2f} "
                             f"{10_000 / rate / 60:>8.2f}",
                             flush=True,
                         )
