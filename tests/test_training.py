@@ -21,7 +21,7 @@ import pytest
 import starfile
 import torch
 
-from cryospin_lab import so3, training
+from cryospin_lab import _steps, so3
 from cryospin_lab.checkpoint import load_checkpoint
 from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack
@@ -311,16 +311,16 @@ def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
     start = perturbed(truth, 25.0, seed=1).float()
     branch.pose_table.rotations = start.clone()
     recorded: list[float] = []
-    original = training.image_losses
+    original = _steps.image_losses
 
     def recording(predicted, observed_ht, disc_, kind):
         out = original(predicted, observed_ht, disc_, kind)
         recorded.append(float(out.detach().sum()))
         return out
 
-    monkeypatch.setattr(training, "image_losses", recording)
+    monkeypatch.setattr(_steps, "image_losses", recording)
     trainer._direct_step(branch, rows)
-    monkeypatch.setattr(training, "image_losses", original)
+    monkeypatch.setattr(_steps, "image_losses", original)
 
     n_pose_steps = trainer.config.n_pose_steps
     assert len(recorded) == n_pose_steps + 1
