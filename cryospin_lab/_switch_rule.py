@@ -8,7 +8,7 @@ from cryospin_lab import so3
 from cryospin_lab.branch import Branch
 from cryospin_lab.config import TrainingConfig
 
-__all__ = ["cap_held", "pose_change", "switch_due"]
+__all__ = ["pose_change", "switch_due"]
 
 
 def pose_change(branch: Branch) -> float:
@@ -18,25 +18,12 @@ def pose_change(branch: Branch) -> float:
     return float(so3.geodesic_angle_deg(previous, current).median())
 
 
-def cap_held(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> bool:
-    """True when the ``auto`` rule is past ``auto_max_epochs`` but waits: the median change of the
-    best poses in the last epoch is ``auto_max_hold_deg`` or more (the poses are still being found)."""
-    return (
-        branch.switch_rule == "auto"
-        and bool(cfg.auto_max_epochs)
-        and branch.epoch >= cfg.auto_max_epochs
-        and not pose_change_deg < cfg.auto_max_hold_deg
-    )
-
-
 def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> str | None:
     """The switch rule after an amortized epoch: the reason, or None to stay amortized.
 
     ``auto`` (our criterion; the paper leaves one open): switch once the
     amortized poses have locked in, and at the latest after
-    ``auto_max_epochs``, unless the best poses still move by
-    ``auto_max_hold_deg`` or more per epoch (median): then it waits (see
-    :func:`cap_held`). After ``auto_min_epochs`` and the end of the disc
+    ``auto_max_epochs``. After ``auto_min_epochs`` and the end of the disc
     ramp (the head loss gap, mean minus best head loss, shrinks with every
     shell added), and only while the median change of each image's best
     pose since the previous epoch is below ``auto_stable_deg``, it
@@ -64,13 +51,6 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     * One GPU run per rule stuck on the pseudo-symmetry (23-30 Å) whatever
       the switch epoch: no switch rule rescues an amortized stage that
       has not broken the symmetry.
-    * The hold (``auto_max_hold_deg``): on the 70S ribosome set
-      (``bench/peer_cryodrgn.py --molecule ribosome --n 10000``, CPU) the
-      amortized stage sat at ~61 Å for 14 epochs, then improved fast
-      (28 Å at epoch 20) with the best poses moving 27 degrees per
-      epoch; forced to switch there, the direct stage froze them (23 Å
-      and 44 degrees median at epoch 26). The HSP90 runs moved 8-12
-      degrees per epoch at the cap, so the hold leaves them unchanged.
     """
     rule = branch.switch_rule
     if rule == "never":
@@ -78,8 +58,7 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     if isinstance(rule, int):
         return "epoch" if branch.epoch >= rule else None
     if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
-        if not cap_held(branch, cfg, pose_change_deg):
-            return "auto"
+        return "auto"
     # Not while the disc still grows: the gap shrinks with every added shell then.
     if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
         return None

@@ -55,9 +55,6 @@ class TrainingConfig:
     # on the CPU trajectory of the default set, see _switch_rule.switch_due)
     auto_loss_plateau: float = 0.0
     auto_max_epochs: int = 20  # auto switch: at the latest after this many epochs (0: never forced)
-    # auto switch: ... but not while the median change of the best poses per epoch is at least this
-    # (the amortized stage is still finding them; inf: the cap fires whatever the change)
-    auto_max_hold_deg: float = 20.0
     volume_init_mantissa: float = 0.1  # std of the initial mantissa (exponent starts at the data's envelope)
     n_tracked: int = 6  # images whose H candidates are reported every epoch
     volume_interval_s: float = 5.0  # at most one volume snapshot event per this many seconds
@@ -136,12 +133,6 @@ class TrainingConfig:
         for name in ("auto_gap_rise", "auto_stable_deg", "volume_init_mantissa"):
             value = getattr(self, name)
             check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
-        check(
-            "auto_max_hold_deg",
-            self.auto_max_hold_deg,
-            isinstance(self.auto_max_hold_deg, numbers.Real) and 0 < self.auto_max_hold_deg <= math.inf,
-            "a positive number (inf: no hold)",
-        )
         for name in ("auto_loss_plateau", "volume_interval_s"):
             value = getattr(self, name)
             check(name, value, isinstance(value, numbers.Real) and 0 <= value <= math.inf, "a number >= 0")

@@ -30,7 +30,7 @@ from torch import Tensor
 from cryospin_lab import gold_standard, metrics
 from cryospin_lab._epoch_report import assignment_event, resolution_event
 from cryospin_lab._steps import StepsMixin
-from cryospin_lab._switch_rule import cap_held, pose_change, switch_due
+from cryospin_lab._switch_rule import pose_change, switch_due
 from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
     check_output_dir,
@@ -255,13 +255,6 @@ class Trainer(StepsMixin):
             epoch_time_s=epoch_time_s,
             **stamp,
         )
-        if branch.phase is Phase.AMORTIZED and cap_held(branch, cfg, change_deg):
-            yield LogEvent(
-                message=f"auto switch waits after epoch {branch.epoch} (auto_max_epochs "
-                f"{cfg.auto_max_epochs}): the best poses still move {change_deg:.1f}° per epoch "
-                f"(median; it switches below auto_max_hold_deg = {cfg.auto_max_hold_deg:g}°)",
-                **stamp,
-            )
         rotations = self._current_rotations(branch)
         pose = None
         if self.true_rotations is not None and self.comm.is_main:
