@@ -51,6 +51,13 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     * One GPU run per rule stuck on the pseudo-symmetry (23-30 Å) whatever
       the switch epoch: no switch rule rescues an amortized stage that
       has not broken the symmetry.
+    * Tried and dropped, a hold on the cap (wait while the best poses
+      still move 20 degrees or more per epoch): on the 70S ribosome set
+      (``bench/peer_cryodrgn.py --molecule ribosome --n 10000 --epochs 26``,
+      CPU) the cap fires with the poses moving 27 degrees per epoch; held,
+      the run never switched and ended at 25.3 Å and 34.9 degrees median
+      pose error, against 23.1 Å and 44.5 degrees with the switch at 20:
+      better poses, a worse map.
     """
     rule = branch.switch_rule
     if rule == "never":
