@@ -113,6 +113,18 @@ def fit_line(x, y) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def _table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown section: a blank line, the "## title" heading, a blank line, the table."""
+    return [
+        "",
+        f"## {title}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
 def total_memory_mb(device: str) -> float:
     if device == "cuda":
         import torch
@@ -189,45 +201,47 @@ def main() -> int:
         f"Command: {command}. Machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} at start; "
         f"torch {torch.__version__}, {args.threads or 'default'} threads; batch {BATCH}; each point in its "
         f"own process; took {time.perf_counter() - started:.0f} s.",
-        "",
-        "## Box size D (H = 7)",
-        "",
-        f"| D | amortized ms/step | direct ms/step | min per 10k-image epoch (amortized / direct) | peak "
-        f"{'GPU' if gpu else 'RSS'} MB |",
-        "|---|---|---|---|---|",
     ]
-    for d in sizes:
-        r = by_d[d]
-        lines.append(
-            f"| {d} | {1e3 * r['amortized']:.0f} | {1e3 * r['direct']:.0f} | "
-            f"{per_epoch_min(r['amortized']):.1f} / {per_epoch_min(r['direct']):.1f} | {r[memory_key]:.0f} |"
-        )
+    lines += _table(
+        "Box size D (H = 7)",
+        [
+            "D",
+            "amortized ms/step",
+            "direct ms/step",
+            "min per 10k-image epoch (amortized / direct)",
+            f"peak {'GPU' if gpu else 'RSS'} MB",
+        ],
+        [
+            [
+                d,
+                f"{1e3 * by_d[d]['amortized']:.0f}",
+                f"{1e3 * by_d[d]['direct']:.0f}",
+                f"{per_epoch_min(by_d[d]['amortized']):.1f} / {per_epoch_min(by_d[d]['direct']):.1f}",
+                f"{by_d[d][memory_key]:.0f}",
+            ]
+            for d in sizes
+        ],
+    )
     for stage in ("amortized", "direct"):
         a, p = fits[f"D {stage}"]
         lines.append(f"\nFit, {stage}: t = {1e3 * a:.3g} ms x D^{p:.2f}.")
     lines += [
         f"Memory fit: {m0:.0f} MB + {c * 64**3:.0f} MB x (D/64)^3; this machine's {limit / 1024:.0f} GiB "
         f"would run out near D = {d_limit:.0f} (an extrapolation).",
-        "",
-        "## Heads H (D = 64)",
-        "",
-        "| H | amortized ms/step | direct ms/step |",
-        "|---|---|---|",
     ]
-    for h in heads:
-        lines.append(f"| {h} | {1e3 * by_h[h]['amortized']:.0f} | {1e3 * by_h[h]['direct']:.0f} |")
+    lines += _table(
+        "Heads H (D = 64)",
+        ["H", "amortized ms/step", "direct ms/step"],
+        [[h, f"{1e3 * by_h[h]['amortized']:.0f}", f"{1e3 * by_h[h]['direct']:.0f}"] for h in heads],
+    )
     a, b = fits["H amortized"]
     lines.append(f"\nFit, amortized: t = {1e3 * a:.0f} ms + {1e3 * b:.1f} ms x H (the direct step renders "
                  "one pose whatever H is).")  # fmt: skip
-    lines += [
-        "",
-        "## Images N (D = 64, H = 7, whole epochs, fully amortized)",
-        "",
-        "| N | s per epoch |",
-        "|---|---|",
-    ]
-    for n in counts:
-        lines.append(f"| {n} | {by_n[n]['epoch_s']:.1f} |")
+    lines += _table(
+        "Images N (D = 64, H = 7, whole epochs, fully amortized)",
+        ["N", "s per epoch"],
+        [[n, f"{by_n[n]['epoch_s']:.1f}"] for n in counts],
+    )
     a, b = fits["N"]
     lines.append(f"\nFit: t = {a:.1f} s + {1e3 * b:.2f} ms x N (epoch-end work + per image); 50,000 images: "
                  f"{(a + b * 50_000) / 60:.1f} min per epoch.")  # fmt: skip
