@@ -1,7 +1,9 @@
-"""Sweep of amortized-stage settings on the default HSP90 set; one JSON line per epoch.
+"""Sweep of amortized-stage settings on the HSP90 set or any STAR + true map; one JSON line per epoch.
 
 Run several in parallel on one GPU, e.g.
     python bench/experiments/amortized_sweep.py --name lr1e-3 --encoder-lr 1e-3 --budget-s 200
+Another set: ``--star particles.star --truth map.mrc`` (e.g. the ribosome set that
+``bench/peer_cryodrgn.py --molecule ribosome`` simulates and caches under its ``--out``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", default=None)
+    p.add_argument("--star", default=None, help="particles (default: the HSP90 set)")
+    p.add_argument("--truth", default=None, help="true map of --star (needed with --star)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument("--out", default=None, help="write checkpoints every epoch under OUT/checkpoints")
     p.add_argument(
         "--modulo-two-fold",
@@ -42,11 +47,17 @@ def main() -> None:
         help="also log the pose error modulo HSP90's pseudo two-fold (mean2/median2)",
     )
     a = p.parse_args()
-    data = datasets.hsp90(cache_dir=a.cache, progress=False)
-    stack = ParticleStack(data.star_path)
+    if a.star is None:
+        data = datasets.hsp90(cache_dir=a.cache, progress=False)
+        star, truth_path = data.star_path, data.ground_truth_path
+    elif a.truth is None:
+        p.error("--star needs --truth (the sweep scores every epoch against the true map)")
+    else:
+        star, truth_path = a.star, a.truth
+    stack = ParticleStack(star)
     if a.n < len(stack):
         stack.metadata = stack.metadata.subset(range(a.n))
-    truth, _ = read_map(data.ground_truth_path)
+    truth, _ = read_map(truth_path)
     # Only the options given override TrainingConfig's defaults.
     given = {
         "encoder_lr": a.encoder_lr,
@@ -61,6 +72,7 @@ def main() -> None:
         switch=a.switch,
         batch_size=a.batch,
         device=a.device,
+        threads=a.threads,
         checkpoint_every=1 if a.out else 0,
         n_tracked=0,
         volume_interval_s=1e9,
