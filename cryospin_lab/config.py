@@ -26,9 +26,19 @@ class TrainingConfig:
     per epoch) the amortized poses stay random until a symmetry-breaking
     "collapse" of the pose error; with 1e-4 it had not happened after 27
     epochs, with 1e-3 it came at epochs 5-13 (one GPU sweep,
-    ``bench/experiments/gpu_sweep.sh``; numbers in the issue note). The disc
-    starts at a quarter of the maximum radius and grows over 12 epochs (low
-    frequencies first).
+    ``bench/experiments/gpu_sweep.sh``; numbers in the issue note).
+
+    The disc starts at 0.42 of the maximum radius and grows over 12 epochs
+    (low frequencies first). It used to start at a quarter: on the 70S
+    ribosome set (10,000 images, D=64, 5 Å/px) that start left the amortized
+    stage at 61-83 Å for 14 epochs (seed 0) and for all 12 epochs tried (seed
+    1); starting at 0.42 it passed 30 Å by epoch 9-11 with both seeds (0.33:
+    by epoch 11, seed 0; 0.5: still 64 Å after 8 epochs, seed 0). On HSP90
+    (10,000 images) 0.42 reached 12 Å by epoch 4 and 6 (seeds 0, 1) against
+    epoch 15 and 5 with a quarter. Command: ``bench/experiments/
+    amortized_sweep.py --radius-start F --seed S --epochs 12`` (``--star``/
+    ``--truth`` for the ribosome set of ``bench/peer_cryodrgn.py --molecule
+    ribosome``); the figures are in the issue note of 2026-11-26.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # architecture (heads, preset, shifts)
@@ -46,7 +56,7 @@ class TrainingConfig:
     n_pose_steps: int = 5  # pose steps per volume step in the direct stage (coordinate descent)
     loss: str = "l2"  # "l2" (Gaussian NLL, Eq. 3) or "l1" (the reference code's |F_pred - F_obs|)
     contrast: float = -1.0  # -1: RELION stacks (protein bright); +1: the other sign
-    radius_start_fraction: float = 0.25  # disc radius at epoch 0 as a fraction of the maximum
+    radius_start_fraction: float = 0.42  # disc radius at epoch 0 as a fraction of the maximum (see above)
     radius_ramp_epochs: int = 12  # epochs over which the disc grows linearly to the full radius
     auto_min_epochs: int = 3  # auto switch: never before this many amortized epochs
     auto_gap_rise: float = 1.12  # auto switch: head loss gap at least this times its lowest value so far

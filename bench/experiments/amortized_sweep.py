@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--cache", default=None)
     p.add_argument("--star", default=None, help="particles (default: the HSP90 set)")
     p.add_argument("--truth", default=None, help="true map of --star (needed with --star)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument("--out", default=None, help="write checkpoints every epoch under OUT/checkpoints")
     p.add_argument(
@@ -73,6 +74,7 @@ def main() -> None:
         batch_size=a.batch,
         device=a.device,
         threads=a.threads,
+        seed=a.seed,
         checkpoint_every=1 if a.out else 0,
         n_tracked=0,
         volume_interval_s=1e9,
