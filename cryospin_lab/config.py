@@ -31,14 +31,12 @@ class TrainingConfig:
     The disc starts at 0.42 of the maximum radius and grows over 12 epochs
     (low frequencies first). It used to start at a quarter: on the 70S
     ribosome set (10,000 images, D=64, 5 Å/px) that start left the amortized
-    stage at 61-83 Å for 14 epochs (seed 0) and for all 12 epochs tried (seed
-    1); starting at 0.42 it passed 30 Å by epoch 9-11 with both seeds (0.33:
-    by epoch 11, seed 0; 0.5: still 64 Å after 8 epochs, seed 0). On HSP90
-    (10,000 images) 0.42 reached 12 Å by epoch 4 and 6 (seeds 0, 1) against
-    epoch 15 and 5 with a quarter. Command: ``bench/experiments/
-    amortized_sweep.py --radius-start F --seed S --epochs 12`` (``--star``/
-    ``--truth`` for the ribosome set of ``bench/peer_cryodrgn.py --molecule
-    ribosome``); the figures are in the issue note of 2026-11-26.
+    stage at 60-62 Å for 14 epochs (seed 0) and at 63-84 Å for all 12 epochs
+    tried (seed 1); starting at 0.42 it passed 30 Å by epoch 11 and 9 (seeds 0, 1; 0.33:
+    36 Å at epoch 9, seed 0; 0.5: still 64 Å after 8 epochs, seed 0). On HSP90
+    (10,000 images) 0.42 reached 12 Å at epoch 4 and 6 (seeds 0, 1) against
+    epoch 16 and 6 with a quarter. Per-epoch table and commands:
+    ``bench/results/cpu_radius_start_sweep_2026-11-26.md``.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # architecture (heads, preset, shifts)

@@ -26,7 +26,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def gold_run(tiny_stack, tmp_path_factory):
     out = tmp_path_factory.mktemp("gold")
-    trainer = Trainer(tiny_stack, tiny_config(gold_standard=True, switch="1"), out_dir=out)
+    # The disc starts at a quarter of its radius (the default before 0.42): the threshold on the
+    # lowest shell below was set on this schedule; after one epoch of a larger disc the two tiny
+    # halves agree less there (0.42: FSC 0.42 at shell 1).
+    config = tiny_config(gold_standard=True, switch="1", radius_start_fraction=0.25)
+    trainer = Trainer(tiny_stack, config, out_dir=out)
     seen: dict[str, set[int]] = {"half1": set(), "half2": set()}
     original = trainer._amortized_step
 
