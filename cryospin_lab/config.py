@@ -32,10 +32,10 @@ class TrainingConfig:
     (low frequencies first). It used to start at a quarter: on the 70S
     ribosome set (10,000 images, D=64, 5 Å/px) that start left the amortized
     stage at 60-62 Å for 14 epochs (seed 0) and at 63-84 Å for all 12 epochs
-    tried (seed 1); starting at 0.42 it passed 30 Å by epoch 11 and 9 (seeds 0, 1; 0.33:
-    36 Å at epoch 9, seed 0; 0.5: still 64 Å after 8 epochs, seed 0). On HSP90
-    (10,000 images) 0.42 reached 12 Å at epoch 4 and 6 (seeds 0, 1) against
-    epoch 16 and 6 with a quarter. Per-epoch table and commands:
+    tried (seed 1); starting at 0.42 it passed 30 Å by epoch 11 and 9 (seeds
+    0, 1). On HSP90 (10,000 images) 0.42 reached 12 Å at epoch 4 and 6 against
+    epoch 16 and 6 with a quarter. 0.33 and 0.5 were tried on one seed each;
+    the per-epoch table and the commands are in
     ``bench/results/cpu_radius_start_sweep_2026-11-26.md``.
     """
 
