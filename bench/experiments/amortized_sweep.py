@@ -4,6 +4,11 @@ Run several in parallel on one GPU, e.g.
     python bench/experiments/amortized_sweep.py --name lr1e-3 --encoder-lr 1e-3 --budget-s 200
 Another set: ``--star particles.star --truth map.mrc`` (e.g. the ribosome set that
 ``bench/peer_cryodrgn.py --molecule ribosome`` simulates and caches under its ``--out``).
+
+Switch-time experiments from one amortized run: ``--resume RUN/checkpoints/epoch_0020.pt
+--at-resume fork --epochs 40`` continues that run's state as two branches, one amortized and
+one switched to direct pose optimisation at once (the engine's fork, paper Fig. 4);
+``--at-resume switch`` continues the switched branch only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from cryospin_lab.config import TrainingConfig
 from cryospin_lab.data import ParticleStack, read_map
 from cryospin_lab.encoder import EncoderConfig
 from cryospin_lab.events import EpochEvent, PhaseChangeEvent, PoseErrorEvent, ResolutionEvent
+from cryospin_lab.runner import Command
 from cryospin_lab.training import Trainer
 
 
@@ -43,6 +49,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
     p.add_argument("--out", default=None, help="write checkpoints every epoch under OUT/checkpoints")
     p.add_argument(
+        "--resume", default=None, help="continue from this checkpoint (its settings, --epochs total)"
+    )
+    p.add_argument(
+        "--at-resume",
+        choices=["continue", "fork", "switch"],
+        default="continue",
+        help="with --resume: go on as saved, fork into amortized + direct, or switch to direct now",
+    )
+    p.add_argument(
         "--modulo-two-fold",
         action="store_true",
         help="also log the pose error modulo HSP90's pseudo two-fold (mean2/median2)",
@@ -59,6 +74,31 @@ def main() -> None:
     if a.n < len(stack):
         stack.metadata = stack.metadata.subset(range(a.n))
     truth, _ = read_map(truth_path)
+    if a.resume is not None:
+        trainer = _resumed(a, stack, truth)
+    else:
+        trainer = _new(a, stack, truth)
+    _record(a, trainer)
+
+
+def _resumed(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -> Trainer:
+    """The trainer of ``--resume``, forked or switched as ``--at-resume`` asks."""
+    changed = [
+        f"--{name.replace('_', '-')}"
+        for name in ("encoder_lr", "decoder_lr", "radius_start", "radius_ramp")
+        if getattr(a, name) is not None
+    ]
+    if changed:
+        raise SystemExit(f"--resume {a.resume}: the checkpoint's settings apply; drop {' '.join(changed)}")
+    trainer = Trainer.resume(stack, a.resume, ground_truth_map=truth, out_dir=a.out, n_epochs=a.epochs)
+    if a.at_resume == "fork":
+        trainer.apply_command(Command.FORK)
+    elif a.at_resume == "switch":
+        trainer.apply_command(Command.SWITCH_NOW)
+    return trainer
+
+
+def _new(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -> Trainer:
     # Only the options given override TrainingConfig's defaults.
     given = {
         "encoder_lr": a.encoder_lr,
@@ -79,13 +119,17 @@ def main() -> None:
         n_tracked=0,
         volume_interval_s=1e9,
     )
-    trainer = Trainer(stack, cfg, ground_truth_map=truth, out_dir=a.out)
+    return Trainer(stack, cfg, ground_truth_map=truth, out_dir=a.out)
+
+
+def _record(a: argparse.Namespace, trainer: Trainer) -> None:
+    """One JSON line per branch and epoch (loss, head wins, gap, pose change and error, resolution)."""
     two_fold = datasets.hsp90_pseudo_symmetry() if a.modulo_two_fold else None
     t0 = time.perf_counter()
-    row: dict = {}
+    rows: dict[str, dict] = {}  # per branch: a fork interleaves the branches' epochs
     for ev in trainer.events():
         if isinstance(ev, EpochEvent):
-            row = {
+            rows[ev.branch] = {
                 "name": a.name,
                 "branch": ev.branch,
                 "epoch": ev.epoch,
@@ -96,6 +140,7 @@ def main() -> None:
                 "change": round(ev.median_pose_change_deg, 2),
             }
         elif isinstance(ev, PoseErrorEvent):
+            row = rows[ev.branch]
             row.update(mean=round(ev.mean_deg, 2), median=round(ev.median_deg, 2))
             if two_fold is not None:
                 err = metrics.pose_error(
@@ -103,6 +148,7 @@ def main() -> None:
                 )
                 row.update(mean2=round(err.mean_deg, 2), median2=round(err.median_deg, 2))
         elif isinstance(ev, ResolutionEvent):
+            row = rows[ev.branch]
             row.update(res=round(ev.resolution_angstrom, 2), wall=round(time.perf_counter() - t0, 1))
             print(json.dumps(row), flush=True)
             if time.perf_counter() - t0 > a.budget_s:
@@ -110,7 +156,13 @@ def main() -> None:
         elif isinstance(ev, PhaseChangeEvent):
             print(
                 json.dumps(
-                    {"name": a.name, "phase_change": ev.new.value, "reason": ev.reason, "epoch": ev.epoch}
+                    {
+                        "name": a.name,
+                        "branch": ev.branch,
+                        "phase_change": ev.new.value,
+                        "reason": ev.reason,
+                        "epoch": ev.epoch,
+                    }
                 ),
                 flush=True,
             )
