@@ -67,12 +67,13 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
       10,000 images, seed 0. Ribosome, 40 epochs: switched after epoch
       20, 26, 30, 35 it ended at 22.1, 15.8, 15.4, 16.1 Å and 22.7, 1.6,
       1.3, 1.7 degrees median pose error (never: 21.8 Å, 10.8 degrees);
-      the switch at 20 left half the poses outside the direct stage's
-      reach, and the pose change (~20 degrees per epoch at both 20 and
-      26) and the gap (x1.14, x1.20) barely tell the two apart. HSP90, 30
-      epochs: switched after 20 or 24, 6.8 or 6.7 Å, 1.7 degrees median
-      modulo the two-fold either way. The direct stage needs about 4
-      epochs to converge there, so the default 30 epochs leave it 5.
+      the switch at 20 left about half the poses outside the direct
+      stage's reach, and the pose change (~20 degrees per epoch at both
+      20 and 26) and the gap (x1.15, x1.21 its lowest after the ramp)
+      barely tell the two apart. HSP90, 30 epochs: switched after 20 or
+      24, 6.8 or 6.7 Å, 1.7 degrees median modulo the two-fold either
+      way. The direct stage needs about 4 epochs to converge on both
+      sets, so the default 30 epochs leave it 5.
     """
     rule = branch.switch_rule
     if rule == "never":
