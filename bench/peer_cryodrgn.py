@@ -332,6 +332,8 @@ def write_table(runs: dict, args, pixel_size: float) -> Path:
     tag = "" if args.molecule == "hsp90" else f"{args.molecule}_"
     if args.repeats > 1:
         tag += f"r{args.repeats}_"
+    if args.seed != 0:
+        tag += f"s{args.seed}_"  # another seed's run keeps its own file
     path = args.results / f"peer_cryodrgn_cpu_{tag}n{args.n}_e{args.epochs}_{stamp}.md"
     target = 2 * 2 * pixel_size  # twice the Nyquist resolution (2 * apix)
     command = " ".join(shlex.quote(a) for a in sys.argv[1:])
