@@ -63,6 +63,8 @@ def main() -> None:
         help="also log the pose error modulo HSP90's pseudo two-fold (mean2/median2)",
     )
     a = p.parse_args()
+    if a.at_resume != "continue" and a.resume is None:
+        p.error(f"--at-resume {a.at_resume} needs --resume CHECKPOINT")
     if a.star is None:
         data = datasets.hsp90(cache_dir=a.cache, progress=False)
         star, truth_path = data.star_path, data.ground_truth_path
@@ -82,7 +84,11 @@ def main() -> None:
 
 
 def _resumed(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -> Trainer:
-    """The trainer of ``--resume``, forked or switched as ``--at-resume`` asks."""
+    """The trainer of ``--resume``, forked or switched as ``--at-resume`` asks.
+
+    The checkpoint's config applies (heads, switch rule, seed, batch, ...): only ``--epochs``
+    changes; the options that would silently not apply are refused.
+    """
     changed = [
         f"--{name.replace('_', '-')}"
         for name in ("encoder_lr", "decoder_lr", "radius_start", "radius_ramp")
