@@ -36,7 +36,9 @@ class TrainingConfig:
     0, 1). On HSP90 (10,000 images) 0.42 reached 12 Å at epoch 4 and 6 against
     epoch 16 and 6 with a quarter. 0.33 and 0.5 were tried on one seed each;
     the per-epoch table and the commands are in
-    ``bench/results/cpu_radius_start_sweep_2026-11-26.md``.
+    ``bench/results/cpu_radius_start_sweep_2026-11-26.md``. It does not
+    always work: ``bench/peer_cryodrgn.py --molecule ribosome --seed 1``
+    stayed at 60-83 Å for all 25 amortized epochs (``bench/results/README.md``).
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # architecture (heads, preset, shifts)
