@@ -27,6 +27,14 @@ from cryospin_lab.events import EpochEvent, PhaseChangeEvent, PoseErrorEvent, Re
 from cryospin_lab.runner import Command
 from cryospin_lab.training import Trainer
 
+# Options that override a TrainingConfig field when given (argparse dest -> field).
+OVERRIDES = {
+    "encoder_lr": "encoder_lr",
+    "decoder_lr": "decoder_lr",
+    "radius_start": "radius_start_fraction",
+    "radius_ramp": "radius_ramp_epochs",
+}
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -87,13 +95,10 @@ def _resumed(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -
     """The trainer of ``--resume``, forked or switched as ``--at-resume`` asks.
 
     The checkpoint's config applies (heads, switch rule, seed, batch, ...): only ``--epochs``
-    changes; the options that would silently not apply are refused.
+    changes. The override options (``OVERRIDES``) are refused; ``--heads``, ``--switch``,
+    ``--seed`` and ``--batch`` have defaults, so they cannot be told apart and are ignored.
     """
-    changed = [
-        f"--{name.replace('_', '-')}"
-        for name in ("encoder_lr", "decoder_lr", "radius_start", "radius_ramp")
-        if getattr(a, name) is not None
-    ]
+    changed = [f"--{name.replace('_', '-')}" for name in OVERRIDES if getattr(a, name) is not None]
     if changed:
         raise SystemExit(f"--resume {a.resume}: the checkpoint's settings apply; drop {' '.join(changed)}")
     trainer = Trainer.resume(stack, a.resume, ground_truth_map=truth, out_dir=a.out, n_epochs=a.epochs)
@@ -106,12 +111,7 @@ def _resumed(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -
 
 def _new(a: argparse.Namespace, stack: ParticleStack, truth: torch.Tensor) -> Trainer:
     # Only the options given override TrainingConfig's defaults.
-    given = {
-        "encoder_lr": a.encoder_lr,
-        "decoder_lr": a.decoder_lr,
-        "radius_start_fraction": a.radius_start,
-        "radius_ramp_epochs": a.radius_ramp,
-    }
+    given = {field: getattr(a, name) for name, field in OVERRIDES.items()}
     cfg = TrainingConfig(
         **{k: v for k, v in given.items() if v is not None},
         encoder=EncoderConfig(box_size=64, n_heads=a.heads),
