@@ -8,7 +8,7 @@ from cryospin_lab import so3
 from cryospin_lab.branch import Branch
 from cryospin_lab.config import TrainingConfig
 
-__all__ = ["pose_change", "switch_due"]
+__all__ = ["pose_change", "stall_message", "switch_due"]
 
 
 def pose_change(branch: Branch) -> float:
@@ -95,3 +95,47 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
         if losses[-2] - losses[-1] < cfg.auto_loss_plateau * abs(losses[-2]):
             return "auto"
     return None
+
+
+def stall_message(losses: list[float], cfg: TrainingConfig) -> str | None:
+    """A warning, once, when the amortized stage has stopped learning; else None.
+
+    ``losses`` holds the branch's mean loss per amortized epoch. It fires at
+    the first epoch whose loss is less than ``stall_tolerance`` (relative)
+    below the loss ``stall_epochs`` epochs earlier, both on the full disc
+    (after the ramp: the loss moves with every added shell before), and is
+    None at every later epoch, so that a resumed run does not repeat it.
+
+    Either the amortized stage has converged (switch now) or it never broke
+    the symmetry: the map is a blob, every pose fits it about equally and
+    no switch rescues the run. The 70S ribosome set with run seed 1
+    (``bench/peer_cryodrgn.py --molecule ribosome --n 10000 --epochs 30
+    --seed 1``, CPU) stayed at 60-83 Å with random poses; its loss moved
+    0.015 % from epoch 13 to 18, where this fires. On the bench's other
+    H = 7 runs kept on this machine (HSP90 with 1,000-10,000 images and the
+    ribosome with seed 0; 22 runs, some sharing their first epochs) the loss fell by at least 0.09 % per 5
+    epochs up to epoch 25 (0.13 % on HSP90 with 10,000 images), so 0.05 %
+    stays quiet there; it fires at epoch 39 of a 40-epoch fully amortized
+    HSP90 run (1,000 images) and at epoch 18-23 of every one-head run
+    (cryoAI-like; at 10,000 images they ended at 46 Å on HSP90 and 112 Å
+    on the ribosome).
+    """
+    n, tolerance = cfg.stall_epochs, cfg.stall_tolerance
+    first = cfg.radius_ramp_epochs + n  # the earliest window that starts on the full disc
+    if n == 0 or tolerance == 0 or len(losses) <= first:
+        return None
+
+    def stalled(end: int) -> bool:
+        return losses[end - n] - losses[end] < tolerance * abs(losses[end - n])
+
+    last = len(losses) - 1
+    if not stalled(last) or any(stalled(end) for end in range(first, last)):
+        return None
+    before, now = losses[last - n], losses[last]
+    change = 100 * (before - now) / abs(before)
+    return (
+        f"stalled: the mean loss changed by {change:.3f} % over the last {n} amortized epochs "
+        f"({before:.5g} -> {now:.5g}). If the map is still a featureless blob, the run is stuck "
+        "on the low-resolution plateau and no switch rescues it: restart with another seed. If "
+        "the map shows detail, the amortized stage is done: switch to direct pose optimisation."
+    )

@@ -67,6 +67,10 @@ class TrainingConfig:
     # auto switch: at the latest after this many epochs (0: never forced); 25, not 20: a late switch
     # is what the ribosome set needs (see _switch_rule.switch_due)
     auto_max_epochs: int = 25
+    # stall warning (a LogEvent, once): the mean amortized loss improved by less than stall_tolerance
+    # (relative) over stall_epochs epochs on the full disc; 0: off (see _switch_rule.stall_message)
+    stall_epochs: int = 5
+    stall_tolerance: float = 0.0005
     volume_init_mantissa: float = 0.1  # std of the initial mantissa (exponent starts at the data's envelope)
     n_tracked: int = 6  # images whose H candidates are reported every epoch
     volume_interval_s: float = 5.0  # at most one volume snapshot event per this many seconds
@@ -135,6 +139,7 @@ class TrainingConfig:
             "radius_ramp_epochs",
             "auto_min_epochs",
             "auto_max_epochs",
+            "stall_epochs",
             "n_tracked",
             "seed",
             "threads",
@@ -145,7 +150,7 @@ class TrainingConfig:
         for name in ("auto_gap_rise", "auto_stable_deg", "volume_init_mantissa"):
             value = getattr(self, name)
             check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
-        for name in ("auto_loss_plateau", "volume_interval_s"):
+        for name in ("auto_loss_plateau", "stall_tolerance", "volume_interval_s"):
             value = getattr(self, name)
             check(name, value, isinstance(value, numbers.Real) and 0 <= value <= math.inf, "a number >= 0")
 

@@ -267,9 +267,19 @@ class CheckpointEvent(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class LogEvent(Event):
-    """A human-readable message (paused, resumed, a rejected command, a warning)."""
+    """A human-readable message (paused, resumed, a rejected command, a warning).
+
+    ``level`` is ``"info"`` or ``"warning"``: something the user should act on
+    (the workbench keeps warnings in view until the run ends; the CLI prefixes them).
+    """
 
     message: str
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.level not in ("info", "warning"):
+            raise ValueError(f"LogEvent.level must be 'info' or 'warning', got {self.level!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

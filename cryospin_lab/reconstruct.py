@@ -202,6 +202,13 @@ def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[T
                 f"--switch {rule} is not before --epochs {config.n_epochs}: the run stays amortized",
                 stacklevel=2,
             )
+        elif rule == "auto" and 0 < config.n_epochs <= config.auto_max_epochs:
+            warnings.warn(
+                f"--switch auto with --epochs {config.n_epochs}: its latest switch (after epoch "
+                f"{config.auto_max_epochs}) is not before the end, so the run switches only if the head "
+                "loss gap rises first; pass --switch EPOCH to be sure of a direct stage",
+                stacklevel=2,
+            )
     ground_truth = None
     if settings.ground_truth_path is not None:
         ground_truth = load_ground_truth(Path(settings.ground_truth_path), stack)
@@ -285,7 +292,7 @@ def _event_message(event: Event) -> str | None:
     if isinstance(event, ForkEvent):
         return f"fork: {event.parent} -> {', '.join(event.children)}"
     if isinstance(event, LogEvent):
-        return event.message
+        return f"warning: {event.message}" if event.level == "warning" else event.message
     return None
 
 

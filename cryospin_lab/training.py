@@ -30,7 +30,7 @@ from torch import Tensor
 from cryospin_lab import gold_standard, metrics
 from cryospin_lab._epoch_report import assignment_event, resolution_event
 from cryospin_lab._steps import StepsMixin
-from cryospin_lab._switch_rule import pose_change, switch_due
+from cryospin_lab._switch_rule import pose_change, stall_message, switch_due
 from cryospin_lab.branch import Branch
 from cryospin_lab.checkpoint import (
     check_output_dir,
@@ -255,6 +255,10 @@ class Trainer(StepsMixin):
             epoch_time_s=epoch_time_s,
             **stamp,
         )
+        if branch.phase is Phase.AMORTIZED and branch.pending_switch is None and self.comm.is_main:
+            stalled = stall_message(branch.loss_history, cfg)
+            if stalled is not None:
+                yield LogEvent(message=stalled, level="warning", **stamp)
         rotations = self._current_rotations(branch)
         pose = None
         if self.true_rotations is not None and self.comm.is_main:

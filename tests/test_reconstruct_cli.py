@@ -233,6 +233,25 @@ def test_no_ground_truth_writes_loss_plot(tiny_set, tmp_path):
     assert _metrics(out)[0]["resolution_angstrom"] == ""
 
 
+@pytest.mark.parametrize(
+    ("switch", "expected"),
+    [
+        ("auto", "--switch auto with --epochs 1: its latest switch (after epoch 25)"),
+        ("1", "--switch 1 is not"),
+    ],
+)
+def test_warns_when_the_run_may_never_switch(tiny_set, tmp_path, switch, expected):
+    import contextlib
+    import io
+
+    argv = ["reconstruct", str(tiny_set / "particles.star"), "--out", str(tmp_path / "out"), "--epochs", "1"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        assert cli.main(argv + ["--switch", switch, "--batch-size", "64"] + QUICK) == 0
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cryospin-lab: warning: " + expected), lines
+
+
 def _bad_cases(tiny_set: Path, tmp_path: Path):
     star = str(tiny_set / "particles.star")
     out = str(tmp_path / "out")

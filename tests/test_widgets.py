@@ -365,3 +365,17 @@ def test_engine_failure_is_shown_with_its_traceback():
     assert "/tmp/run/failed.pt" in panel.error_detail.value
     assert panel.errors.layout.display != "none"
     assert "[main, epoch 0] paused" in panel.log.value
+
+
+def test_a_warning_stays_in_view_after_later_messages():
+    warning = LogEvent(
+        message="stalled: the mean loss changed by 0.015 %", level="warning", **stamp(epoch=18)
+    )
+    later = [LogEvent(message=f"note {k}", **stamp(epoch=19)) for k in range(5)]
+    panel = ControlsPanel().feed([warning, *later])
+    assert "<b>warning</b> [main, epoch 18] stalled: the mean loss changed by 0.015 %" in panel.log.value
+    assert "note 4" in panel.log.value and "note 0" not in panel.log.value  # the info lines scroll
+    panel.bind(None)  # a new run forgets the old run's warnings
+    assert "stalled" not in panel.log.value
+    with pytest.raises(ValueError, match="level"):
+        LogEvent(message="x", level="error", **stamp())

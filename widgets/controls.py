@@ -173,6 +173,7 @@ class ControlsPanel(Panel):
         self.failure: FailureEvent | None = None
         self.finished: FinishedEvent | None = None
         self.messages: deque[str] = deque(maxlen=3)
+        self.warnings: list[str] = []  # LogEvents of level "warning": kept in view, not scrolled away
         self._event_state = "created"
         self._switch_requested = False
         self._switching = False  # the engine said it is switching (scoring candidates)
@@ -340,6 +341,9 @@ class ControlsPanel(Panel):
         self.messages.append(f"forked {event.parent} into {', '.join(event.children)} at epoch {event.epoch}")
 
     def _on_log(self, event: LogEvent) -> None:
+        if event.level == "warning":
+            self.warnings.append(f"[{event.branch}, epoch {event.epoch}] {event.message}")
+            return
         self.messages.append(f"[{event.branch}, epoch {event.epoch}] {event.message}")
         if event.message == "paused":
             self._event_state = "paused"
@@ -404,7 +408,10 @@ class ControlsPanel(Panel):
             for e in self.switches
         )
         self.status.value = self._status_text(state)
-        self.log.value = "<br>".join(f"<small>{html.escape(m)}</small>" for m in self.messages)
+        warned = [
+            f'<span style="color:#b45309"><b>warning</b> {html.escape(m)}</span>' for m in self.warnings
+        ]
+        self.log.value = "<br>".join(warned + [f"<small>{html.escape(m)}</small>" for m in self.messages])
 
     def _status_text(self, state: str) -> str:
         parts = [f"<b>{state}</b>"]
