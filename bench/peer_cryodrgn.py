@@ -31,10 +31,12 @@ Measured per method (wall time and peak RSS of the process, from ``os.wait4``): 
 error after the best global rotation and hand (and, for HSP90, modulo its pseudo two-fold), FSC 0.5
 resolution against the true map after alignment, the time to reach twice the Nyquist resolution
 and a resolution-vs-time curve per run (paper Fig. 3); ``--repeats K`` runs each method K times
-(seeds seed..seed+K-1) and reports medians with (min-max). ``--heads-variants 1 2`` adds our fully
-amortized runs with 1 and 2 heads (cryoAI-like). Writes a Markdown table with the machine,
-versions, seeds and command, and a plot, to ``--results`` (default ``bench/results/``). Figures,
-not pass/fail.
+(seeds seed..seed+K-1) and reports medians with (min-max); ``--reuse`` keeps our runs already in
+``--out`` that ran the same command line (each run's ``ours-*.run.json`` holds it with its wall
+time and peak RSS), so ``--repeats 3 --reuse`` after a one-seed table runs only the new seeds.
+``--heads-variants 1 2`` adds our fully amortized runs with 1 and 2 heads (cryoAI-like). Writes a
+Markdown table with the machine, versions, seeds and command, and a plot, to ``--results``
+(default ``bench/results/``). Figures, not pass/fail.
 """
 
 from __future__ import annotations
@@ -194,8 +196,14 @@ def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, 
     argv = [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", str(star), "--out", str(out)]
     argv += ["--epochs", str(args.epochs), "--switch", switch, "--threads", str(args.threads)]
     argv += ["--heads", str(heads), "--seed", str(seed), "--ground-truth", str(truth), "--no-progress"]
-    subprocess.run(["rm", "-rf", str(out)], check=True)
-    run = timed(argv, args.out / f"{out.name}.log")
+    record = args.out / f"{out.name}.run.json"
+    run = reused_run(record, argv) if args.reuse else None
+    if run is None:
+        subprocess.run(["rm", "-rf", str(out), str(record)], check=True)
+        run = timed(argv, args.out / f"{out.name}.log")
+        record.write_text(json.dumps({"argv": argv[1:], **run}, indent=1))
+    else:
+        print(f"{name}: seed {seed} reused from {out} ({record.name})", flush=True)
     curve = resolution_curve_ours(out / "events.jsonl")
     row = {
         **run,
@@ -204,6 +212,19 @@ def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, 
     }
     print(name, json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     return row
+
+
+def reused_run(record: Path, argv: list[str]) -> dict | None:
+    """``--reuse``: the timing of the finished run ``record`` describes, if it ran this command line
+    (the interpreter aside) and its outputs are there; else None (it runs again)."""
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    out = Path(argv[argv.index("--out") + 1])
+    done = all((out / name).is_file() for name in ("map.mrc", "poses.star", "events.jsonl"))
+    if saved.get("argv") != argv[1:] or not done:
+        return None
+    return {key: saved[key] for key in ("wall_s", "peak_rss_mb", "started_at")}
 
 
 def main() -> int:
@@ -219,6 +240,12 @@ def main() -> int:
         "--heads-variants", type=int, nargs="*", default=[], help="ours fully amortized with H heads, too"
     )
     parser.add_argument("--skip-drgn", action="store_true", help="our rows only")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep our runs already in --out that ran the same command (their OUT/ours-*.run.json), "
+        "e.g. to add seeds to a table; the others run",
+    )
     parser.add_argument(
         "--drgn-volume",
         choices=["explicit", "implicit"],
