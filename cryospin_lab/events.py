@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -274,7 +274,7 @@ class LogEvent(Event):
     """
 
     message: str
-    level: str = "info"
+    level: Literal["info", "warning"] = "info"
 
     def __post_init__(self) -> None:
         super().__post_init__()
