@@ -292,7 +292,11 @@ def _event_message(event: Event) -> str | None:
     if isinstance(event, ForkEvent):
         return f"fork: {event.parent} -> {', '.join(event.children)}"
     if isinstance(event, LogEvent):
-        return f"warning: {event.message}" if event.level == "warning" else event.message
+        if event.level != "warning":
+            return event.message
+        where = "" if event.branch == "main" else f" [{event.branch}]"
+        # printed before the epoch's own line, which waits for the epoch's last event
+        return f"warning{where} after epoch {event.epoch}: {event.message}"
     return None
 
 

@@ -101,3 +101,15 @@ def test_the_trainer_sends_it_after_the_epoch_event_of_an_amortized_epoch(tiny_s
     # Switched after epoch 1: epoch 2 is direct, and nothing is said about a stage that has ended.
     events = list(Trainer(tiny_stack, _tiny(1)).events())
     assert not [e for e in events if isinstance(e, LogEvent) and e.message.startswith("stalled:")]
+
+
+def test_the_cli_prints_a_warning_with_its_epoch_and_branch():
+    from cryospin_lab.events import Phase
+    from cryospin_lab.reconstruct import _event_message
+
+    stamp = dict(step=9, epoch=18, phase=Phase.AMORTIZED, time_s=1.0)
+    warning = LogEvent(message="stalled: x", level="warning", branch="main", **stamp)
+    assert _event_message(warning) == "warning after epoch 18: stalled: x"
+    forked = LogEvent(message="stalled: x", level="warning", branch="direct-2", **stamp)
+    assert _event_message(forked) == "warning [direct-2] after epoch 18: stalled: x"
+    assert _event_message(LogEvent(message="paused", branch="main", **stamp)) == "paused"
