@@ -113,12 +113,13 @@ def stall_message(losses: list[float], cfg: TrainingConfig) -> str | None:
     --seed 1``, CPU) stayed at 60-83 Å with random poses; its loss moved
     0.015 % from epoch 13 to 18, where this fires. On the bench's other
     H = 7 runs kept on this machine (HSP90 with 1,000-10,000 images and
-    the ribosome with seed 0; 22 runs, some sharing their first epochs)
-    the loss fell by at least 0.09 % per 5 epochs up to epoch 25 (0.13 %
-    on HSP90 with 10,000 images), so 0.05 % stays quiet there; it fires
-    at epoch 39 of a 40-epoch fully amortized HSP90 run (1,000 images)
-    and at epoch 18-23 of the three one-head runs (cryoAI-like; at
-    10,000 images they ended at 46 Å on HSP90 and 112 Å on the ribosome).
+    the ribosome with seeds 0 and 2; 28 runs, some sharing their first
+    epochs) the loss fell by at least 0.09 % per 5 epochs up to epoch 25
+    (0.13 % on HSP90 with 10,000 images), so 0.05 % stays quiet there; it
+    fires at epoch 39 of a 40-epoch fully amortized HSP90 run (1,000
+    images) and at epoch 18-23 of the four one-head runs (cryoAI-like; at
+    10,000 images they ended at 30-46 Å on HSP90 and 112 Å on the
+    ribosome).
     """
     n, tolerance = cfg.stall_epochs, cfg.stall_tolerance
     first = cfg.radius_ramp_epochs + n  # the earliest window that starts on the full disc
