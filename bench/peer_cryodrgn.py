@@ -197,7 +197,7 @@ def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, 
     argv += ["--epochs", str(args.epochs), "--switch", switch, "--threads", str(args.threads)]
     argv += ["--heads", str(heads), "--seed", str(seed), "--ground-truth", str(truth), "--no-progress"]
     record = args.out / f"{out.name}.run.json"
-    run = reused_run(record, argv) if args.reuse else None
+    run = reused_run(record, argv, out) if args.reuse else None
     if run is None:
         subprocess.run(["rm", "-rf", str(out), str(record)], check=True)
         run = timed(argv, args.out / f"{out.name}.log")
@@ -214,13 +214,12 @@ def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, 
     return row
 
 
-def reused_run(record: Path, argv: list[str]) -> dict | None:
+def reused_run(record: Path, argv: list[str], out: Path) -> dict | None:
     """``--reuse``: the timing of the finished run ``record`` describes, if it ran this command line
-    (the interpreter aside) and its outputs are there; else None (it runs again)."""
+    (the interpreter aside) and its outputs are in ``out``; else None (it runs again)."""
     if not record.is_file():
         return None
     saved = json.loads(record.read_text())
-    out = Path(argv[argv.index("--out") + 1])
     done = all((out / name).is_file() for name in ("map.mrc", "poses.star", "events.jsonl"))
     if saved.get("argv") != argv[1:] or not done:
         return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 
@@ -41,6 +41,7 @@ __all__ = [
     "ForkEvent",
     "CheckpointEvent",
     "LogEvent",
+    "LogLevel",
     "FailureEvent",
     "FinishedEvent",
     "VolumeEvent",
@@ -265,6 +266,9 @@ class CheckpointEvent(Event):
         _set(self, "path", str(self.path))
 
 
+LogLevel = Literal["info", "warning"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LogEvent(Event):
     """A human-readable message (paused, resumed, a rejected command, a warning).
@@ -274,12 +278,12 @@ class LogEvent(Event):
     """
 
     message: str
-    level: Literal["info", "warning"] = "info"
+    level: LogLevel = "info"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.level not in ("info", "warning"):
-            raise ValueError(f"LogEvent.level must be 'info' or 'warning', got {self.level!r}")
+        if self.level not in get_args(LogLevel):
+            raise ValueError(f"LogEvent.level must be one of {get_args(LogLevel)}, got {self.level!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -341,10 +341,11 @@ class ControlsPanel(Panel):
         self.messages.append(f"forked {event.parent} into {', '.join(event.children)} at epoch {event.epoch}")
 
     def _on_log(self, event: LogEvent) -> None:
+        line = f"[{event.branch}, epoch {event.epoch}] {event.message}"
         if event.level == "warning":
-            self.warnings.append(f"[{event.branch}, epoch {event.epoch}] {event.message}")
+            self.warnings.append(line)
             return
-        self.messages.append(f"[{event.branch}, epoch {event.epoch}] {event.message}")
+        self.messages.append(line)
         if event.message == "paused":
             self._event_state = "paused"
         elif event.message == "resumed":
