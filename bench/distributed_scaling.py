@@ -25,19 +25,19 @@ from pathlib import Path
 
 import torch
 
-from cryospin_lab import datasets
-from cryospin_lab.distributed import free_port
+from cryospin_lab.engine.distributed import free_port
+from cryospin_lab.simulate import datasets
 
 
 def run(star: Path, out: Path, ranks: int, threads: int, epochs: int, device: str) -> list[dict]:
     args = ["reconstruct", str(star), "--out", str(out), "--epochs", str(epochs), "--switch", "1"]
     args += ["--threads", str(threads), "--device", device, "--no-progress"]
     if ranks == 1:
-        argv = [sys.executable, "-m", "cryospin_lab.cli", *args]
+        argv = [sys.executable, "-m", "cryospin_lab", *args]
     else:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         argv = [torchrun, "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
-        argv += ["-m", "cryospin_lab.cli", *args]
+        argv += ["-m", "cryospin_lab", *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     started = time.perf_counter()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)

@@ -12,7 +12,7 @@ writes its curve as text (``-o``); nothing is unpickled. Pairs (all written as M
 The two programs bin shells differently: ours puts a voxel at radius ``r`` (in Fourier pixels) in
 shell ``round(r)``, cryoDRGN in shell ``floor(r) + 1`` (its shell ``i`` holds ``i-1 <= r < i``),
 so shell ``i`` of one is not shell ``i`` of the other. The check therefore compares each cryoDRGN
-shell with ours **on cryoDRGN's shells** (our :func:`cryospin_lab.metrics.compute_fsc` run on the
+shell with ours **on cryoDRGN's shells** (our :func:`cryospin_lab.analysis.metrics.compute_fsc` run on the
 map pair with every Fourier coefficient outside cryoDRGN's shell zeroed, i.e. our code computing
 the number cryoDRGN's shell defines) and, as a second view, with our own curve interpolated at the
 mean radius of cryoDRGN's shell.
@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryospin_lab import datasets, fourier, metrics
-from cryospin_lab.data import read_map, write_map
+from cryospin_lab.analysis import metrics
+from cryospin_lab.io.maps import read_map, write_map
+from cryospin_lab.physics import fourier
+from cryospin_lab.simulate import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 DRGN_VENV = ROOT / "bench" / ".venv-cryodrgn"

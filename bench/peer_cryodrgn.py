@@ -19,7 +19,7 @@ explicit volume and no translation search, about 13 minutes (3 such epochs by de
 what it is built for.
 
 Both read the same simulated RELION 3.1 STAR + MRCS (D=64, SNR 0.1, CTF with EMPIAR-10028's defocus
-values, centred): by default the HSP90 set (``datasets.hsp90``, 3 Å/px), or with ``--molecule
+values, centred): by default the HSP90 set (``simulate.datasets.hsp90``, 3 Å/px), or with ``--molecule
 ribosome`` a set simulated from the 70S ribosome map in ``tests/data/maps`` (5 Å/px, no symmetry;
 cached under ``--out``). cryoDRGN's CTF comes from its own ``parse_ctf_star``. Its outputs
 (``pose.<E>.pkl``, ``reconstruct.<E>.mrc``) are converted by a script run *in its environment*
@@ -55,10 +55,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryospin_lab import datasets, metrics
-from cryospin_lab.data import ParticleStack, read_map
-from cryospin_lab.simulate import SimulationResult, simulate_particles
-from cryospin_lab.star import read_star
+from cryospin_lab.analysis import metrics
+from cryospin_lab.io.maps import read_map
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.io.star import read_star
+from cryospin_lab.simulate import datasets
+from cryospin_lab.simulate.simulator import SimulationResult, simulate_particles
 
 ROOT = Path(__file__).resolve().parents[1]
 DRGN_VENV = ROOT / "bench" / ".venv-cryodrgn"
@@ -193,7 +195,7 @@ def time_to(curve: list[tuple[float, float]], angstrom: float) -> float | None:
 
 def run_ours(args, star: Path, truth: Path, name: str, switch: str, heads: int, seed: int, sim, apix):
     out = args.out / f"ours-{switch}-h{heads}-s{seed}"
-    argv = [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", str(star), "--out", str(out)]
+    argv = [sys.executable, "-m", "cryospin_lab", "reconstruct", str(star), "--out", str(out)]
     argv += ["--epochs", str(args.epochs), "--switch", switch, "--threads", str(args.threads)]
     argv += ["--heads", str(heads), "--seed", str(seed), "--ground-truth", str(truth), "--no-progress"]
     record = args.out / f"{out.name}.run.json"

@@ -23,13 +23,21 @@ import time
 
 import torch
 
-from cryospin_lab import datasets, metrics
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.data import ParticleStack, read_map
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.events import EpochEvent, ForkEvent, PhaseChangeEvent, PoseErrorEvent, ResolutionEvent
-from cryospin_lab.runner import Command
-from cryospin_lab.training import Trainer
+from cryospin_lab.analysis import metrics
+from cryospin_lab.engine.commands import Command
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import (
+    EpochEvent,
+    ForkEvent,
+    PhaseChangeEvent,
+    PoseErrorEvent,
+    ResolutionEvent,
+)
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.maps import read_map
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.simulate import datasets
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ def cli(tree: Path) -> list[str]:
     """How to call a revision's command line: ``python -m cryospin_lab`` where it has one."""
     if (tree / "cryospin_lab" / "__main__.py").is_file():
         return [sys.executable, "-m", "cryospin_lab"]
+    # revisions before the redesign (issue 18) had their command line in cryospin_lab/cli.py
     return [sys.executable, "-c", "import sys; from cryospin_lab.cli import main; sys.exit(main())"]
 
 

@@ -48,10 +48,10 @@ def _worker(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import throughput
 
-    from cryospin_lab.config import TrainingConfig
-    from cryospin_lab.encoder import EncoderConfig
-    from cryospin_lab.events import EpochEvent
-    from cryospin_lab.training import Trainer
+    from cryospin_lab.engine.config import TrainingConfig
+    from cryospin_lab.engine.events import EpochEvent
+    from cryospin_lab.engine.trainer import Trainer
+    from cryospin_lab.model.encoder import EncoderConfig
 
     torch.manual_seed(0)
     if args.threads:

@@ -11,8 +11,8 @@ gradients), the loss ``sum(w * slices)`` and its backward pass to the volume
 parameters and the rotations:
 
 * ours: ``H = m * exp(e)`` on the ``D^3`` grid once, then
-  :func:`cryospin_lab.projection.slice_volume` at the frequencies of the
-  default :class:`~cryospin_lab.projection.FourierDisc` (``|k| <= D/2 - 1``);
+  :func:`cryospin_lab.physics.projection.slice_volume` at the frequencies of the
+  default :class:`~cryospin_lab.physics.projection.FourierDisc` (``|k| <= D/2 - 1``);
 * baseline (as in the cryoSPIN reference code): trilinear
   ``torch.nn.functional.grid_sample(align_corners=True)`` of a
   ``(2, D+1, D+1, D+1)`` mantissa/exponent volume on the full
@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from cryospin_lab import so3
-from cryospin_lab.projection import FourierDisc, slice_volume
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.projection import FourierDisc, slice_volume
 
 N_HEADS = 7
 

@@ -30,10 +30,10 @@ import numpy as np
 CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.data import ParticleStack
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.feed import ParticleFeed, available_memory_bytes
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.engine.feed import ParticleFeed, available_memory_bytes
 
 torch.set_num_threads(1)
 stack = ParticleStack(sys.argv[1], pixel_size_angstrom=3.0)

@@ -9,9 +9,9 @@ Usage::
 
 It simulates a small CTF-modulated stack (Gaussian blobs, SNR 0.1, ``--images``
 particles) in a temporary folder and times the real engine: one
-``Trainer._amortized_step`` (encoder forward + backward, ``H`` heads rendered,
+``engine.steps.amortized_step`` (encoder forward + backward, ``H`` heads rendered,
 winner-takes-all loss, Adam on encoder and volume) and one
-``Trainer._direct_step`` (``n_pose_steps`` pose steps, then one volume step)
+``engine.steps.direct_step`` (``n_pose_steps`` pose steps, then one volume step)
 on batches of ``--batch`` images, at the full frequency disc (the radius ramp
 off: the steady state). The encoder preset is ``light``, except ``paper``
 on CUDA from D=128 on (``--presets`` overrides). The two stages take turns
@@ -63,13 +63,14 @@ from pathlib import Path
 
 import torch
 
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.data import ParticleStack
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.projection import FourierDisc
-from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
-from cryospin_lab.simulate import simulate_particles
-from cryospin_lab.training import Trainer
+from cryospin_lab.engine import steps
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.physics.projection import FourierDisc
+from cryospin_lab.physics.render import LossKind, image_losses, render_hartley, winner_losses
+from cryospin_lab.simulate.simulator import simulate_particles
 
 N_HEADS = 7
 
@@ -186,8 +187,8 @@ def stage_steps(trainer: Trainer, batch_size: int, seed: int = 0) -> dict:
         return torch.randperm(n, generator=gen)[:batch_size]
 
     return {
-        "amortized": lambda: trainer._amortized_step(amortized, batch()),
-        "direct": lambda: trainer._direct_step(direct, batch()),
+        "amortized": lambda: steps.amortized_step(trainer.step_context, amortized, batch()),
+        "direct": lambda: steps.direct_step(trainer.step_context, direct, batch()),
     }
 
 
@@ -195,9 +196,9 @@ def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
     """The parts of a step, each with its backward pass, on one fixed batch."""
     branch = trainer.branches[0]
     encoder, volume = branch.encoder.train(), branch.volume
-    disc: FourierDisc = trainer._disc(0)
+    disc: FourierDisc = trainer.feed.disc(0)
     indices = torch.arange(batch_size)
-    images, observed, ctf = trainer._batch(indices, disc)
+    images, observed, ctf = trainer.feed.batch(indices, disc)
     apix, kind = trainer.pixel_size_angstrom, LossKind.L2
     with torch.no_grad():
         rotations = encoder(images).rotations.detach()
@@ -227,7 +228,7 @@ def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
         image_losses(predicted, observed, disc, kind).sum().backward()
 
     def batch():
-        trainer._batch(indices, disc)
+        trainer.feed.batch(indices, disc)
 
     return {
         "encoder fwd+bwd": encoder_step,
@@ -240,9 +241,9 @@ def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
 
 
 def time_posteriors(stack: ParticleStack, nsides: list[int], device: torch.device, repeats: int) -> None:
-    """Seconds per image of :func:`cryospin_lab.posterior.view_posterior` (the workbench's pose
+    """Seconds per image of :func:`cryospin_lab.analysis.pose_posterior.view_posterior` (the workbench's pose
     posterior panel: every HEALPix direction x 24 in-plane angles rendered and scored)."""
-    from cryospin_lab.posterior import view_posterior
+    from cryospin_lab.analysis.pose_posterior import view_posterior
 
     d = stack.box_size
     volume = blob_volume(d)

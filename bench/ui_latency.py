@@ -52,7 +52,7 @@ def main() -> None:
 
     from cryospin_lab.widgets import launch
 
-    from cryospin_lab import datasets
+    from cryospin_lab.simulate import datasets
 
     data = datasets.hsp90(n_particles=args.particles, progress=False)
     bench = launch(

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cryospin_lab.data import ParticleStack
-from cryospin_lab.simulate import simulate_particles
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.simulate.simulator import simulate_particles
 
 DATA_DIR = Path(__file__).parent / "data"
 

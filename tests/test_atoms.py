@@ -2,9 +2,10 @@
 
 import torch
 
-from cryospin_lab import metrics, so3
-from cryospin_lab.atoms import chain_superposition_rotation, density_from_model
-from cryospin_lab.datasets import default_model_path
+from cryospin_lab.analysis import metrics
+from cryospin_lab.physics import so3
+from cryospin_lab.simulate.atoms import chain_superposition_rotation, density_from_model
+from cryospin_lab.simulate.datasets import default_model_path
 
 
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:

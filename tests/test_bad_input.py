@@ -6,7 +6,7 @@ regex of the case. The exception must be raised by cryospin_lab's own code (no I
 struct.error leaking from numpy/torch/mrcfile), and nothing may be left half-written: every
 output a case names is either absent or an empty folder afterwards.
 
-CLI cases run ``cli.main`` in-process; a non-zero exit becomes :class:`CliError` carrying the
+CLI cases run ``app.cli.main`` in-process; a non-zero exit becomes :class:`CliError` carrying the
 exit status and the stderr text, which must be one ``cryospin-lab...: error: ...`` line.
 """
 
@@ -29,15 +29,16 @@ import pandas as pd
 import pytest
 import starfile
 
-from cryospin_lab import cli
-from cryospin_lab.atoms import read_model
-from cryospin_lab.config import MAX_HEADS, TrainingConfig
-from cryospin_lab.cryosparc import read_cs
-from cryospin_lab.data import ParticleStack, read_map, write_map
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.star import read_star
+from cryospin_lab.app import cli
+from cryospin_lab.engine.config import MAX_HEADS, TrainingConfig
+from cryospin_lab.io.cryosparc import read_cs
+from cryospin_lab.io.maps import read_map, write_map
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.io.star import read_star
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.simulate.atoms import read_model
 
-PACKAGE_DIR = Path(cli.__file__).parent
+PACKAGE_DIR = Path(cli.__file__).parents[1]
 ONE_LINE_ERROR = r"^cryospin-lab[a-z ]*: error: [^\n]+\n$"
 
 # ----------------------------------------------------------------------------- builders
@@ -143,7 +144,7 @@ def _cs(path: Path, **overrides) -> Path:
 
 
 class CliError(Exception):
-    """``cli.main`` returned a non-zero status; ``str()`` is its stderr."""
+    """``app.cli.main`` returned a non-zero status; ``str()`` is its stderr."""
 
     def __init__(self, status: int, stderr: str):
         super().__init__(stderr)

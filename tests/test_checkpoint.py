@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin_lab import checkpoint
-from cryospin_lab.checkpoint import (
+from cryospin_lab.io import checkpoint
+from cryospin_lab.io.checkpoint import (
     checkpoint_path,
     config_from_dict,
     config_to_dict,

@@ -2,7 +2,7 @@
 
 ``reconstruct`` and the full ``demo`` are tested in ``test_reconstruct_cli.py``.
 
-Outputs are checked with plain mrcfile/starfile; most runs call ``cli.main`` in
+Outputs are checked with plain mrcfile/starfile; most runs call ``app.cli.main`` in
 process (fast), one runs the installed console script in a subprocess.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import starfile
 
-from cryospin_lab import cli, datasets
+from cryospin_lab.app import cli
+from cryospin_lab.simulate import datasets
 
 
 @pytest.fixture(scope="module")

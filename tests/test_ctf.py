@@ -8,7 +8,7 @@ import scipy.constants as const
 import torch
 import torch_ctf
 
-from cryospin_lab.ctf import (
+from cryospin_lab.physics.ctf import (
     CTFParams,
     compute_ctf,
     ctf_images,

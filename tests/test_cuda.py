@@ -15,15 +15,15 @@ import math
 import pytest
 import torch
 
-from cryospin_lab import so3
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.data import ParticleStack
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.events import EpochEvent, Phase, PhaseChangeEvent, StepEvent
-from cryospin_lab.projection import FourierDisc
-from cryospin_lab.render import LossKind, image_losses, render_hartley
-from cryospin_lab.training import Trainer
-from cryospin_lab.volume import HartleyVolume
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import EpochEvent, Phase, PhaseChangeEvent, StepEvent
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.model.hartley_volume import HartleyVolume
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.projection import FourierDisc
+from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
@@ -110,7 +110,7 @@ def test_bf16_encoder_gives_float32_rotations_and_trains(stack):
             encoder=EncoderConfig(box_size=BOX, n_heads=3, autocast="bf16"),
         ),
     )
-    images = trainer._batch(torch.arange(8), trainer._disc(0))[0]
+    images = trainer.feed.batch(torch.arange(8), trainer.feed.disc(0))[0]
     candidates = trainer.branch().encoder(images)
     assert candidates.rotations.dtype == torch.float32
     r = candidates.rotations.double()

@@ -13,8 +13,9 @@ import pytest
 import starfile
 import torch
 
-from cryospin_lab.data import ParticleBatch, ParticleStack, read_map, write_map
-from cryospin_lab.star import read_star
+from cryospin_lab.io.maps import read_map, write_map
+from cryospin_lab.io.particles import ParticleBatch, ParticleStack
+from cryospin_lab.io.star import read_star
 
 TOY = "particles/cryodrgn_toy/toy_projections.star"
 TRPV1 = "particles/trpv1_small/trpv1_small_stack.star"

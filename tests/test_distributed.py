@@ -21,19 +21,19 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin_lab import so3
-from cryospin_lab.distributed import free_port
+from cryospin_lab.engine.distributed import free_port
+from cryospin_lab.physics import so3
 
 RANK_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     import torch.distributed as dist
-    from cryospin_lab.config import TrainingConfig
-    from cryospin_lab.data import ParticleStack
-    from cryospin_lab.distributed import init_from_env
-    from cryospin_lab.encoder import EncoderConfig
-    from cryospin_lab.events import EpochEvent
-    from cryospin_lab.training import Trainer
+    from cryospin_lab.engine.config import TrainingConfig
+    from cryospin_lab.io.particles import ParticleStack
+    from cryospin_lab.engine.distributed import init_from_env
+    from cryospin_lab.model.encoder import EncoderConfig
+    from cryospin_lab.engine.events import EpochEvent
+    from cryospin_lab.engine.trainer import Trainer
 
     star, out, resume = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
@@ -164,7 +164,7 @@ def test_torchrun_reconstruct_writes_one_set_of_results_and_resumes_in_one_proce
     common = [str(tiny_simulation.star_path), "--out", str(out), "--heads", "3", "--batch-size", "16"]
     common += ["--switch", "1", "--threads", "1", "--no-progress"]
     argv = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    argv += ["-m", "cryospin_lab.cli", "reconstruct", *common, "--epochs", "2"]
+    argv += ["-m", "cryospin_lab", "reconstruct", *common, "--epochs", "2"]
     run = subprocess.run(
         argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
     )
@@ -174,13 +174,13 @@ def test_torchrun_reconstruct_writes_one_set_of_results_and_resumes_in_one_proce
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
-    from cryospin_lab.event_log import read_events
-    from cryospin_lab.events import EpochEvent
+    from cryospin_lab.app.event_file import read_events
+    from cryospin_lab.engine.events import EpochEvent
 
     logged = read_events(out / "events.jsonl")  # rank 0's events, for watching from a notebook
     assert [e.epoch for e in logged if isinstance(e, EpochEvent)] == [1, 2]
     resumed = subprocess.run(
-        [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", *common, "--epochs", "3", "--resume"],
+        [sys.executable, "-m", "cryospin_lab", "reconstruct", *common, "--epochs", "3", "--resume"],
         capture_output=True,
         text=True,
         timeout=600,

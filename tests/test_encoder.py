@@ -13,7 +13,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-from cryospin_lab.encoder import EncoderConfig, GaussianPyramid, MultiHeadEncoder
+from cryospin_lab.model.encoder import EncoderConfig, GaussianPyramid, MultiHeadEncoder
 
 
 @pytest.mark.parametrize(("size", "scipy_mode"), [(64, "mirror"), (24, "nearest")])

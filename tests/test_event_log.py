@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.event_log import EventLogFollower, EventLogWriter, read_events
-from cryospin_lab.events import EpochEvent, StepEvent
-from cryospin_lab.training import Trainer
+from cryospin_lab.app.event_file import EventLogFollower, EventLogWriter, read_events
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import EpochEvent, StepEvent
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.model.encoder import EncoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

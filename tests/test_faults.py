@@ -24,10 +24,10 @@ import pytest
 import starfile
 import torch
 
-from cryospin_lab.checkpoint import check_output_dir, latest_checkpoint, load_checkpoint
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.events import (
+from cryospin_lab.app.runner import Runner
+from cryospin_lab.engine import steps
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import (
     FailureEvent,
     FinishedEvent,
     LogEvent,
@@ -35,8 +35,9 @@ from cryospin_lab.events import (
     PhaseChangeEvent,
     StepEvent,
 )
-from cryospin_lab.runner import Runner
-from cryospin_lab.training import Trainer
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.checkpoint import check_output_dir, latest_checkpoint, load_checkpoint
+from cryospin_lab.model.encoder import EncoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,7 +63,7 @@ def poison_batches(trainer: Trainer, calls: set[int], before: dict | None = None
     ``before`` receives the branch's volume parameters as they were when a poisoned batch was served."""
     served = iter(range(10**9))
     poison = []
-    batch = trainer._batch
+    batch = trainer.feed.batch
 
     def poisoned_batch(indices, disc):
         images, observed, ctf = batch(indices, disc)
@@ -73,17 +74,15 @@ def poison_batches(trainer: Trainer, calls: set[int], before: dict | None = None
             return images * torch.nan, observed * torch.nan, ctf
         return images, observed, ctf
 
-    def counted(step):
-        def run(branch, indices):
-            if next(served) in calls:
-                poison.append(True)
-            return step(branch, indices)
+    step = trainer._step
 
-        return run
+    def counted(branch, indices):
+        if next(served) in calls:
+            poison.append(True)
+        return step(branch, indices)
 
-    trainer._batch = poisoned_batch
-    trainer._amortized_step = counted(trainer._amortized_step)
-    trainer._direct_step = counted(trainer._direct_step)
+    trainer.feed.batch = poisoned_batch
+    trainer._step = counted
 
 
 def finite_state(branch) -> bool:
@@ -132,7 +131,9 @@ def test_nan_loss_without_guard_fails_the_run_before_the_update(tiny_stack, tmp_
     assert runner.state == "failed"
     failure = runner.bus.latest(FailureEvent, "main")
     assert failure is not None and failure.exception_type == "FloatingPointError"
-    assert "set TrainingConfig.nan_guard" in failure.message and "_finite" in failure.traceback
+    assert (
+        "set TrainingConfig.nan_guard" in failure.message and "in check" in failure.traceback
+    )  # NanGuard.check raised
     assert runner.bus.history()[-1].reason == "failed"
     saved = load_checkpoint(failure.checkpoint_path)["branches"][0]["volume"]
     for key, value in before["volume"].items():
@@ -144,16 +145,18 @@ def test_nan_loss_without_guard_fails_the_run_before_the_update(tiny_stack, tmp_
     assert isinstance(events[-1], FinishedEvent) and events[-1].reason == "completed"
 
 
-def test_an_exception_inside_the_engine_thread_is_reported_with_its_traceback(tiny_stack, tmp_path):
+def test_an_exception_inside_the_engine_thread_is_reported_with_its_traceback(
+    tiny_stack, tmp_path, monkeypatch
+):
     trainer = Trainer(tiny_stack, config(n_epochs=3), out_dir=tmp_path)
-    step = trainer._amortized_step
+    step = steps.amortized_step
 
-    def failing(branch, indices):
+    def failing(ctx, branch, indices):
         if branch.epoch == 1 and branch.step == STEPS + 2:
             raise RuntimeError("injected fault in the engine")
-        return step(branch, indices)
+        return step(ctx, branch, indices)
 
-    trainer._amortized_step = failing
+    monkeypatch.setattr(steps, "amortized_step", failing)
     runner = Runner(trainer).start()
     with pytest.raises(RuntimeError, match="injected fault"):
         runner.join(timeout=120)
@@ -170,7 +173,7 @@ def test_an_exception_inside_the_engine_thread_is_reported_with_its_traceback(ti
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from cryospin_lab.checkpoint import save_checkpoint
+    from cryospin_lab.io.checkpoint import save_checkpoint
     path = sys.argv[1]
     k = 0
     while True:
@@ -202,7 +205,7 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pat
 
 
 def _reconstruct(star: Path, out: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "cryospin_lab.cli", "reconstruct", str(star), "--out", str(out)]
+    argv = [sys.executable, "-m", "cryospin_lab", "reconstruct", str(star), "--out", str(out)]
     argv += ["--epochs", "3", "--switch", "2", "--heads", "3", "--batch-size", "16", "--threads", "1"]
     argv += ["--no-progress", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -333,7 +336,7 @@ def test_a_kernel_that_exits_mid_run_leaves_no_thread_behind(tiny_simulation):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from cryospin_lab.session import Reconstruction
+        from cryospin_lab.app.reconstruction import Reconstruction
         rec = Reconstruction({str(tiny_simulation.star_path)!r}, n_epochs=1000, switch="never", n_heads=2,
                              batch_size=16, device="cpu", threads=1, checkpoint_every=0)
         rec.start()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin_lab import fourier
+from cryospin_lab.physics import fourier
 
 
 @pytest.mark.parametrize("d", [8, 9])

@@ -28,8 +28,9 @@ import starfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cryospin_lab.data import ParticleStack, read_map
-from cryospin_lab.star import read_star
+from cryospin_lab.io.maps import read_map
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.io.star import read_star
 
 MAX_PEAK_BYTES = 16 * 2**20  # the files are a few kB; a reader that honours a corrupt size would blow this
 FUZZ = settings(

@@ -16,9 +16,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from test_training import tiny_config
 
-from cryospin_lab.events import EpochEvent, FinishedEvent, LogEvent, ResolutionEvent, StepEvent
-from cryospin_lab.runner import Command, CommandError
-from cryospin_lab.training import Trainer
+from cryospin_lab.engine.commands import Command, CommandError
+from cryospin_lab.engine.events import EpochEvent, FinishedEvent, LogEvent, Phase, ResolutionEvent, StepEvent
+from cryospin_lab.engine.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,13 +32,14 @@ def gold_run(tiny_stack, tmp_path_factory):
     config = tiny_config(gold_standard=True, switch="1", radius_start_fraction=0.25)
     trainer = Trainer(tiny_stack, config, out_dir=out)
     seen: dict[str, set[int]] = {"half1": set(), "half2": set()}
-    original = trainer._amortized_step
+    original = trainer._step
 
-    def spy(branch, indices):
-        seen[branch.name].update(int(i) for i in indices)
+    def spy(branch, indices):  # the images of every amortized step
+        if branch.phase is Phase.AMORTIZED:
+            seen[branch.name].update(int(i) for i in indices)
         return original(branch, indices)
 
-    trainer._amortized_step = spy
+    trainer._step = spy
     events = list(trainer.events())
     return trainer, events, seen
 
@@ -85,7 +86,7 @@ def test_alignment_of_half_two_recovers_a_known_rotation(tiny_stack, tiny_simula
     centre = np.array(truth.shape) // 2
     rotated = ndimage.affine_transform(truth, rotation, offset=centre - rotation @ centre, order=3)
     trainer = Trainer(tiny_stack, tiny_config(gold_standard=True))
-    from cryospin_lab.volume import HartleyVolume
+    from cryospin_lab.model.hartley_volume import HartleyVolume
 
     for name, volume in (("half1", truth), ("half2", rotated)):
         replacement = HartleyVolume.from_real(torch.from_numpy(volume).float())
@@ -117,8 +118,8 @@ def test_half_two_poses_are_moved_into_half_one_frame(tiny_stack, tiny_simulatio
     """
     import mrcfile
 
-    from cryospin_lab import so3
-    from cryospin_lab.volume import HartleyVolume
+    from cryospin_lab.model.hartley_volume import HartleyVolume
+    from cryospin_lab.physics import so3
 
     with mrcfile.open(tiny_simulation.ground_truth_path, permissive=True) as mrc:
         truth = np.array(mrc.data, dtype=np.float64)

@@ -14,7 +14,8 @@ import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from cryospin_lab import fourier, metrics, so3
+from cryospin_lab.analysis import metrics
+from cryospin_lab.physics import fourier, so3
 
 J = np.diag([1.0, 1.0, -1.0])
 

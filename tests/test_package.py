@@ -8,14 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ("physics", "io", "model", "simulate", "analysis", "engine", "app")
 UI_MODULES = ("ipywidgets", "plotly", "nglview", "IPython", "anywidget", "cryospin_lab.widgets")
 
 
 def test_engine_never_imports_ui_modules():
     """Import every engine module in a fresh interpreter; no UI module may be loaded."""
     engine_modules = sorted(
-        f"cryospin_lab.{p.stem}" for p in (ROOT / "cryospin_lab").glob("*.py") if p.stem != "__init__"
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "cryospin_lab").rglob("*.py")
+        if p.stem != "__main__"
     )
+    assert "cryospin_lab.engine.trainer" in engine_modules and "cryospin_lab.app.cli" in engine_modules
     code = (
         "import importlib, sys\n"
         f"for m in {engine_modules!r}: importlib.import_module(m)\n"
@@ -64,6 +68,7 @@ def test_wheel_maps_widgets_folder(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "cryospin_lab/widgets/__init__.py" in names
     assert "cryospin_lab/assets/2cg9.pdb.gz" in names
+    assert {f"cryospin_lab/{sub}/__init__.py" for sub in SUBPACKAGES} <= set(names)
     assert not any(n.startswith("widgets/") for n in names)
     target = tmp_path / "site"
     subprocess.run(
@@ -71,7 +76,10 @@ def test_wheel_maps_widgets_folder(tmp_path):
         check=True,
         capture_output=True,
     )
-    code = "import cryospin_lab.widgets as w, cryospin_lab as c; print(w.__file__); print(c.__file__)"
+    code = (
+        "import cryospin_lab.widgets as w, cryospin_lab as c; c.Reconstruction, c.simulate_particles; "
+        "print(w.__file__); print(c.__file__)"
+    )
     out = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The view posterior on the HEALPix sphere and the head-specialisation maps (``cryospin_lab.posterior``).
+"""The view posterior on the HEALPix sphere and head specialisation (``analysis.pose_posterior``).
 
 References: healpy's own pixel geometry and Mollweide projector; RELION Euler
 geometry (an in-plane angle is a rotation about the image's z axis); an
@@ -17,9 +17,7 @@ import pytest
 import torch
 from healpy.projector import MollweideProj
 
-from cryospin_lab import fourier, so3
-from cryospin_lab.ctf import CTFParams, ctf_images
-from cryospin_lab.posterior import (
+from cryospin_lab.analysis.pose_posterior import (
     estimate_noise_variance,
     head_specialisation,
     healpix_rotations,
@@ -29,8 +27,10 @@ from cryospin_lab.posterior import (
     render_image,
     view_posterior,
 )
-from cryospin_lab.projection import FourierDisc, project_real
-from cryospin_lab.simulate import load_source_volume
+from cryospin_lab.physics import fourier, so3
+from cryospin_lab.physics.ctf import CTFParams, ctf_images
+from cryospin_lab.physics.projection import FourierDisc, project_real
+from cryospin_lab.simulate.simulator import load_source_volume
 
 BOX, APIX = 32, 2.5
 

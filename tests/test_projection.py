@@ -19,10 +19,10 @@ import scipy.ndimage
 import starfile
 import torch
 
-from cryospin_lab import fourier, so3
-from cryospin_lab import projection as projection_module
-from cryospin_lab.ctf import CTFParams
-from cryospin_lab.projection import (
+from cryospin_lab.physics import fourier, so3
+from cryospin_lab.physics import projection as projection_module
+from cryospin_lab.physics.ctf import CTFParams
+from cryospin_lab.physics.projection import (
     FourierDisc,
     max_disc_radius,
     project_hartley,

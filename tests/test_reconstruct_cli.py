@@ -24,10 +24,11 @@ import pytest
 import starfile
 import torch
 
-from cryospin_lab import cli, so3
-from cryospin_lab.data import write_map
-from cryospin_lab.star import read_star
-from cryospin_lab.volume import HartleyVolume
+from cryospin_lab.app import cli
+from cryospin_lab.io.maps import write_map
+from cryospin_lab.io.star import read_star
+from cryospin_lab.model.hartley_volume import HartleyVolume
+from cryospin_lab.physics import so3
 
 QUICK = ["--heads", "2", "--no-progress"]
 
@@ -171,12 +172,12 @@ def test_resume_continues(finished_run, tmp_path, tiny_set):
 
 def test_resumed_fork_writes_a_map_per_branch(tiny_set, tmp_path):
     """A checkpoint holding two branches (forked through the engine) gives map_<branch>.mrc for each."""
-    from cryospin_lab.config import TrainingConfig
-    from cryospin_lab.data import ParticleStack
-    from cryospin_lab.encoder import EncoderConfig
-    from cryospin_lab.events import EpochEvent
-    from cryospin_lab.runner import Command
-    from cryospin_lab.training import Trainer
+    from cryospin_lab.engine.commands import Command
+    from cryospin_lab.engine.config import TrainingConfig
+    from cryospin_lab.engine.events import EpochEvent
+    from cryospin_lab.engine.trainer import Trainer
+    from cryospin_lab.io.particles import ParticleStack
+    from cryospin_lab.model.encoder import EncoderConfig
 
     out = tmp_path / "out"
     config = TrainingConfig(encoder=EncoderConfig(box_size=32, n_heads=2), n_epochs=2, switch="never")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cryospin_lab import so3
-from cryospin_lab.projection import FourierDisc
-from cryospin_lab.render import LossKind, image_losses, render_hartley, winner_losses
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.projection import FourierDisc
+from cryospin_lab.physics.render import LossKind, image_losses, render_hartley, winner_losses
 
 
 @pytest.mark.parametrize("kind", [LossKind.L2, LossKind.L1])

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin_lab.events import (
+from cryospin_lab.app.bus import EventBus
+from cryospin_lab.app.runner import Runner, Steppable
+from cryospin_lab.engine.commands import Command, CommandError
+from cryospin_lab.engine.events import (
     EpochEvent,
     Event,
     FailureEvent,
@@ -25,7 +28,6 @@ from cryospin_lab.events import (
     StepEvent,
     VolumeEvent,
 )
-from cryospin_lab.runner import Command, CommandError, EventBus, Runner, Steppable
 
 STAMP = {"epoch": 0, "phase": Phase.AMORTIZED, "time_s": 0.0}
 

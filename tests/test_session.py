@@ -18,9 +18,9 @@ import starfile
 import torch_ctf
 from scipy.spatial.transform import Rotation
 
-from cryospin_lab.events import FinishedEvent, LogEvent, Phase, PhaseChangeEvent, StepEvent
-from cryospin_lab.session import Reconstruction
-from cryospin_lab.simulate import simulate_particles
+from cryospin_lab.app.reconstruction import Reconstruction
+from cryospin_lab.engine.events import FinishedEvent, LogEvent, Phase, PhaseChangeEvent, StepEvent
+from cryospin_lab.simulate.simulator import simulate_particles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

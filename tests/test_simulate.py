@@ -21,9 +21,11 @@ import starfile
 import torch
 from scipy import ndimage
 
-from cryospin_lab import atoms, datasets, fourier, simulate
-from cryospin_lab.projection import project_real
-from cryospin_lab.star import read_star
+from cryospin_lab.io.star import read_star
+from cryospin_lab.physics import fourier
+from cryospin_lab.physics.projection import project_real
+from cryospin_lab.simulate import atoms, datasets
+from cryospin_lab.simulate import simulator as simulate
 
 BOX, APIX = 32, 3.0
 N = 48

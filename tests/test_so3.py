@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryospin_lab import so3
+from cryospin_lab.physics import so3
 
 
 def test_exp_matches_scipy_rotvec():

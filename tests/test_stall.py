@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cryospin_lab._switch_rule import stall_message
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.events import EpochEvent, LogEvent
-from cryospin_lab.training import Trainer
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import EpochEvent, LogEvent
+from cryospin_lab.engine.switch_rule import stall_message
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.model.encoder import EncoderConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,8 +104,8 @@ def test_the_trainer_sends_it_after_the_epoch_event_of_an_amortized_epoch(tiny_s
 
 
 def test_the_cli_prints_a_warning_with_its_epoch_and_branch():
-    from cryospin_lab.events import Phase
-    from cryospin_lab.reconstruct import _event_message
+    from cryospin_lab.app.headless import _event_message
+    from cryospin_lab.engine.events import Phase
 
     stamp = dict(step=9, epoch=18, phase=Phase.AMORTIZED, time_s=1.0)
     warning = LogEvent(message="stalled: x", level="warning", branch="main", **stamp)

@@ -11,8 +11,8 @@ import starfile
 import torch
 from scipy.spatial.transform import Rotation
 
-from cryospin_lab.ctf import CTFParams
-from cryospin_lab.star import ParticleMetadata, read_cs, read_star, write_relion31_star
+from cryospin_lab.io.star import ParticleMetadata, read_cs, read_star, write_relion31_star
+from cryospin_lab.physics.ctf import CTFParams
 
 GROUNDTRUTH = "metadata/cryodrgn_parse_groundtruth"
 

@@ -21,12 +21,11 @@ import pytest
 import starfile
 import torch
 
-from cryospin_lab import _steps, so3
-from cryospin_lab.checkpoint import load_checkpoint
-from cryospin_lab.config import TrainingConfig
-from cryospin_lab.data import ParticleStack
-from cryospin_lab.encoder import EncoderConfig
-from cryospin_lab.events import (
+from cryospin_lab.app.runner import Runner
+from cryospin_lab.engine import steps as _steps
+from cryospin_lab.engine.commands import Command, CommandError
+from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.events import (
     CheckpointEvent,
     EpochEvent,
     FailureEvent,
@@ -42,11 +41,14 @@ from cryospin_lab.events import (
     StepEvent,
     VolumeEvent,
 )
-from cryospin_lab.pose_table import PoseTable, RowAdam
-from cryospin_lab.render import render_hartley
-from cryospin_lab.runner import Command, CommandError, Runner
-from cryospin_lab.training import Trainer
-from cryospin_lab.volume import HartleyVolume
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.checkpoint import load_checkpoint
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.model.hartley_volume import HartleyVolume
+from cryospin_lab.model.pose_table import PoseTable, RowAdam
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.render import render_hartley
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -272,7 +274,7 @@ def perturbed(rotations: torch.Tensor, angle_deg: float, seed: int) -> torch.Ten
 def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
     tiny_stack, tiny_ground_truth, monkeypatch
 ):
-    """One ``_direct_step`` with the true map as volume and poses 25 deg off the truth.
+    """One ``steps.direct_step`` with the true map as volume and poses 25 deg off the truth.
 
     The engine's own pose block is observed through ``image_losses``: it is called
     ``n_pose_steps`` times on the fixed volume and once more (after the fold, same
@@ -290,8 +292,8 @@ def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
 
     # Fixed volume: the true map, scaled to the normalised images by least squares.
     rows = torch.arange(BATCH)
-    disc = trainer._disc(branch.epoch)
-    _, observed, ctf = trainer._batch(rows, disc)
+    disc = trainer.feed.disc(branch.epoch)
+    _, observed, ctf = trainer.feed.batch(rows, disc)
     truth = trainer.true_rotations
     volume = HartleyVolume.from_real(tiny_ground_truth)
     clean = render_hartley(
@@ -319,7 +321,7 @@ def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
         return out
 
     monkeypatch.setattr(_steps, "image_losses", recording)
-    trainer._direct_step(branch, rows)
+    _steps.direct_step(trainer.step_context, branch, rows)
     monkeypatch.setattr(_steps, "image_losses", original)
 
     n_pose_steps = trainer.config.n_pose_steps
@@ -531,16 +533,16 @@ def test_failure_mid_run_surfaces_and_keeps_last_good_checkpoint(tiny_stack, tmp
     calls = {"n": 0}
     good_checkpoint = tmp_path / "checkpoints" / "epoch_0001.pt"
     digest_before = {}
-    original = Trainer._amortized_step
+    original = _steps.amortized_step
 
-    def failing_step(self, branch, indices):
+    def failing_step(ctx, branch, indices):
         if calls["n"] == fail_at:
             digest_before["sha"] = hashlib.sha256(good_checkpoint.read_bytes()).hexdigest()
             return float("nan")
         calls["n"] += 1
-        return original(self, branch, indices)
+        return original(ctx, branch, indices)
 
-    monkeypatch.setattr(Trainer, "_amortized_step", failing_step)
+    monkeypatch.setattr(_steps, "amortized_step", failing_step)
     trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="never"), out_dir=tmp_path)
     runner = Runner(trainer).start()
     with pytest.raises(FloatingPointError, match="loss became nan"):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cryospin_lab import so3
-from cryospin_lab.fourier import ifht_center
-from cryospin_lab.projection import FourierDisc, project_hartley, project_real
-from cryospin_lab.volume import DEFAULT_INIT_STD, HartleyVolume
+from cryospin_lab.model.hartley_volume import DEFAULT_INIT_STD, HartleyVolume
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.fourier import ifht_center
+from cryospin_lab.physics.projection import FourierDisc, project_hartley, project_real
 
 
 def numpy_hartley_3d(volume: np.ndarray) -> np.ndarray:

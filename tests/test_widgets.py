@@ -26,7 +26,7 @@ from cryospin_lab.widgets import (  # noqa: E402
 )
 from cryospin_lab.widgets.controls import format_duration  # noqa: E402
 
-from cryospin_lab.events import (  # noqa: E402
+from cryospin_lab.engine.events import (
     EpochEvent,
     FailureEvent,
     FinishedEvent,

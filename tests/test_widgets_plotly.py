@@ -92,7 +92,7 @@ def test_panel_figures_are_current_in_a_fresh_state():
     """A panel updated by events: a view created now would show the new data."""
     from cryospin_lab.widgets import HeadAssignmentsPanel
 
-    from cryospin_lab.events import EpochEvent, Phase
+    from cryospin_lab.engine.events import EpochEvent, Phase
 
     panel = HeadAssignmentsPanel()
     counts = np.array([30, 10])
@@ -164,7 +164,7 @@ def test_acknowledgements_are_not_echoed_back_to_the_browser():
 def test_a_panel_defers_its_redraw_while_the_browser_is_behind_then_draws_the_latest():
     from cryospin_lab.widgets import LossPanel
 
-    from cryospin_lab.events import Phase, StepEvent
+    from cryospin_lab.engine.events import Phase, StepEvent
 
     def step(k: int) -> StepEvent:
         return StepEvent(

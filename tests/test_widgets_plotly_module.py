@@ -30,7 +30,7 @@ import plotly  # noqa: E402
 from cryospin_lab.widgets import _plotly_module as pm  # noqa: E402
 from cryospin_lab.widgets._plotly import new_figure  # noqa: E402
 
-from cryospin_lab.distributed import free_port
+from cryospin_lab.engine.distributed import free_port
 
 
 @pytest.fixture

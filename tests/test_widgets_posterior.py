@@ -24,17 +24,18 @@ from cryospin_lab.widgets.posterior import PosteriorPanel  # noqa: E402
 from cryospin_lab.widgets.specialisation import HeadSpecialisationPanel  # noqa: E402
 from healpy.projector import MollweideProj  # noqa: E402
 
-from cryospin_lab import metrics, so3  # noqa: E402
-from cryospin_lab.events import (  # noqa: E402
+from cryospin_lab.analysis import metrics
+from cryospin_lab.analysis.pose_posterior import render_image  # noqa: E402
+from cryospin_lab.app.reconstruction import Reconstruction  # noqa: E402
+from cryospin_lab.engine.events import (
     HeadAssignmentEvent,
     Phase,
     PoseCandidatesEvent,
     PoseErrorEvent,
     VolumeEvent,
 )
-from cryospin_lab.posterior import render_image  # noqa: E402
-from cryospin_lab.session import Reconstruction  # noqa: E402
-from cryospin_lab.simulate import simulate_particles  # noqa: E402
+from cryospin_lab.physics import so3  # noqa: E402
+from cryospin_lab.simulate.simulator import simulate_particles  # noqa: E402
 
 BOX, APIX = 32, 2.5
 STAMP = dict(step=1, epoch=1, phase=Phase.AMORTIZED, time_s=1.0)

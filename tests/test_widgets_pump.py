@@ -21,7 +21,9 @@ pytest.importorskip("anywidget")
 
 from cryospin_lab.widgets import ControlsPanel, UIPump, Workbench  # noqa: E402
 
-from cryospin_lab.events import (  # noqa: E402
+from cryospin_lab.app.bus import EventBus  # noqa: E402
+from cryospin_lab.app.reconstruction import Reconstruction  # noqa: E402
+from cryospin_lab.engine.events import (
     EpochEvent,
     FinishedEvent,
     LogEvent,
@@ -31,9 +33,7 @@ from cryospin_lab.events import (  # noqa: E402
     StepEvent,
     VolumeEvent,
 )
-from cryospin_lab.runner import EventBus  # noqa: E402
-from cryospin_lab.session import Reconstruction  # noqa: E402
-from cryospin_lab.simulate import simulate_particles  # noqa: E402
+from cryospin_lab.simulate.simulator import simulate_particles  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -335,7 +335,7 @@ def test_pump_runs_on_the_kernel_loop_and_clicks_get_through(tiny_set):
 
         ids = run(
             "import torch; torch.set_num_threads(1)\n"
-            "from cryospin_lab.session import Reconstruction\n"
+            "from cryospin_lab.app.reconstruction import Reconstruction\n"
             "from cryospin_lab.widgets import Workbench\n"
             f"rec = Reconstruction({str(tiny_set.star_path)!r}, n_epochs=200, switch='never', "
             "volume_interval_s=1e9, n_heads=2, batch_size=16, device='cpu', threads=1, n_tracked=2, "

@@ -1,6 +1,6 @@
 """Run controls: start / pause / resume / stop, switch now, fork, a settings form, a status line, errors.
 
-Every button calls a :class:`~cryospin_lab.session.Reconstruction` method, which
+Every button calls a :class:`~cryospin_lab.app.reconstruction.Reconstruction` method, which
 only queues a command for the runner's thread and returns at once; the effect
 comes back as events (``PhaseChangeEvent``, ``ForkEvent``, ``LogEvent("paused")``,
 ``FinishedEvent`` ...) through the UI pump, and only then does the panel change
@@ -30,7 +30,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from cryospin_lab.events import (
+from cryospin_lab.engine.events import (
     EpochEvent,
     FailureEvent,
     FinishedEvent,
@@ -91,7 +91,7 @@ class ControlsPanel(Panel):
     Args:
         reconstruction: the run to control; None: Start builds one from the form.
         factory: builds a reconstruction from the form's keywords (default
-            ``cryospin_lab.session.Reconstruction``).
+            ``cryospin_lab.app.reconstruction.Reconstruction``).
         extra_settings: keywords passed to ``factory`` besides the form's
             (``device``, ``threads``, ``batch_size``, ``out_dir`` ...).
         n_epochs, n_particles: for the ETA when there is no reconstruction.
@@ -273,7 +273,7 @@ class ControlsPanel(Panel):
     def _new_reconstruction(self):
         factory = self.factory
         if factory is None:
-            from cryospin_lab.session import Reconstruction as factory
+            from cryospin_lab.app.reconstruction import Reconstruction as factory
         rec = factory(**self.form_settings(), **self.extra_settings)
         self.bind(rec)
         for callback in self._listeners:

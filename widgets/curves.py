@@ -24,7 +24,7 @@ import ipywidgets as w
 import numpy as np
 import plotly.graph_objects as go
 
-from cryospin_lab.events import (
+from cryospin_lab.engine.events import (
     EpochEvent,
     ForkEvent,
     Phase,

@@ -23,7 +23,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from cryospin_lab.events import EpochEvent, ForkEvent
+from cryospin_lab.engine.events import EpochEvent, ForkEvent
 
 from ._plotly import new_figure
 from .pump import Panel

@@ -1,16 +1,16 @@
 """Pose posterior of one particle on the viewing sphere (paper Sec. 5.3), with the heads' candidates.
 
-For the selected particle and the latest map (:class:`~cryospin_lab.events.VolumeEvent`
-of the selected branch), :func:`cryospin_lab.posterior.view_posterior` evaluates
+For the selected particle and the latest map (:class:`~cryospin_lab.engine.events.VolumeEvent`
+of the selected branch), :func:`cryospin_lab.analysis.pose_posterior.view_posterior` evaluates
 the training loss on a HEALPix grid of view directions x in-plane angles; the
 map shows ``log10 p(view)`` (or ``p``) in a Mollweide projection (longitude =
 RELION rot to the right, latitude = 90 deg - tilt). Marked on it: the best grid
 pose (star), every head's candidate from the latest
-:class:`~cryospin_lab.events.PoseCandidatesEvent` when the particle is one of the
+:class:`~cryospin_lab.engine.events.PoseCandidatesEvent` when the particle is one of the
 tracked ones (one colour per head, as in the head-assignment panel), and the
 true view for simulated data. A map learned ab initio is defined up to a global
 rotation (and hand): the true view is drawn in the learned map's frame, moved by
-the alignment of the branch's latest :class:`~cryospin_lab.events.PoseErrorEvent`
+the alignment of the branch's latest :class:`~cryospin_lab.engine.events.PoseErrorEvent`
 (``F(R_true @ G)``); before the first one it is in the simulation's frame, and its
 hover text says which. Beside the map:
 the particle image, the image the trainer predicts at the best pose, and the CTF.
@@ -36,8 +36,14 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cryospin_lab.events import ForkEvent, PoseCandidatesEvent, PoseErrorEvent, VolumeEvent
-from cryospin_lab.posterior import ViewPosterior, mollweide_raster, mollweide_xy, render_image, view_posterior
+from cryospin_lab.analysis.pose_posterior import (
+    ViewPosterior,
+    mollweide_raster,
+    mollweide_xy,
+    render_image,
+    view_posterior,
+)
+from cryospin_lab.engine.events import ForkEvent, PoseCandidatesEvent, PoseErrorEvent, VolumeEvent
 
 from ._plotly import LEGEND_MARGIN, SyncedFigureWidget, gaps_as_none, new_figure
 from .heads import BranchSelector, head_color

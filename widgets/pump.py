@@ -1,11 +1,11 @@
 """The UI pump: the one piece of code that moves engine events into widgets.
 
-Why a pump: the reconstruction runs on a background thread (``runner.Runner``),
+Why a pump: the reconstruction runs on a background thread (``app.runner.Runner``),
 but widgets must only be touched from the kernel's main thread (some ipykernel
 releases broke cross-thread comm messages, and a button click is only handled
 while the main thread is idle). So the engine only *publishes* events on its
-:class:`~cryospin_lab.runner.EventBus`, and :class:`UIPump` drains one
-:class:`~cryospin_lab.runner.Subscription` a few times a second *on the main
+:class:`~cryospin_lab.app.bus.EventBus`, and :class:`UIPump` drains one
+:class:`~cryospin_lab.app.bus.Subscription` a few times a second *on the main
 thread*, between cell executions, by scheduling itself with ``loop.call_later``
 on the kernel's asyncio loop (ipykernel >= 6 runs cells inside that loop, so
 ``asyncio.get_running_loop()`` in a cell returns it; checked with ipykernel 7.4).
@@ -40,8 +40,8 @@ from typing import Any
 
 import ipywidgets as w
 
-from cryospin_lab.events import Event
-from cryospin_lab.runner import EventBus
+from cryospin_lab.app.bus import EventBus
+from cryospin_lab.engine.events import Event
 
 from ._plotly import SyncedFigureWidget
 

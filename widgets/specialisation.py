@@ -1,9 +1,9 @@
 """Head specialisation: which encoder head wins which views, and how well (paper Sec. 5.3, Fig. 5).
 
-From the latest :class:`~cryospin_lab.events.HeadAssignmentEvent` (one per
+From the latest :class:`~cryospin_lab.engine.events.HeadAssignmentEvent` (one per
 amortized epoch: every image's winning head, its true view direction and the
 winner's rotation error for simulated data), the images are binned by true
-view direction on a HEALPix grid (:func:`cryospin_lab.posterior.head_specialisation`)
+view direction on a HEALPix grid (:func:`cryospin_lab.analysis.pose_posterior.head_specialisation`)
 and drawn as two Mollweide maps (longitude = RELION rot to the right,
 latitude = 90 deg - tilt):
 
@@ -27,8 +27,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cryospin_lab.events import ForkEvent, HeadAssignmentEvent
-from cryospin_lab.posterior import HeadSpecialisation, head_specialisation, mollweide_raster
+from cryospin_lab.analysis.pose_posterior import HeadSpecialisation, head_specialisation, mollweide_raster
+from cryospin_lab.engine.events import ForkEvent, HeadAssignmentEvent
 
 from ._plotly import SyncedFigureWidget, gaps_as_none
 from .heads import BranchSelector, head_color

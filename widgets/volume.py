@@ -1,13 +1,13 @@
 """The current map: central orthogonal slices (plotly, always available) and an nglview isosurface.
 
-Volumes arrive as :class:`~cryospin_lab.events.VolumeEvent` (real space,
+Volumes arrive as :class:`~cryospin_lab.engine.events.VolumeEvent` (real space,
 ``[z, y, x]``, centre at ``D // 2``). The slices are the three central planes:
 ``z = D//2`` (an ``x``-``y`` image), ``y = D//2`` (``x``-``z``) and ``x = D//2``
 (``y``-``z``), drawn as heatmaps with the first array axis vertical, so a voxel
 at ``[z, y, x]`` appears at column ``x``, row ``y`` in the first plane.
 
 The isosurface uses nglview 3.1.4 as ``BROWSER_TESTING.md`` found to work:
-the map is written to a temporary ``.mrc`` (``cryospin_lab.data.write_map``),
+the map is written to a temporary ``.mrc`` (``cryospin_lab.io.maps.write_map``),
 loaded with ``view.add_component(path)`` (the previous map component is
 removed first) and drawn with ``component.update_surface(isolevelType="value",
 isolevel=..., color=...)``. The threshold slider is in standard deviations above
@@ -34,8 +34,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cryospin_lab.data import write_map
-from cryospin_lab.events import VolumeEvent
+from cryospin_lab.engine.events import VolumeEvent
+from cryospin_lab.io.maps import write_map
 
 from ._plotly import SyncedFigureWidget, gaps_as_none
 from .heads import BranchSelector

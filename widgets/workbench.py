@@ -75,7 +75,7 @@ class Workbench:
     """All panels for ``reconstruction`` (or None: the controls' form builds one), one pump.
 
     Args:
-        reconstruction: a :class:`~cryospin_lab.session.Reconstruction`.
+        reconstruction: a :class:`~cryospin_lab.app.reconstruction.Reconstruction`.
         layout: "tabs" (default) or "stack" (every panel visible, one below the other).
         interval_s: the pump's period.
         use_nglview: False to show the map as slices only.
@@ -234,7 +234,7 @@ def launch(
 ):
     """Build a reconstruction (default: the embedded HSP90 set) and return its :class:`Workbench`.
 
-    ``settings`` go to :class:`~cryospin_lab.session.Reconstruction` (``n_heads``,
+    ``settings`` go to :class:`~cryospin_lab.app.reconstruction.Reconstruction` (``n_heads``,
     ``n_epochs``, ``switch``, ``box_size``, ``device`` ...); the ones the form does
     not show are kept for the runs the form builds later. ``start=True`` starts it.
     ``posterior_nside`` / ``specialisation_nside``: HEALPix resolution of those panels.
@@ -243,7 +243,7 @@ def launch(
     stopped, its pump ended), with a message: re-running the launch cell must not leave a run
     going that no panel shows. ``keep_previous=True`` leaves it running.
     """
-    from cryospin_lab.session import Reconstruction
+    from cryospin_lab.app.reconstruction import Reconstruction
 
     reconstruction = Reconstruction(particles, **settings)
     if not keep_previous:
@@ -286,7 +286,7 @@ def watch(
     """
     from pathlib import Path
 
-    from cryospin_lab.event_log import EventLogFollower
+    from cryospin_lab.app.event_file import EventLogFollower
 
     path = Path(events_path)
     bench = Workbench(

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from cryospin_lab.distributed import free_port
+from cryospin_lab.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

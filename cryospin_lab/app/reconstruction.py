@@ -1,0 +1,323 @@
+"""A reconstruction as a notebook (or a script) drives it: one object, a background run, read-only views.
+
+:class:`Reconstruction` bundles what the workbench needs and nothing of the UI:
+
+* building a :class:`~cryospin_lab.engine.trainer.Trainer` from a particle file (or the
+  embedded default HSP90 set) and a few settings;
+* running it on a :class:`~cryospin_lab.app.runner.Runner` thread, with its
+  :class:`~cryospin_lab.app.bus.EventBus` (``reconstruction.bus``) as the only
+  channel out, and the commands (start, pause, resume, stop, switch_now, fork)
+  as the only channel in;
+* read-only views that are safe from another thread while the run goes on: a
+  particle's image and CTF as the trainer sees them (:meth:`particle`), the true
+  poses when the data are simulated, the box and pixel size.
+
+The panels in ``cryospin_lab.widgets`` take a ``Reconstruction`` (or only its
+bus) and never reach into the trainer. Hand-written glue over the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryospin_lab.app.bus import EventBus
+from cryospin_lab.app.runner import Runner
+from cryospin_lab.engine.config import TrainingConfig, parse_switch_rule
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.physics import so3
+from cryospin_lab.physics.ctf import ctf_images
+
+__all__ = ["ParticleView", "Reconstruction"]
+
+# Settings a notebook form may pass as keywords, mapped to (config field, encoder field).
+_CONFIG_KEYS = {
+    "n_epochs",
+    "switch",
+    "batch_size",
+    "encoder_lr",
+    "decoder_lr",
+    "decoder_lr_direct",
+    "pose_lr",
+    "seed",
+    "device",
+    "threads",
+    "n_tracked",
+    "volume_interval_s",
+    "checkpoint_every",
+    "gold_standard",
+    "nan_guard",
+}
+_ENCODER_KEYS = {"n_heads", "preset", "estimate_shifts", "max_shift_angstrom"}
+
+
+@dataclass(frozen=True, eq=False)
+class ParticleView:
+    """One particle as the trainer sees it (numpy copies, read-only).
+
+    ``image`` is the normalised real-space image ``(D, D)``; ``ctf`` the CTF on the
+    centred Fourier grid ``(D, D)`` (DC at ``[D // 2, D // 2]``, the layout of
+    ``fourier.fft2_centered``), None when the data carry no CTF. ``true_rotation``
+    ``(3, 3)`` and ``true_view_direction`` ``(3,)`` are None unless the particle
+    file holds poses (simulated data).
+    """
+
+    index: int
+    image: np.ndarray
+    ctf: np.ndarray | None
+    pixel_size_angstrom: float
+    true_rotation: np.ndarray | None
+    true_view_direction: np.ndarray | None
+    defocus_angstrom: float | None
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.array(array, copy=True)
+    array.setflags(write=False)
+    return array
+
+
+class Reconstruction:
+    """A cryoSPIN reconstruction of one particle set, run on a background thread.
+
+    Args:
+        particles: a STAR / cryoSPARC ``.cs`` / ``.mrcs`` file, or None for the
+            embedded default (HSP90 2CG9, simulated once and cached; its true
+            map becomes the ground truth).
+        out_dir: where checkpoints go; None: a fresh temporary folder.
+        ground_truth: a map on the particles' grid for FSC-vs-truth (optional).
+        box_size: Fourier-downsample the particles to this box on load.
+        config: a full :class:`TrainingConfig`; keywords below override it.
+        **settings: ``n_heads``, ``preset``, ``n_epochs``, ``switch`` ("auto",
+            "never" or an epoch), ``batch_size``, ``encoder_lr``, ``decoder_lr``,
+            ``decoder_lr_direct``, ``pose_lr``, ``seed``, ``device``, ``threads``,
+            ``n_tracked``, ``volume_interval_s``, ``checkpoint_every``, ``gold_standard``,
+            ``nan_guard``, ``estimate_shifts``, ``max_shift_angstrom``.
+
+    Raises ValueError naming the setting for an unknown or bad one, and the
+    file for unreadable particles, before anything runs.
+    """
+
+    def __init__(
+        self,
+        particles: str | os.PathLike | None = None,
+        *,
+        out_dir: str | os.PathLike | None = None,
+        ground_truth: str | os.PathLike | None = None,
+        box_size: int | None = None,
+        config: TrainingConfig | None = None,
+        bus: EventBus | None = None,
+        **settings: Any,
+    ):
+        unknown = sorted(set(settings) - _CONFIG_KEYS - _ENCODER_KEYS)
+        if unknown:
+            raise ValueError(
+                f"Reconstruction: unknown setting(s) {unknown}; known: {sorted(_CONFIG_KEYS | _ENCODER_KEYS)}"
+            )
+        if particles is None:
+            from cryospin_lab.simulate.datasets import hsp90
+
+            simulated = hsp90()
+            particles = simulated.star_path
+            if ground_truth is None:
+                ground_truth = simulated.ground_truth_path
+        particles = Path(particles)
+        if not particles.is_file():
+            raise FileNotFoundError(f"particle file not found: {particles}")
+        self.particles_path = particles
+        self.stack = ParticleStack(particles, box_size=box_size)
+        self.config = self._make_config(config, settings)
+        truth = None
+        if ground_truth is not None:
+            from cryospin_lab.io.maps import load_ground_truth
+
+            truth = load_ground_truth(Path(ground_truth), self.stack)
+        self.ground_truth_path = None if ground_truth is None else Path(ground_truth)
+        if out_dir is None:
+            out_dir = tempfile.mkdtemp(prefix="cryospin-lab-")
+        self.out_dir = Path(out_dir)
+        self.trainer = Trainer(self.stack, self.config, ground_truth_map=truth, out_dir=self.out_dir)
+        self.bus = bus if bus is not None else EventBus()
+        self.runner = Runner(self.trainer, self.bus)
+        self._true_rotations = self.trainer.true_rotations  # CPU tensor (N, 3, 3) or None
+        self._ground_truth = None if truth is None else _read_only(truth.numpy())
+
+    def _make_config(self, config: TrainingConfig | None, settings: dict[str, Any]) -> TrainingConfig:
+        config = TrainingConfig() if config is None else config
+        enc_changes = {k: settings[k] for k in _ENCODER_KEYS if k in settings}
+        if enc_changes.get("n_heads") is not None and int(enc_changes["n_heads"]) < 1:
+            raise ValueError(f"Reconstruction: n_heads must be >= 1, got {enc_changes['n_heads']}")
+        changes = {k: settings[k] for k in _CONFIG_KEYS if k in settings}
+        if "switch" in changes:
+            changes["switch"] = str(changes["switch"])
+            parse_switch_rule(changes["switch"])
+        for key in ("encoder_lr", "decoder_lr", "decoder_lr_direct", "pose_lr"):
+            if key in changes and not float(changes[key]) > 0:
+                raise ValueError(f"Reconstruction: {key} must be > 0, got {changes[key]}")
+        encoder: EncoderConfig = dataclasses.replace(
+            config.encoder, box_size=self.stack.box_size, **enc_changes
+        )
+        return dataclasses.replace(config, encoder=encoder, **changes)
+
+    # ------------------------------------------------------------------ commands
+    def start(self) -> Reconstruction:
+        """Start the run on its background thread (once); returns self."""
+        self.runner.start()
+        return self
+
+    def pause(self) -> None:
+        self.runner.pause()
+
+    def resume(self) -> None:
+        self.runner.resume()
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def switch_now(self, branch: str | None = None) -> None:
+        """Switch to direct optimisation before the next step (all amortized branches, or one)."""
+        self.runner.switch_now(**({} if branch is None else {"branch": branch}))
+
+    def fork(self, branch: str | None = None) -> None:
+        """Split amortized branch(es) in two: one stays amortized, one switches now (paper Fig. 4)."""
+        self.runner.fork(**({} if branch is None else {"branch": branch}))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end; re-raises the run's exception if it failed."""
+        return self.runner.join(timeout)
+
+    def export(self, out_dir: str | os.PathLike, *, timeout_s: float = 300.0) -> list[Path]:
+        """Write the results so far into ``out_dir``, as ``cryospin-lab reconstruct`` does.
+
+        ``map.mrc`` and ``poses.star`` (per branch after a fork; half maps in
+        gold-standard mode), ``metrics.csv`` from the events so far, and
+        ``fsc.png`` or ``loss.png``. A running run is paused between two steps
+        while its state is read, then resumed (this call waits for the pause,
+        up to ``timeout_s``). Returns the paths written.
+        """
+        from cryospin_lab.app.epoch_records import EpochCollector
+        from cryospin_lab.app.results import ResultWriter
+        from cryospin_lab.engine.events import ForkEvent
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paused_here = False
+        if self.runner.is_running and not self.runner.is_paused:
+            self.pause()
+            paused_here = True
+            deadline = time.monotonic() + timeout_s
+            while self.runner.is_running and not self.runner.is_paused:
+                if time.monotonic() > deadline:
+                    self.resume()
+                    raise TimeoutError(f"export: the run did not pause within {timeout_s} s")
+                time.sleep(0.02)
+        try:
+            writer = ResultWriter(self.trainer, out_dir, [])
+            epochs = EpochCollector()  # gathers each epoch's events into one metrics.csv row
+            for event in self.bus.history():
+                if isinstance(event, ForkEvent):
+                    writer.add_branches(event.children)
+                for done in epochs.feed(event):
+                    writer.epoch_done(done)
+            for done in epochs.flush():
+                writer.epoch_done(done)
+            return writer.write_final()
+        finally:
+            if paused_here and self.runner.is_paused:
+                self.resume()
+
+    @property
+    def state(self) -> str:
+        """The runner's state: created, running, paused, stopped, finished or failed."""
+        return self.runner.state
+
+    def close(self) -> None:
+        """Stop a running run and wait for its thread (used when a notebook closes the workbench)."""
+        if self.runner.is_running:
+            self.runner.stop()
+            try:
+                self.runner.join(timeout=30)
+            except Exception as err:  # the failure was already published as an event
+                warnings.warn(f"the run had failed: {err}", stacklevel=2)
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def n_particles(self) -> int:
+        return len(self.stack)
+
+    @property
+    def box_size(self) -> int:
+        return self.stack.box_size
+
+    @property
+    def pixel_size_angstrom(self) -> float:
+        return float(self.stack.pixel_size_angstrom)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.encoder.n_heads)
+
+    @property
+    def has_ground_truth_poses(self) -> bool:
+        return self._true_rotations is not None
+
+    @property
+    def ground_truth_map(self) -> np.ndarray | None:
+        """The true map ``(D, D, D)`` on the particles' grid when one was given (read-only)."""
+        return self._ground_truth
+
+    def true_rotations(self) -> np.ndarray | None:
+        """True rotations ``(N, 3, 3)`` from the particle file (simulated data), else None."""
+        return None if self._true_rotations is None else _read_only(self._true_rotations.numpy())
+
+    def true_view_directions(self) -> np.ndarray | None:
+        """Unit view directions ``(N, 3)`` of the true poses (``so3.view_directions``), else None."""
+        if self._true_rotations is None:
+            return None
+        return _read_only(so3.view_directions(self._true_rotations).numpy())
+
+    def particle(self, index: int) -> ParticleView:
+        """Particle ``index``'s image and CTF as the trainer sees them (any thread)."""
+        n = len(self.stack)
+        index = int(index)
+        if not 0 <= index < n:
+            raise IndexError(f"particle index {index} out of range: the set has {n} particles (0..{n - 1})")
+        image = self.stack.get_batch(np.array([index])).images[0].float()
+        ctf = None
+        defocus = None
+        params = self.stack.metadata.ctf
+        if params is not None:
+            row = params[np.array([index])]
+            ctf = ctf_images(row, self.box_size, self.pixel_size_angstrom)[0].float().numpy()
+            defocus = float((row.defocus_u_angstrom[0] + row.defocus_v_angstrom[0]) / 2)
+        truth = direction = None
+        if self._true_rotations is not None:
+            rot = self._true_rotations[index]
+            truth = rot.numpy()
+            direction = so3.view_directions(rot[None])[0].numpy()
+        return ParticleView(
+            index=index,
+            image=_read_only(image.numpy()),
+            ctf=None if ctf is None else _read_only(ctf),
+            pixel_size_angstrom=self.pixel_size_angstrom,
+            true_rotation=None if truth is None else _read_only(truth),
+            true_view_direction=None if direction is None else _read_only(direction),
+            defocus_angstrom=defocus,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Reconstruction({self.particles_path.name}: {self.n_particles} particles, box {self.box_size}, "
+            f"{self.pixel_size_angstrom:g} Å/px, {self.n_heads} heads, switch {self.config.switch!r}, "
+            f"{self.config.n_epochs} epochs, state {self.state!r})"
+        )

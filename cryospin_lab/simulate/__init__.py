@@ -1,0 +1,18 @@
+"""Simulated particle sets with known truth: atomic models to maps, the simulator, the embedded datasets."""
+
+from cryospin_lab._lazy import lazy_exports
+
+_EXPORTS = {
+    "simulate_particles": ".simulator",
+    "SimulationResult": ".simulator",
+    "GroundTruth": ".ground_truth",
+    "draw_ground_truth": ".ground_truth",
+    "load_source_volume": ".simulator",
+    "read_model": ".atoms",
+    "density_from_model": ".atoms",
+    "hsp90": ".datasets",
+    "default_cache_dir": ".datasets",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
