@@ -64,8 +64,8 @@ def test_settings_reach_the_config(small_set, tmp_path):
     ("settings", "message"),
     [
         ({"n_head": 3}, r"unknown setting\(s\) \['n_head'\]"),
-        ({"encoder_lr": -1e-3}, "encoder_lr must be > 0"),
-        ({"n_heads": 0}, "n_heads must be >= 1"),
+        ({"encoder_lr": -1e-3}, "encoder_lr must be a positive number, got -0.001"),
+        ({"n_heads": 0}, "n_heads must be an integer from 1 to 64, got 0"),
         ({"switch": "soon"}, "soon"),
     ],
 )

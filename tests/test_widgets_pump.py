@@ -276,12 +276,13 @@ def test_start_builds_a_new_run_from_the_form(tiny_set, tmp_path):
         use_nglview=False,
     )
     panel = bench.controls
-    panel.dataset.value = str(tiny_set.star_path)
-    panel.n_heads.value = 3
-    panel.n_epochs_input.value = 1
-    panel.switch_rule.value = "at epoch"
-    panel.switch_epoch.value = 0
-    panel.rates["pose_lr"].value = 0.02
+    form = panel.settings
+    form.dataset.value = str(tiny_set.star_path)
+    form.fields["n_heads"].value = 3
+    form.fields["n_epochs"].value = 1
+    form.switch_rule.value = "at epoch"
+    form.switch_epoch.value = 0
+    form.fields["pose_lr"].value = 0.02
     panel.start_button.click()
     assert panel.error_summary.value == ""
     rec = panel.reconstruction
@@ -299,7 +300,7 @@ def test_start_builds_a_new_run_from_the_form(tiny_set, tmp_path):
 
 def test_a_bad_setting_is_shown_not_raised(tmp_path):
     panel = ControlsPanel(factory=Reconstruction, extra_settings=dict(out_dir=tmp_path))
-    panel.dataset.value = str(tmp_path / "missing.star")
+    panel.settings.dataset.value = str(tmp_path / "missing.star")
     panel.start_button.click()
     assert "FileNotFoundError" in panel.error_summary.value and "missing.star" in panel.error_summary.value
     assert panel.reconstruction is None

@@ -16,8 +16,6 @@ The status line's ETA comes from epoch times: for every running branch,
 ``(n_epochs - epochs done - fraction of the current epoch) * mean of its last 3
 epoch times``; the largest over branches (forked branches run interleaved, and
 each epoch time already includes the others' steps). See :func:`estimate_eta_s`.
-
-Hand-written app logic over the engine's public API.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ from cryospin_lab.engine.events import (
 
 from .curves import SWITCH_REASONS
 from .pump import Panel
+from .settings_form import SettingsForm
 
 __all__ = ["ControlsPanel", "estimate_eta_s", "format_duration"]
 
@@ -137,7 +136,8 @@ class ControlsPanel(Panel):
         self.switch_info = w.HTML()
         self.status = w.HTML()
         self.log = w.HTML()
-        self._build_form()
+        self.settings = SettingsForm()
+        self._form_baseline = self.form_settings()
         self.error_summary = w.HTML()
         self.error_detail = w.HTML()
         self.errors = w.Accordion(children=[self.error_detail], layout=w.Layout(display="none"))
@@ -151,7 +151,7 @@ class ControlsPanel(Panel):
                 self.log,
                 self.error_summary,
                 self.errors,
-                self.form,
+                self.settings.widget,
             ]
         )
         self.bind(reconstruction, n_epochs=n_epochs, n_particles=n_particles)
@@ -181,7 +181,8 @@ class ControlsPanel(Panel):
         self.error_summary.value = self.error_detail.value = ""
         self.errors.layout.display = "none"
         if reconstruction is not None:
-            self._fill_form(reconstruction)
+            self.settings.fill(reconstruction)
+            self._form_baseline = self.form_settings()
         self._dirty = True
         self.poll()
 
@@ -200,81 +201,20 @@ class ControlsPanel(Panel):
         return state
 
     # ------------------------------------------------------------------ form
-    def _build_form(self) -> None:
-        style = {"description_width": "150px"}
-        self.dataset = w.Text(description="particles", placeholder="empty: embedded HSP90 set", style=style)
-        self.box_size = w.BoundedIntText(
-            value=0, min=0, max=1024, description="box size (0: native)", style=style
-        )
-        self.n_heads = w.BoundedIntText(value=7, min=1, max=64, description="heads", style=style)
-        self.n_epochs_input = w.BoundedIntText(value=30, min=1, max=10_000, description="epochs", style=style)
-        self.switch_rule = w.Dropdown(
-            options=["auto", "never", "at epoch"], description="switch", style=style
-        )
-        self.switch_epoch = w.BoundedIntText(
-            value=10, min=0, max=10_000, description="switch epoch", style=style
-        )
-        self.rates = {
-            name: w.FloatText(value=value, description=name, style=style)
-            for name, value in (
-                ("encoder_lr", 1e-3),
-                ("decoder_lr", 5e-3),
-                ("decoder_lr_direct", 2e-3),
-                ("pose_lr", 0.05),
-            )
-        }
-        self.form = w.Accordion(
-            children=[
-                w.VBox(
-                    [
-                        w.HTML("<small>Used when Start builds a new run (no run yet, the run ended, "
-                               "or these differ from the current run's settings).</small>"),
-                        self.dataset, self.box_size, self.n_heads, self.n_epochs_input,
-                        w.HBox([self.switch_rule, self.switch_epoch]), *self.rates.values(),
-                    ]
-                )
-            ]
-        )  # fmt: skip
-        self.form.set_title(0, "settings for a new run")
-        self._form_baseline = self.form_settings()
-
-    def _fill_form(self, rec) -> None:
-        cfg = rec.config
-        self.dataset.value = str(rec.particles_path)
-        self.box_size.value = int(rec.box_size)
-        self.n_heads.value = int(rec.n_heads)
-        self.n_epochs_input.value = int(cfg.n_epochs)
-        if str(cfg.switch) in ("auto", "never"):
-            self.switch_rule.value = str(cfg.switch)
-        else:
-            self.switch_rule.value = "at epoch"
-            self.switch_epoch.value = int(cfg.switch)
-        for name, widget in self.rates.items():
-            widget.value = float(getattr(cfg, name))
-        self._form_baseline = self.form_settings()
-
     def form_settings(self) -> dict[str, Any]:
         """The form as keywords for ``Reconstruction``."""
-        rule = self.switch_rule.value
-        path = self.dataset.value.strip()
-        settings: dict[str, Any] = dict(
-            particles=path or None,
-            box_size=self.box_size.value or None,
-            n_heads=self.n_heads.value,
-            n_epochs=self.n_epochs_input.value,
-            switch=str(self.switch_epoch.value) if rule == "at epoch" else rule,
-            **{name: widget.value for name, widget in self.rates.items()},
-        )
+        settings = self.settings.values()
         rec = self.reconstruction if hasattr(self, "reconstruction") else None
-        if rec is not None and path == str(rec.particles_path) and rec.ground_truth_path is not None:
-            settings["ground_truth"] = str(rec.ground_truth_path)  # keep the default set's true map
+        if rec is not None and self.settings.dataset.value.strip() == str(rec.particles_path):
+            if rec.ground_truth_path is not None:
+                settings["ground_truth"] = str(rec.ground_truth_path)  # keep the default set's true map
         return settings
 
     def _new_reconstruction(self):
         factory = self.factory
         if factory is None:
             from cryospin_lab.app.reconstruction import Reconstruction as factory
-        rec = factory(**self.form_settings(), **self.extra_settings)
+        rec = factory(**{**self.form_settings(), **self.extra_settings})
         self.bind(rec)
         for callback in self._listeners:
             callback(rec)

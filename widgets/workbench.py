@@ -14,8 +14,6 @@ stops the pump and the run and waits for the run's thread.
 The pose-posterior and head-specialisation panels live in their own modules;
 a module that is not there yet leaves its tab out, and a panel that fails to
 build shows its error in its tab (and the rest of the workbench works).
-
-Hand-written composition.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from .controls import ControlsPanel
 from .curves import FSCPanel, LossPanel, PoseErrorPanel
 from .heads import HeadAssignmentsPanel
 from .pump import UIPump
+from .settings_form import FORM_KEYS
 from .volume import VolumePanel
 
 __all__ = ["Workbench", "launch"]
@@ -40,9 +39,6 @@ __all__ = ["Workbench", "launch"]
 # Workbenches made by launch() in this kernel: re-running the launch cell stops the previous one's run
 # (it would otherwise go on, unseen, sharing the CPU with the new one).
 _LAUNCHED: weakref.WeakSet = weakref.WeakSet()
-
-_FORM_KEYS = ("particles", "box_size", "n_heads", "n_epochs", "switch", "encoder_lr", "decoder_lr")
-_FORM_KEYS += ("decoder_lr_direct", "pose_lr", "ground_truth")
 
 
 def _optional_panel_class(module: str, name: str) -> type | None:
@@ -176,7 +172,7 @@ class Workbench:
 
     def _show_selected(self, index: int | None) -> None:
         """Only the shown tab's panel redraws (and computes): hidden figures cost the browser as much
-        as shown ones, and on a slow machine that work delayed clicks by seconds."""
+        as shown ones (docs/decisions.md#ui-back-pressure)."""
         for i, panel in enumerate(self.panels.values()):
             show = getattr(panel, "show", None)
             if show is not None:
@@ -253,7 +249,8 @@ def launch(
             _LAUNCHED.discard(previous)
             if running:
                 print("cryospin-lab: stopped the run of the workbench launched before in this kernel")
-    extra = {key: value for key, value in settings.items() if key not in _FORM_KEYS}
+    # the form shows every setting (filled from this run); it does not show these
+    extra = {key: value for key, value in settings.items() if key not in FORM_KEYS | {"ground_truth"}}
     bench = Workbench(
         reconstruction,
         layout=layout,
@@ -300,7 +297,7 @@ def watch(
     bench.pump.set_bus(bench.follower.bus)
     controls = bench.controls
     controls.n_epochs = n_epochs
-    for child in (*controls.widget.children[:2], controls.form):
+    for child in (*controls.widget.children[:2], controls.settings.widget):
         child.layout.display = "none"
     exists = "" if path.exists() else " (not there yet: waiting for it)"
     bench.title.value = (

@@ -101,18 +101,6 @@ _simulate_box = _int_in_range(4, 1024)
 _n_particles = _int_in_range(1, 10_000_000)
 
 
-def _heads(text: str) -> int:
-    from cryospin_lab.engine.config import MAX_HEADS  # imports torch: only when --heads is given
-
-    return _int_in_range(1, MAX_HEADS)(text)
-
-
-def _threads(text: str) -> int:
-    # More threads than cores only slows torch down; tens of thousands exhaust memory (seen: the STAR
-    # parser's allocations failed after torch.set_num_threads(100000)).
-    return _int_in_range(0, 4 * (os.cpu_count() or 1))(text)
-
-
 def _device(text: str) -> str:
     import torch  # only when --device is given
 
@@ -227,78 +215,63 @@ def _simulate(args: argparse.Namespace, model: Path):
     )
 
 
-def _switch_rule(text: str) -> str:
-    if text in ("auto", "never") or (text.isdigit() and int(text) >= 0):
-        return text if not text.isdigit() else str(int(text))
-    raise argparse.ArgumentTypeError(f"must be auto, never or an epoch number, got {text!r}")
+def add_setting_args(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """One option per run setting (``engine.config.SETTINGS``, all or ``names``), its help, default
+    and check taken from the setting. Not given, an option is None: the default in a new run, the
+    checkpoint's value with ``--resume``."""
+    from cryospin_lab.engine.config import SETTINGS
+
+    group = parser.add_argument_group("run settings")
+    for item in SETTINGS.values() if names is None else [SETTINGS[name] for name in names]:
+        help_text = f"{item.help} (default {item.default_text()})".replace("%", "%%")
+        if item.type is bool:
+            group.add_argument(item.flag, dest=item.name, action="store_const", const=True, help=help_text)
+            continue
+        choices = (item.input_check or item.check).choices
+        metavar = {int: "N", float: "X", tuple: "A,B"}.get(item.type, "TEXT")
+        if item.name == "switch":
+            metavar = "auto|EPOCH|never"
+        elif choices is not None and item.type is str:
+            metavar = "|".join(choices)
+        group.add_argument(
+            item.flag, dest=item.name, type=_setting_type(item), default=None, metavar=metavar, help=help_text
+        )
+
+
+def _setting_type(item):
+    """An argparse ``type=`` that parses and checks one setting (the error is argparse's one line)."""
+
+    def parse(text: str):
+        try:
+            return item.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = item.name
+    return parse
 
 
 def add_reconstruct_args(parser: argparse.ArgumentParser) -> None:
-    """Options of ``cryospin-lab reconstruct``.
-
-    Options defaulting to None take the engine's default (``TrainingConfig``) in a
-    new run and the checkpoint's value with ``--resume``.
-    """
+    """Options of ``cryospin-lab reconstruct``: the files, then every run setting."""
     parser.add_argument("particles", metavar="PARTICLES", help="RELION STAR file (or cryoSPARC .cs / .mrcs)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    parser.add_argument("--heads", type=_heads, default=None, help="pose heads H, 1 to 64 (default 7)")
-    parser.add_argument(
-        "--switch",
-        type=_switch_rule,
-        default=None,
-        metavar="auto|EPOCH|never",
-        help="when to switch to direct pose optimisation (default auto)",
-    )
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 30)")
     parser.add_argument(
         "--box", type=_positive_int, default=None, metavar="D", help="Fourier-downsample to D"
-    )
-    parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available"
-    )
-    parser.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
-    parser.add_argument(
-        "--threads",
-        type=_threads,
-        default=0,
-        help="CPU threads for torch (default: torch's choice); 1 can be faster when other jobs share cores",
     )
     parser.add_argument(
         "--ground-truth", type=Path, default=None, metavar="MAP.mrc", help="true map: FSC and resolution"
     )
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per step (default 32)")
-    parser.add_argument(
-        "--preset", choices=("light", "paper"), default=None, help="encoder size (default light)"
-    )
-    parser.add_argument("--estimate-shifts", action="store_true", help="heads also predict 2-D shifts")
-    parser.add_argument(
-        "--max-shift-angstrom",
-        type=_positive_float,
-        default=None,
-        help="bound of estimated shifts in Å (default 10%% of the box)",
-    )
     parser.add_argument(
         "--stack-dir", type=Path, default=None, metavar="DIR", help="look the .mrcs stacks up in DIR by name"
-    )
-    parser.add_argument(
-        "--gold-standard",
-        action="store_true",
-        help="two independent half-set reconstructions; half maps and their FSC at 0.143",
     )
     parser.add_argument(
         "--distributed",
         action="store_true",
         help="one rank of a torchrun job (also detected from WORLD_SIZE > 1): nccl on GPUs, gloo on CPU",
     )
-    parser.add_argument(
-        "--nan-guard",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help="skip up to N batches in a row whose loss or gradients are not finite (default 0: stop)",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_setting_args(parser)
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
@@ -318,14 +291,11 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, default=None, help="dataset cache (default $CRYOSPIN_LAB_CACHE or ~/.cache)"
     )
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 30)")
-    parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: CUDA when available"
-    )
     parser.add_argument(
         "--simulate-only", action="store_true", help="only make the set and link it into --out"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_setting_args(parser, ["n_epochs", "device", "threads"])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -339,13 +309,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.simulate_only:
         return _link_demo_set(args, cached, start)
     _print_result(cached, time.perf_counter() - start)
-    from cryospin_lab.app.headless import ReconstructSettings, run_reconstruction
+    from cryospin_lab.app.headless import ReconstructSettings, run_reconstruction, run_settings
 
     settings = ReconstructSettings(
         particles_path=cached.star_path,
         out_dir=Path(args.out),
-        n_epochs=args.epochs,
-        device=args.device,
+        run=run_settings(args),
         ground_truth_path=cached.ground_truth_path,
         progress=not args.no_progress,
         replace_checkpoints=True,  # a rerun of the demo starts over

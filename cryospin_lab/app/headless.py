@@ -21,23 +21,29 @@ Hand-written glue around :mod:`cryospin_lab.engine.trainer`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 import torch.distributed as dist
 from tqdm import tqdm  # the terminal bar (tqdm.auto would pick the notebook one under IPython)
 
 from cryospin_lab.app.epoch_records import EpochCollector, FinishedEpoch
 from cryospin_lab.app.event_file import EventLogWriter
 from cryospin_lab.app.results import ResultWriter
-from cryospin_lab.engine.config import TrainingConfig, parse_switch_rule, resolve_device
+from cryospin_lab.engine.config import (
+    SETTINGS,
+    TrainingConfig,
+    apply_settings,
+    check_resume,
+    parse_switch_rule,
+    resolve_device,
+)
 from cryospin_lab.engine.distributed import Comm, init_from_env
 from cryospin_lab.engine.events import (
     EpochEvent,
@@ -53,94 +59,30 @@ from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.checkpoint import latest_checkpoint
 from cryospin_lab.io.maps import load_ground_truth
 from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.model.encoder import EncoderConfig
 
-__all__ = ["ReconstructSettings", "run_reconstruction", "settings_from_args"]
+__all__ = ["ReconstructSettings", "run_reconstruction", "run_settings", "settings_from_args"]
 
 
 @dataclass(frozen=True)
 class ReconstructSettings:
     """What ``cryospin-lab reconstruct`` was asked to do.
 
-    ``None`` means "the default" for a new run and "the checkpoint's value" with
-    ``resume``; a value given with ``resume`` must equal the checkpoint's (only
-    ``n_epochs`` and ``device`` may change when a run is continued).
+    ``run`` holds the run settings that were given (``engine.config.SETTINGS``
+    names): the others take their default in a new run and the checkpoint's
+    value with ``resume`` (``engine.config.check_resume``: a setting a resumed
+    run keeps must equal the checkpoint's if given again).
     """
 
     particles_path: Path  # STAR (or .cs / .mrcs) file
     out_dir: Path
-    n_heads: int | None = None
-    switch: str | None = None  # "auto", "never" or an epoch number
-    n_epochs: int | None = None
+    run: dict[str, Any] = field(default_factory=dict)  # run settings given, by name
     box_size: int | None = None  # Fourier-downsample the images to this box on load
-    device: str = "auto"
-    seed: int | None = None
     ground_truth_path: Path | None = None
     resume: bool = False
-    batch_size: int | None = None
-    preset: str | None = None  # "light" or "paper"
-    estimate_shifts: bool | None = None
-    max_shift_angstrom: float | None = None  # bound of estimated shifts; default 10% of the box in Å
     stack_dir: Path | None = None  # look image stacks up here by file name
     progress: bool = True  # tqdm bar per epoch (the per-epoch lines are printed anyway)
-    gold_standard: bool | None = None  # two half-set reconstructions (half maps, FSC 0.143)
     replace_checkpoints: bool = False  # delete old epoch checkpoints in out_dir first (the demo's rerun)
-    nan_guard: int | None = None  # skip up to this many non-finite batches in a row (TrainingConfig)
     distributed: bool = False  # one rank of a torchrun job (also when WORLD_SIZE > 1)
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _check_same(settings: ReconstructSettings, config: TrainingConfig, checkpoint: Path) -> None:
-    """A resumed run keeps its settings: an option given with --resume must match the checkpoint."""
-    enc = config.encoder
-    given = {
-        "--heads": (settings.n_heads, enc.n_heads),
-        "--switch": (settings.switch, config.switch),
-        "--batch-size": (settings.batch_size, config.batch_size),
-        "--seed": (settings.seed, config.seed),
-        "--preset": (settings.preset, enc.preset),
-        "--estimate-shifts": (settings.estimate_shifts or None, enc.estimate_shifts or None),
-        "--max-shift-angstrom": (settings.max_shift_angstrom, enc.max_shift_angstrom),
-        "--box": (settings.box_size, enc.box_size),
-        "--gold-standard": (settings.gold_standard or None, config.gold_standard or None),
-        "--nan-guard": (settings.nan_guard, config.nan_guard),
-    }
-    for option, (value, stored) in given.items():
-        if value is not None and value != stored:
-            raise ValueError(
-                f"{checkpoint}: {option} {value} differs from the checkpoint's {stored}; a resumed run "
-                "keeps its settings (only --epochs and --device may change)"
-            )
-
-
-def _new_config(settings: ReconstructSettings, stack: ParticleStack) -> TrainingConfig:
-    defaults, enc_defaults = TrainingConfig(), EncoderConfig()
-    estimate_shifts = bool(settings.estimate_shifts)
-    max_shift = settings.max_shift_angstrom
-    if max_shift is None:
-        # Bound of the encoder's tanh shift output; 10% of the box covers typical picking errors.
-        max_shift = 0.1 * stack.box_size * stack.pixel_size_angstrom if estimate_shifts else 0.0
-    encoder = dataclasses.replace(
-        enc_defaults,
-        box_size=stack.box_size,
-        n_heads=settings.n_heads or enc_defaults.n_heads,
-        preset=settings.preset or enc_defaults.preset,
-        estimate_shifts=estimate_shifts,
-        max_shift_angstrom=float(max_shift),
-    )
-    return dataclasses.replace(
-        defaults,
-        encoder=encoder,
-        n_epochs=settings.n_epochs or defaults.n_epochs,
-        switch=settings.switch or defaults.switch,
-        batch_size=settings.batch_size or defaults.batch_size,
-        seed=defaults.seed if settings.seed is None else settings.seed,
-        device=settings.device,
-        gold_standard=bool(settings.gold_standard),
-        nan_guard=defaults.nan_guard if settings.nan_guard is None else settings.nan_guard,
-    )
 
 
 def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[Trainer, Path | None]:
@@ -151,10 +93,11 @@ def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[T
         raise FileNotFoundError(f"particle file not found: {particles}")
     if settings.ground_truth_path is not None and not Path(settings.ground_truth_path).is_file():
         raise FileNotFoundError(f"--ground-truth map not found: {settings.ground_truth_path}")
+    device = settings.run.get("device", SETTINGS["device"].default)
     try:
-        resolve_device(settings.device)
+        resolve_device(device)
     except (ValueError, RuntimeError) as err:
-        raise ValueError(f"--device {settings.device}: {err}") from None
+        raise ValueError(f"--device {device}: {err}") from None
     if settings.stack_dir is not None and not Path(settings.stack_dir).is_dir():
         raise FileNotFoundError(f"--stack-dir folder not found: {settings.stack_dir}")
     out_dir = Path(settings.out_dir)
@@ -165,12 +108,13 @@ def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[T
         if latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint epoch_XXXX.pt in {checkpoints}")
         saved = read_run(latest)
-        config = saved.config
-        _check_same(settings, config, latest)
-        overrides = {"device": settings.device}
-        if settings.n_epochs is not None:
-            overrides["n_epochs"] = settings.n_epochs
-        config = dataclasses.replace(config, **overrides)
+        stored_box = saved.config.encoder.box_size
+        if settings.box_size is not None and settings.box_size != stored_box:
+            raise ValueError(
+                f"{latest}: --box {settings.box_size} differs from the checkpoint's {stored_box}; a resumed "
+                "run keeps its settings"
+            )
+        config = check_resume(saved.config, settings.run, latest)
     elif latest is not None and not settings.replace_checkpoints:
         raise ValueError(
             f"{checkpoints} already holds a run (up to {latest.name}); pass --resume to continue it "
@@ -179,7 +123,12 @@ def _prepare(settings: ReconstructSettings, comm: Comm | None = None) -> tuple[T
     box = settings.box_size if config is None else config.encoder.box_size
     stack = ParticleStack(particles, mrcs_path_map=settings.stack_dir, box_size=box)
     if config is None:
-        config = _new_config(settings, stack)
+        config = apply_settings(
+            TrainingConfig(),
+            settings.run,
+            box_size=stack.box_size,
+            pixel_size_angstrom=stack.pixel_size_angstrom,
+        )
         rule = parse_switch_rule(config.switch)
         if isinstance(rule, int) and rule >= config.n_epochs:
             warnings.warn(
@@ -412,28 +361,21 @@ def _report(written: list[Path], writer: ResultWriter) -> None:
     _say("\n".join(lines))
 
 
+def run_settings(args) -> dict[str, Any]:
+    """The run settings given on the command line (the options left None were not given)."""
+    return {name: getattr(args, name) for name in SETTINGS if getattr(args, name, None) is not None}
+
+
 def settings_from_args(args) -> ReconstructSettings:
-    """:class:`ReconstructSettings` from the parsed ``reconstruct`` options (``--threads`` applied here)."""
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
+    """:class:`ReconstructSettings` from the parsed ``reconstruct`` options."""
     return ReconstructSettings(
         particles_path=Path(args.particles),
         out_dir=Path(args.out),
-        n_heads=args.heads,
-        switch=None if args.switch is None else str(parse_switch_rule(args.switch)),
-        n_epochs=args.epochs,
+        run=run_settings(args),
         box_size=args.box,
-        device=args.device,
-        seed=args.seed,
         ground_truth_path=None if args.ground_truth is None else Path(args.ground_truth),
         resume=args.resume,
-        batch_size=args.batch_size,
-        preset=args.preset,
-        estimate_shifts=True if args.estimate_shifts else None,
-        max_shift_angstrom=args.max_shift_angstrom,
         stack_dir=None if args.stack_dir is None else Path(args.stack_dir),
         progress=not args.no_progress,
-        gold_standard=True if args.gold_standard else None,
-        nan_guard=args.nan_guard,
         distributed=args.distributed,
     )

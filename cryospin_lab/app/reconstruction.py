@@ -18,7 +18,6 @@ bus) and never reach into the trainer. Hand-written glue over the engine.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import time
@@ -31,34 +30,13 @@ import numpy as np
 
 from cryospin_lab.app.bus import EventBus
 from cryospin_lab.app.runner import Runner
-from cryospin_lab.engine.config import TrainingConfig, parse_switch_rule
+from cryospin_lab.engine.config import SETTINGS, TrainingConfig, apply_settings
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.model.encoder import EncoderConfig
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.ctf import ctf_images
 
 __all__ = ["ParticleView", "Reconstruction"]
-
-# Settings a notebook form may pass as keywords, mapped to (config field, encoder field).
-_CONFIG_KEYS = {
-    "n_epochs",
-    "switch",
-    "batch_size",
-    "encoder_lr",
-    "decoder_lr",
-    "decoder_lr_direct",
-    "pose_lr",
-    "seed",
-    "device",
-    "threads",
-    "n_tracked",
-    "volume_interval_s",
-    "checkpoint_every",
-    "gold_standard",
-    "nan_guard",
-}
-_ENCODER_KEYS = {"n_heads", "preset", "estimate_shifts", "max_shift_angstrom"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,11 +76,10 @@ class Reconstruction:
         ground_truth: a map on the particles' grid for FSC-vs-truth (optional).
         box_size: Fourier-downsample the particles to this box on load.
         config: a full :class:`TrainingConfig`; keywords below override it.
-        **settings: ``n_heads``, ``preset``, ``n_epochs``, ``switch`` ("auto",
-            "never" or an epoch), ``batch_size``, ``encoder_lr``, ``decoder_lr``,
-            ``decoder_lr_direct``, ``pose_lr``, ``seed``, ``device``, ``threads``,
-            ``n_tracked``, ``volume_interval_s``, ``checkpoint_every``, ``gold_standard``,
-            ``nan_guard``, ``estimate_shifts``, ``max_shift_angstrom``.
+        **settings: any run setting by name (``engine.config.SETTINGS``:
+            ``n_heads``, ``n_epochs``, ``switch`` ("auto", "never" or an epoch),
+            ``seed``, ``estimate_shifts``, the learning rates, ...), checked as
+            the command line checks its options.
 
     Raises ValueError naming the setting for an unknown or bad one, and the
     file for unreadable particles, before anything runs.
@@ -119,11 +96,9 @@ class Reconstruction:
         bus: EventBus | None = None,
         **settings: Any,
     ):
-        unknown = sorted(set(settings) - _CONFIG_KEYS - _ENCODER_KEYS)
-        if unknown:
-            raise ValueError(
-                f"Reconstruction: unknown setting(s) {unknown}; known: {sorted(_CONFIG_KEYS | _ENCODER_KEYS)}"
-            )
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:  # before the default set is simulated
+            raise ValueError(f"Reconstruction: unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
         if particles is None:
             from cryospin_lab.simulate.datasets import hsp90
 
@@ -136,7 +111,13 @@ class Reconstruction:
             raise FileNotFoundError(f"particle file not found: {particles}")
         self.particles_path = particles
         self.stack = ParticleStack(particles, box_size=box_size)
-        self.config = self._make_config(config, settings)
+        self.config = apply_settings(
+            TrainingConfig() if config is None else config,
+            settings,
+            box_size=self.stack.box_size,
+            pixel_size_angstrom=self.stack.pixel_size_angstrom,
+            prefix="Reconstruction: ",
+        )
         truth = None
         if ground_truth is not None:
             from cryospin_lab.io.maps import load_ground_truth
@@ -151,23 +132,6 @@ class Reconstruction:
         self.runner = Runner(self.trainer, self.bus)
         self._true_rotations = self.trainer.true_rotations  # CPU tensor (N, 3, 3) or None
         self._ground_truth = None if truth is None else _read_only(truth.numpy())
-
-    def _make_config(self, config: TrainingConfig | None, settings: dict[str, Any]) -> TrainingConfig:
-        config = TrainingConfig() if config is None else config
-        enc_changes = {k: settings[k] for k in _ENCODER_KEYS if k in settings}
-        if enc_changes.get("n_heads") is not None and int(enc_changes["n_heads"]) < 1:
-            raise ValueError(f"Reconstruction: n_heads must be >= 1, got {enc_changes['n_heads']}")
-        changes = {k: settings[k] for k in _CONFIG_KEYS if k in settings}
-        if "switch" in changes:
-            changes["switch"] = str(changes["switch"])
-            parse_switch_rule(changes["switch"])
-        for key in ("encoder_lr", "decoder_lr", "decoder_lr_direct", "pose_lr"):
-            if key in changes and not float(changes[key]) > 0:
-                raise ValueError(f"Reconstruction: {key} must be > 0, got {changes[key]}")
-        encoder: EncoderConfig = dataclasses.replace(
-            config.encoder, box_size=self.stack.box_size, **enc_changes
-        )
-        return dataclasses.replace(config, encoder=encoder, **changes)
 
     # ------------------------------------------------------------------ commands
     def start(self) -> Reconstruction:

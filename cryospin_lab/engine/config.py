@@ -1,160 +1,266 @@
-"""Configuration of a reconstruction run: one frozen dataclass, a comment on every field."""
+"""Every setting of a run, once: :class:`TrainingConfig` (saved in every checkpoint) and :data:`SETTINGS`.
+
+Each field is declared with :func:`~cryospin_lab.engine.settings.setting`
+(default, one line of help, check); a comment beside it says why the default
+is what it is, and the measurements behind the defaults that decide whether a
+run converges are in ``docs/decisions.md``. :data:`SETTINGS` adds the four
+encoder settings of :class:`~cryospin_lab.model.encoder.EncoderConfig` a user
+chooses (heads, preset, shifts); the command line, ``Reconstruction(**settings)``,
+the workbench's form and the resume check are built from it
+(:func:`apply_settings`, :func:`check_resume`).
+"""
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+from cryospin_lab.engine.settings import (
+    BOOL,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Check,
+    Setting,
+    int_range,
+    one_of,
+    setting,
+    spec_of,
+)
+from cryospin_lab.model.encoder_config import EncoderConfig
 
-from cryospin_lab.model.encoder import EncoderConfig
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["MAX_HEADS", "TrainingConfig", "parse_switch_rule", "resolve_device"]
+__all__ = [
+    "MAX_HEADS",
+    "SETTINGS",
+    "TrainingConfig",
+    "apply_settings",
+    "check_resume",
+    "parse_switch_rule",
+    "resolve_device",
+]
 
 # Pose heads: the paper uses 7 (synthetic) and 15 (real data). Every head renders every image, so a
-# step costs H renders; 64 is the workbench's limit too (widgets/controls.py).
+# step costs H renders.
 MAX_HEADS = 64
+# More threads than cores only slows torch down; tens of thousands exhaust memory
+# (docs/decisions.md#cpu-threads).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+SWITCH = Check("'auto', 'never' or an epoch number", lambda v: parse_switch_rule(v) is not None)
+DEVICE = Check(
+    "auto, cpu, cuda or cuda:N",
+    lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.removeprefix("cuda:").isdigit()),
+    choices=("auto", "cpu", "cuda"),
+)
+FRACTION = Check("a number in (0, 1]", lambda v: NON_NEGATIVE(v) and 0 < v <= 1, low=0, high=1)
+BETAS = Check("two numbers in [0, 1)", lambda v: len(v) == 2 and all(NON_NEGATIVE(b) and b < 1 for b in v))
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """Everything that defines a run (saved in every checkpoint).
 
-    Learning rates: the reference configuration (paper Sec. 5) is encoder 1e-4,
-    decoder 5e-3 then 2e-3 after the switch, poses Adam 0.05 with betas
-    (0.9, 0.9), batch 32. We keep these except the encoder's: on the default
-    HSP90 set (10,000 images, a fifth of the paper's, so a fifth of the steps
-    per epoch) the amortized poses stay random until a symmetry-breaking
-    "collapse" of the pose error; with 1e-4 it had not happened after 27
-    epochs, with 1e-3 it came at epochs 5-13 (one GPU sweep,
-    ``bench/experiments/gpu_sweep.sh``; numbers in the issue note).
-
-    The disc starts at 0.42 of the maximum radius and grows over 12 epochs
-    (low frequencies first). It used to start at a quarter: on the 70S
-    ribosome set (10,000 images, D=64, 5 Å/px) that start left the amortized
-    stage at 60-62 Å for 14 epochs (seed 0) and at 63-84 Å for all 12 epochs
-    tried (seed 1); starting at 0.42 it passed 30 Å by epoch 11 and 9 (seeds
-    0, 1). On HSP90 (10,000 images) 0.42 reached 12 Å at epoch 4 and 6 against
-    epoch 16 and 6 with a quarter. 0.33 and 0.5 were tried on one seed each;
-    the per-epoch table and the commands are in
-    ``bench/results/cpu_radius_start_sweep_2026-11-26.md``. It does not
-    always work: ``bench/peer_cryodrgn.py --molecule ribosome --seed 1``
-    stayed at 60-83 Å for all 25 amortized epochs (``bench/results/README.md``).
+    Learning rates follow the reference configuration (paper Sec. 5: decoder
+    5e-3, 2e-3 after the switch, poses Adam 0.05 with betas (0.9, 0.9), batch
+    32) except the encoder's, 1e-3 instead of 1e-4: on a set a fifth of the
+    paper's size the amortized poses stay random for longer than a run at 1e-4
+    (docs/decisions.md#encoder-lr). The disc of fitted frequencies starts at
+    0.42 of its radius and grows over 12 epochs, so that low frequencies settle
+    the poses first (docs/decisions.md#radius-start).
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # architecture (heads, preset, shifts)
-    n_epochs: int = 30  # total epochs, amortized + direct (the default set switches after epoch 25)
-    switch: str = "auto"  # "auto", "never" (fully amortized) or an epoch number like "7"
-    batch_size: int = 32  # images per step (both stages)
-    encoder_lr: float = (
-        1e-3  # Adam, amortized stage (paper 1e-4; 1e-3 breaks the pose symmetry sooner, see below)
+    n_epochs: int = setting(
+        30, "total epochs, amortized + direct", POSITIVE_INT, flag="--epochs", on_resume="change"
     )
-    decoder_lr: float = 5e-3  # Adam on mantissa/exponent, amortized stage
-    decoder_lr_direct: float = 2e-3  # decoder learning rate after the switch
-    pose_lr: float = 0.05  # row-wise Adam on the axis-angle corrections (radians)
-    pose_betas: tuple[float, float] = (0.9, 0.9)  # the reference code's betas for the pose optimiser
-    shift_lr_angstrom: float = 0.5  # row-wise Adam on shifts (Å) when shifts are estimated
-    n_pose_steps: int = 5  # pose steps per volume step in the direct stage (coordinate descent)
-    loss: str = "l2"  # "l2" (Gaussian NLL, Eq. 3) or "l1" (the reference code's |F_pred - F_obs|)
-    contrast: float = -1.0  # -1: RELION stacks (protein bright); +1: the other sign
-    radius_start_fraction: float = 0.42  # disc radius at epoch 0 as a fraction of the maximum (see above)
-    radius_ramp_epochs: int = 12  # epochs over which the disc grows linearly to the full radius
-    auto_min_epochs: int = 3  # auto switch: never before this many amortized epochs
-    auto_gap_rise: float = 1.12  # auto switch: head loss gap at least this times its lowest value so far
-    auto_stable_deg: float = 10.0  # auto switch: and median change of best poses per epoch below this
-    # auto switch: or mean epoch loss improved by less than this (relative); 0: off (it fired too early
-    # on the CPU trajectory of the default set, see _switch_rule.switch_due)
-    auto_loss_plateau: float = 0.0
-    # auto switch: at the latest after this many epochs (0: never forced); 25, not 20: a late switch
-    # is what the ribosome set needs (see _switch_rule.switch_due)
-    auto_max_epochs: int = 25
-    # stall warning (a LogEvent, once): the mean amortized loss improved by less than stall_tolerance
-    # (relative) over stall_epochs epochs on the full disc; 0: off (see _switch_rule.stall_message)
-    stall_epochs: int = 5
-    stall_tolerance: float = 0.0005
-    volume_init_mantissa: float = 0.1  # std of the initial mantissa (exponent starts at the data's envelope)
-    n_tracked: int = 6  # images whose H candidates are reported every epoch
-    volume_interval_s: float = 5.0  # at most one volume snapshot event per this many seconds
-    seed: int = 0  # initialisation and data order
-    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
-    threads: int = (
-        0  # CPU threads for torch (0: torch's default); 1 can be faster when other work shares the cores
+    # "auto": the rule of engine/switch_rule.py, at the latest after auto_max_epochs
+    switch: str = setting(
+        "auto", "when to switch to direct pose optimisation: auto, never or an epoch", SWITCH
     )
-    checkpoint_every: int = 1  # epochs between checkpoints (0: none)
-    # NaN guard: a batch whose loss or gradients are not finite is skipped (no update, a LogEvent) up to
-    # this many times in a row; 0: the run stops at the first. Either way no update is applied from it.
-    nan_guard: int = 0
-    # Two independent half-set reconstructions (branches "half1", "half2", each with its own
-    # initialisation) and their half-map FSC at 0.143 after every epoch; no fork in this mode.
-    gold_standard: bool = False
+    batch_size: int = setting(32, "images per step (both stages)", POSITIVE_INT)
+    # 1e-3, not the paper's 1e-4: breaks the pose symmetry sooner (docs/decisions.md#encoder-lr)
+    encoder_lr: float = setting(1e-3, "Adam learning rate of the encoder (amortized stage)", POSITIVE)
+    decoder_lr: float = setting(5e-3, "Adam learning rate of the volume, amortized stage", POSITIVE)
+    decoder_lr_direct: float = setting(2e-3, "Adam learning rate of the volume after the switch", POSITIVE)
+    pose_lr: float = setting(0.05, "row-wise Adam on the axis-angle corrections (radians)", POSITIVE)
+    pose_betas: tuple[float, float] = setting((0.9, 0.9), "Adam betas of the pose optimiser", BETAS)
+    shift_lr_angstrom: float = setting(0.5, "row-wise Adam on shifts (Å) when they are estimated", POSITIVE)
+    n_pose_steps: int = setting(5, "pose steps per volume step in the direct stage", POSITIVE_INT)
+    loss: str = setting("l2", "l2 (Gaussian likelihood) or l1 (the reference code's)", one_of("l2", "l1"))
+    # RELION stacks have inverted contrast (protein bright), as does the simulator with a CTF
+    contrast: float = setting(
+        -1.0, "-1: RELION stacks (protein bright); +1: the other sign", one_of(-1.0, 1.0, what="-1 or +1")
+    )
+    # 0.42, not a quarter: the ribosome set left the plateau (docs/decisions.md#radius-start)
+    radius_start_fraction: float = setting(
+        0.42, "disc radius at epoch 0, as a fraction of the full", FRACTION
+    )
+    radius_ramp_epochs: int = setting(
+        12, "epochs over which the disc grows to the full radius", NON_NEGATIVE_INT
+    )
+    # the auto switch (docs/decisions.md#auto-switch-rule)
+    auto_min_epochs: int = setting(3, "auto switch: never before this many epochs", NON_NEGATIVE_INT)
+    auto_gap_rise: float = setting(1.12, "auto switch: head loss gap this times its lowest", POSITIVE)
+    auto_stable_deg: float = setting(10.0, "auto switch: and best poses move less (°/epoch)", POSITIVE)
+    # off: it fired too early on the default set (docs/decisions.md#auto-loss-plateau)
+    auto_loss_plateau: float = setting(
+        0.0, "auto switch: or the loss improved less (relative); 0: off", NON_NEGATIVE
+    )
+    # 25, not 20: a late switch is what the ribosome set needs (docs/decisions.md#auto-cap)
+    auto_max_epochs: int = setting(
+        25, "auto switch: at the latest after this epoch; 0: never forced", NON_NEGATIVE_INT
+    )
+    # calibrated on the stuck ribosome run and 28 that broke out (docs/decisions.md#stall-warning)
+    stall_epochs: int = setting(5, "stall warning: over this many full-disc epochs; 0: off", NON_NEGATIVE_INT)
+    stall_tolerance: float = setting(
+        5e-4, "stall warning: loss improved less than this (relative)", NON_NEGATIVE
+    )
+    volume_init_mantissa: float = setting(
+        0.1, "std of the initial mantissa (exponent: data envelope)", POSITIVE
+    )
+    n_tracked: int = setting(6, "images whose H candidates are reported every epoch", NON_NEGATIVE_INT)
+    volume_interval_s: float = setting(5.0, "at most one map snapshot per this many seconds", NON_NEGATIVE)
+    seed: int = setting(0, "random seed: initialisation and data order", NON_NEGATIVE_INT)
+    device: str = setting("auto", "torch device; auto: CUDA when available", DEVICE, on_resume="machine")
+    # 1 can be faster when other work shares the cores (docs/decisions.md#cpu-threads)
+    threads: int = setting(
+        0,
+        "CPU threads for torch; 0: torch's default",
+        NON_NEGATIVE_INT,
+        on_resume="machine",
+        input_check=int_range(0, MAX_THREADS),
+    )
+    checkpoint_every: int = setting(1, "epochs between checkpoints; 0: none", NON_NEGATIVE_INT)
+    # Either way no update is applied from a non-finite batch.
+    nan_guard: int = setting(0, "skip up to this many non-finite batches in a row; 0: stop", NON_NEGATIVE_INT)
+    # Two independent half-set reconstructions (branches "half1", "half2"); no fork in this mode.
+    gold_standard: bool = setting(False, "two half-set reconstructions; half-map FSC at 0.143", BOOL)
 
     def __post_init__(self) -> None:
-        parse_switch_rule(self.switch)
-        self._check_numbers()
-        if self.loss not in ("l2", "l1"):
-            raise ValueError(f"TrainingConfig.loss must be 'l2' or 'l1', got {self.loss!r}")
-        if self.n_epochs < 1 or self.batch_size < 1 or self.n_pose_steps < 1:
-            raise ValueError(
-                f"TrainingConfig needs n_epochs, batch_size and n_pose_steps >= 1, got "
-                f"{self.n_epochs}, {self.batch_size}, {self.n_pose_steps}"
-            )
-        if self.contrast not in (-1.0, 1.0):
-            raise ValueError(f"TrainingConfig.contrast must be -1 or +1, got {self.contrast}")
+        for item in SETTINGS.values():
+            value = _get(self, item.path)
+            if not item.check(value):
+                raise ValueError(f"TrainingConfig.{item.where} must be {item.check.what}, got {value!r}")
         if self.encoder.estimate_shifts and not self.encoder.max_shift_angstrom > 0:
             raise ValueError(
                 "TrainingConfig.encoder.estimate_shifts needs encoder.max_shift_angstrom > 0 "
                 f"(the range of the shift heads), got {self.encoder.max_shift_angstrom}"
             )
-        if self.nan_guard < 0:
-            raise ValueError(f"TrainingConfig.nan_guard must be >= 0, got {self.nan_guard}")
-        if not 0 < self.radius_start_fraction <= 1:
+
+
+# The encoder's settings a user chooses; its other fields are architecture (EncoderConfig).
+_ENCODER = {
+    "n_heads": setting(7, "pose heads H", int_range(1, MAX_HEADS), flag="--heads"),
+    "preset": setting("light", "encoder size: light (CPU) or paper (VGG16-like)", one_of("light", "paper")),
+    "estimate_shifts": setting(False, "heads also predict 2-D shifts", BOOL),
+    # 10% of the box covers typical picking errors
+    "max_shift_angstrom": setting(
+        0.0, "bound of estimated shifts in Å", NON_NEGATIVE, default_help="10% of the box"
+    ),
+}
+
+
+def _settings() -> list[Setting]:
+    hints = typing.get_type_hints(TrainingConfig)
+    encoder_hints = typing.get_type_hints(EncoderConfig)
+    found = []
+    for f in dataclasses.fields(TrainingConfig):
+        if (spec := spec_of(f)) is not None:
+            found.append(_setting(f.name, (f.name,), hints[f.name], f.default, spec))
+    encoder_defaults = EncoderConfig()
+    for name, f in _ENCODER.items():
+        default = getattr(encoder_defaults, name)
+        found.append(_setting(name, ("encoder", name), encoder_hints[name], default, spec_of(f)))
+    return found
+
+
+def _setting(name, path, hint, default, spec) -> Setting:
+    kind = typing.get_origin(hint) or hint
+    return Setting(
+        name=name,
+        path=path,
+        type=kind,
+        default=default,
+        help=spec.help,
+        check=spec.check,
+        flag=spec.flag or "--" + name.replace("_", "-"),
+        on_resume=spec.on_resume,
+        input_check=spec.input_check,
+        default_help=spec.default_help,
+    )
+
+
+def _get(config: TrainingConfig, path: tuple[str, ...]) -> Any:
+    value: Any = config
+    for part in path:
+        value = getattr(value, part)
+    return value
+
+
+# Every user setting by name, in declaration order (filled once TrainingConfig exists: its
+# __post_init__ checks each stored value against it).
+SETTINGS: dict[str, Setting] = {}
+SETTINGS.update((s.name, s) for s in _settings())
+
+
+def apply_settings(
+    config: TrainingConfig,
+    values: dict[str, Any],
+    *,
+    box_size: int | None = None,
+    pixel_size_angstrom: float | None = None,
+    prefix: str = "",
+) -> TrainingConfig:
+    """``config`` with the settings ``values`` (keyed by :data:`SETTINGS` names) applied.
+
+    Each value is checked as a user's input (ValueError naming it, with
+    ``prefix``); ``box_size`` sets the encoder's input size. Estimating shifts
+    with a bound of 0 (the default) takes 10% of the box
+    (``box_size * pixel_size_angstrom``), which covers typical picking errors.
+    """
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"{prefix}unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
+    top: dict[str, Any] = {}
+    encoder: dict[str, Any] = {} if box_size is None else {"box_size": int(box_size)}
+    for name, value in values.items():
+        item = SETTINGS[name]
+        (encoder if item.path[0] == "encoder" else top)[item.path[-1]] = item.validate(value, prefix)
+    estimate = encoder.get("estimate_shifts", config.encoder.estimate_shifts)
+    bound = encoder.get("max_shift_angstrom", config.encoder.max_shift_angstrom)
+    if estimate and bound == 0 and box_size is not None and pixel_size_angstrom:
+        encoder["max_shift_angstrom"] = 0.1 * box_size * pixel_size_angstrom
+    return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, **encoder), **top)
+
+
+def check_resume(
+    stored: TrainingConfig, given: dict[str, Any], checkpoint: os.PathLike | str
+) -> TrainingConfig:
+    """The config a resumed run continues with: the checkpoint's, with the length and machine settings
+    ``given``; a setting that a resumed run keeps must equal the checkpoint's value if given again
+    (ValueError naming the flag, the values and the checkpoint)."""
+    may_change = [s.flag for s in SETTINGS.values() if s.on_resume != "keep"]
+    changes = {}
+    for name, value in given.items():
+        item = SETTINGS[name]
+        value = item.validate(value)
+        if item.on_resume != "keep":
+            changes[name] = value
+        elif value != _get(stored, item.path):
             raise ValueError(
-                f"TrainingConfig.radius_start_fraction must be in (0, 1], got {self.radius_start_fraction}"
+                f"{checkpoint}: {item.flag} {value} differs from the checkpoint's {_get(stored, item.path)}; "
+                f"a resumed run keeps its settings (only {', '.join(may_change)} may change)"
             )
-
-    def _check_numbers(self) -> None:
-        """ValueError naming the field and the value of a number outside its meaningful range."""
-
-        def check(name: str, value, ok: bool, what: str) -> None:
-            if isinstance(value, bool) or not ok:
-                raise ValueError(f"TrainingConfig.{name} must be {what}, got {value!r}")
-
-        for name in ("encoder_lr", "decoder_lr", "decoder_lr_direct", "pose_lr", "shift_lr_angstrom"):
-            value = getattr(self, name)
-            check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
-        betas = self.pose_betas
-        check(
-            "pose_betas",
-            betas,
-            len(betas) == 2 and all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas),
-            "two numbers in [0, 1)",
-        )
-        n_heads = self.encoder.n_heads
-        check(
-            "encoder.n_heads",
-            n_heads,
-            isinstance(n_heads, numbers.Integral) and 1 <= n_heads <= MAX_HEADS,
-            f"an integer from 1 to {MAX_HEADS}",
-        )
-        for name in (
-            "radius_ramp_epochs",
-            "auto_min_epochs",
-            "auto_max_epochs",
-            "stall_epochs",
-            "n_tracked",
-            "seed",
-            "threads",
-            "checkpoint_every",
-        ):
-            value = getattr(self, name)
-            check(name, value, isinstance(value, numbers.Integral) and value >= 0, "an integer >= 0")
-        for name in ("auto_gap_rise", "auto_stable_deg", "volume_init_mantissa"):
-            value = getattr(self, name)
-            check(name, value, isinstance(value, numbers.Real) and 0 < value < math.inf, "a positive number")
-        for name in ("auto_loss_plateau", "stall_tolerance", "volume_interval_s"):
-            value = getattr(self, name)
-            check(name, value, isinstance(value, numbers.Real) and 0 <= value <= math.inf, "a number >= 0")
+    for item in SETTINGS.values():  # a machine setting not given now takes its default, not the stored one
+        if item.on_resume == "machine" and item.name not in changes:
+            changes[item.name] = item.default
+    return apply_settings(stored, changes)
 
 
 def parse_switch_rule(rule: str | int) -> str | int:
@@ -171,6 +277,8 @@ def parse_switch_rule(rule: str | int) -> str | int:
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for CUDA without one is an error."""
+    import torch  # here: reading the settings (the command line's options) needs no torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

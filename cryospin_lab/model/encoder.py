@@ -1,4 +1,4 @@
-"""Multi-head pose encoder (METHOD.md section 4, paper Sec. 4.1).
+"""Multi-head pose encoder (docs/method.md §4, paper Sec. 4.1).
 
 A fixed Gaussian pyramid turns each image into ``n_scales`` channels (the
 reference code's input), a shared VGG-style backbone (3x3 conv + BatchNorm +
@@ -11,70 +11,26 @@ Two presets (``EncoderConfig.preset``):
 * ``"light"``: narrow widths (16, 32, 64, 64), a stride-2 first conv from D=64
   on, a 2-layer head, for a 2-core CPU at D=64.
 
-Why the light preset's first conv has stride 2 (from D=64 on): at D=64 the
-stride-1 backbone took ~70% of an amortized step on a 2-core CPU; with
-stride 2 every stage runs at half the resolution, and the step is 1.7-3x
-faster (``bench/throughput.py``). The encoder only has to put poses in the
-right basin (the direct stage refines them). Measured on the HSP90 set
-(D=64, 10,000 images, SNR 0.1, one seed), the median pose error of the
-amortized stage's best head collapsed from ~120 degrees to under 40 at
-epoch 21 with stride 2 and epoch 19 with stride 1: slightly later per
-epoch, sooner per CPU second. ``EncoderConfig(stem_stride=1)`` restores
-the stride-1 backbone.
+The light preset's first conv has stride 2 from D=64 on, because the
+encoder only has to put poses in the right basin (the direct stage refines
+them) and a half-resolution backbone makes a CPU step several times cheaper
+(docs/decisions.md#encoder-stride2); ``EncoderConfig(stem_stride=1)``
+restores the stride-1 backbone. The settings are in
+:mod:`cryospin_lab.model.encoder_config` (no torch needed to read them).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from cryospin_lab.model.encoder_config import EncoderConfig
 from cryospin_lab.physics.so3 import rotations_from_6d
 
 __all__ = ["EncoderConfig", "GaussianPyramid", "MultiHeadEncoder", "PoseCandidates"]
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Architecture of the multi-head encoder."""
-
-    box_size: int = 64  # input image size D (pixels)
-    n_heads: int = 7  # H pose heads (paper: 7 synthetic, 15 real)
-    preset: str = "light"  # "light" (CPU) or "paper" (VGG16-like)
-    n_scales: int = 5  # Gaussian pyramid channels fed to the CNN
-    estimate_shifts: bool = False  # each head also returns a 2-D shift
-    max_shift_angstrom: float = 0.0  # tanh-bounded shift range when estimating shifts
-    widths: tuple[int, ...] = field(default=())  # override the preset's conv widths
-    stem_stride: int = 0  # stride of the first conv; 0 = the preset's (light: 2 from D=64 on, paper: 1)
-    # "bf16": the CNN runs under torch.autocast in bfloat16 (mixed precision; its outputs, the
-    # rotations, the volume and the losses stay float32); "off": float32 throughout.
-    autocast: str = "off"
-
-    def __post_init__(self) -> None:
-        if self.autocast not in ("off", "bf16"):
-            raise ValueError(f"EncoderConfig.autocast must be 'off' or 'bf16', got {self.autocast!r}")
-
-    def first_stride(self) -> int:
-        """Stride of the first 3x3 conv: ``stem_stride`` if set, else 2 for ``light`` at D >= 64, else 1."""
-        if self.stem_stride < 0:
-            raise ValueError(f"EncoderConfig.stem_stride must be >= 0, got {self.stem_stride}")
-        if self.stem_stride:
-            return self.stem_stride
-        return 2 if self.preset == "light" and self.box_size >= 64 else 1
-
-    def conv_widths(self) -> tuple[int, ...]:
-        if self.widths:
-            return self.widths
-        if self.preset == "paper":
-            return (64, 128, 256, 256, 256, 256)
-        if self.preset == "light":
-            return (16, 32, 64, 64)
-        raise ValueError(f"EncoderConfig.preset must be 'light' or 'paper', got {self.preset!r}")
-
-    def head_widths(self) -> tuple[int, ...]:
-        return (512, 256) if self.preset == "paper" else (128,)
 
 
 @dataclass(frozen=True)
