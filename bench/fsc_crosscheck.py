@@ -1,11 +1,11 @@
-"""Our FSC beside cryoDRGN's ``cryodrgn_utils fsc`` on the same pairs of maps (issue 5: 0.01 per shell).
+"""Our FSC beside cryoDRGN's ``cryodrgn_utils fsc`` on the same pairs of maps, to agree within 0.01 per shell.
 
 cryoDRGN runs from its own virtual environment (see ``bench/peer_cryodrgn.py`` for the set-up) and
 writes its curve as text (``-o``); nothing is unpickled. Pairs (all written as MRC files to ``--out``):
 
 * ``hsp90 half maps``: the HSP90 ground truth (D=64) plus two independent noise fields whose power
   grows with frequency, so the FSC falls from 1 to 0 across the shells (like two half maps);
-* the same for the TRPV1 map (D=48) and cryoDRGN's toy map (D=30) from ``../shared/data``;
+* the same for the TRPV1 map (D=48) and cryoDRGN's toy map (D=30) from ``tests/data/maps``;
 * ``hsp90 truth vs reconstruction``: the ground truth and the map of a reconstruction, when
   ``--reconstruction MAP`` is given (e.g. ``bench/peer_cryodrgn.py``'s ``ours-auto/map.mrc``).
 
@@ -43,7 +43,7 @@ from cryospin_lab.simulate import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 DRGN_VENV = ROOT / "bench" / ".venv-cryodrgn"
-SHARED_MAPS = ROOT.parent / "shared" / "data" / "maps"
+TEST_MAPS = ROOT / "tests" / "data" / "maps"  # provenance: tests/data/MANIFEST.md
 TOLERANCE = 0.01
 
 
@@ -172,8 +172,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     truth_path = Path(datasets.hsp90(n_particles=1000, progress=False).ground_truth_path)
-    sources = {"hsp90 (D=64)": truth_path, "trpv1 (D=48)": SHARED_MAPS / "trpv1_volume_48.mrc",
-               "cryodrgn toy (D=30)": SHARED_MAPS / "toymodel_small_nocenter.mrc"}  # fmt: skip
+    sources = {"hsp90 (D=64)": truth_path, "trpv1 (D=48)": TEST_MAPS / "trpv1_volume_48.mrc",
+               "cryodrgn toy (D=30)": TEST_MAPS / "toymodel_small_nocenter.mrc"}  # fmt: skip
     pairs = []
     for n, (name, path) in enumerate(sources.items()):
         volume, apix = read_map(path)

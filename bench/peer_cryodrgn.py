@@ -13,10 +13,9 @@ own virtual environment, never this package's (it pins plotly<7)::
 cryoDRGN runs with ``--no-trans`` (the simulated particles are centred and ours searches no
 shifts either), ``--checkpoint 1`` (a map per epoch, for the resolution-vs-time curve) and, by
 default, ``--explicit-volume`` (a voxel array like ours; ``--drgn-volume implicit`` for its
-default MLP). On 2 CPU cores its hierarchical pose search is the bottleneck: with the MLP and the
-translation search, the first pose-search epoch of 1000 images ran over 46 minutes; with the
-explicit volume and no translation search, about 13 minutes (3 such epochs by default). A GPU is
-what it is built for.
+default MLP), and is stopped after ``--drgn-timeout-min`` (default 120; the table is then written
+with our rows). On CPU its hierarchical pose search is the bottleneck, slowest with the MLP and
+the translation search (docs/decisions.md#peer-cryodrgn-settings); a GPU is what it is built for.
 
 Both read the same simulated RELION 3.1 STAR + MRCS (D=64, SNR 0.1, CTF with EMPIAR-10028's defocus
 values, centred): by default the HSP90 set (``simulate.datasets.hsp90``, 3 Å/px), or with ``--molecule

@@ -10,7 +10,7 @@ line. Exit status 2 when no memory cgroup can be created here (nothing measured)
 
     .venv/bin/python bench/stream_memory.py --limit-mb 600 --stack-mb 1000
 
-Not a pass/fail benchmark; ``tests/test_memory.py`` runs it small.
+Not a pass/fail benchmark; ``tests/app/test_memory.py`` runs it small.
 """
 
 from __future__ import annotations

@@ -23,29 +23,17 @@ seconds per wall second during the steps (about the number of busy threads:
 well above 1 on a machine whose other processes use the cores means threads
 spinning at barriers), and the minutes one 10,000-image epoch would take.
 
-Measured before and after the throughput work of issue 3 (both versions in
-one process, steps interleaved; "after" includes ``render.winner_losses`` in
-the amortized step and no rendering of all-zero shifts in the direct step,
-two changes proposed for ``training.py``), D=64, batch 32, 7 heads, light
-preset, two intra-op threads, images/s:
-
-==========================================  ===============  ===============
-machine                                     amortized        direct
-==========================================  ===============  ===============
-2-core AMD EPYC VM (dev machine, quiet)     135 -> 325       365 -> 440
-2 cores of a Xeon (``taskset -c 0,1``)      155 -> 472       631 -> 737
-==========================================  ===============  ===============
-
-With one thread the EPYC VM gave 81 -> 188 and 213 -> 298. On a *busy*
-2-core machine (other processes using both cores) two torch threads are
-several times slower than one: each parallel region waits for a thread that
-is not scheduled (measured 10x, D=32: 18 vs 198 amortized images/s).
-
-The light encoder's stride-2 first conv (``encoder.py``) was checked on the
-HSP90 set (D=64, 10,000 images, SNR 0.1, amortized stage only, one seed, on
-a GPU): the median pose error of the best head fell from ~120 degrees to
-below 40 at epoch 21 with stride 2, epoch 19 with stride 1; the amortized
-step is 1.7x (EPYC) to 3x faster in CPU time with stride 2.
+``--breakdown`` times the parts of a step, among them all heads rendered with
+autograd against ``render.winner_losses``, which the amortized step uses: the
+losing heads are rendered forward only, since a minimum's gradient reaches only
+its argmin (docs/decisions.md#throughput-winner-losses). ``--threads`` compares
+intra-op thread counts; the engine keeps torch's default, and one thread can be
+faster when other processes share the cores (docs/decisions.md#cpu-threads).
+The ``light`` preset's first conv has stride 2 from D=64 on: every stage then
+runs at half the resolution, and the direct stage refines the poses
+(docs/decisions.md#encoder-stride2). After the steps of each box size it prints
+the seconds per image of the workbench's pose posterior at each ``--nsides``
+(default 8 16).
 """
 
 from __future__ import annotations

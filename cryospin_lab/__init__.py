@@ -6,7 +6,7 @@ The front door::
 
     rec = csl.Reconstruction(n_epochs=10)   # the embedded HSP90 set
     rec.start().join()
-    csl.write_map("map.mrc", rec.trainer.volume_real(), rec.pixel_size_angstrom)
+    rec.export("run")                       # map.mrc, poses.star, metrics.csv, fsc.png
 
 Names are imported on first use, so ``import cryospin_lab`` is instant. The
 subpackages, each with its own curated ``__init__``, import only downward:
@@ -29,7 +29,9 @@ _EXPORTS = {
     "read_star": ".io.star",
     "simulate_particles": ".simulate.simulator",
     "hsp90": ".simulate.datasets",
+    "datasets": ".simulate.datasets",
     "compute_fsc": ".analysis.metrics",
+    "fsc_vs_ground_truth": ".analysis.metrics",
     "pose_error": ".analysis.metrics",
     "view_posterior": ".analysis.pose_posterior",
 }

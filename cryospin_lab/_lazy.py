@@ -16,15 +16,19 @@ __all__ = ["lazy_exports"]
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list]]:
     """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps a public name to its module.
 
-    A module path starting with ``.`` is relative to ``package``; the value is
-    cached in the package's namespace after the first lookup.
+    A module path starting with ``.`` is relative to ``package``; a name equal to
+    the module's last component (``"datasets": ".simulate.datasets"``) is the
+    module itself. The value is cached in the package's namespace after the
+    first lookup.
     """
 
     def __getattr__(name: str) -> object:
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module, package), name)
+        imported = importlib.import_module(module, package)
+        # a name that is its module's own last component exports the module itself
+        value = imported if module.rpartition(".")[2] == name else getattr(imported, name)
         globals_of_package = importlib.import_module(package).__dict__
         globals_of_package[name] = value
         return value

@@ -13,45 +13,32 @@ Start here::
 Layout: ``pump`` (the one UI pump and the ``Panel`` base), ``_plotly``
 (FigureWidget whose stored state follows updates), ``_plotly_module``
 (plotly's browser code served once per page, not sent with every figure), one module per panel
-(``controls``, ``heads``, ``curves``, ``volume``, ``posterior``,
-``specialisation``) and ``workbench`` (all of them together). Names are
+(``controls`` with its ``settings_form``, ``heads``, ``curves``, ``volume``,
+``posterior``, ``specialisation``) and ``workbench`` (all of them together). Names are
 imported on first use (PEP 562), so importing one panel module does not import
 the others.
 """
 
-from __future__ import annotations
-
-import importlib
+from cryospin_lab._lazy import lazy_exports
 
 _EXPORTS = {
-    "Workbench": "workbench",
-    "launch": "workbench",
-    "watch": "workbench",
-    "UIPump": "pump",
-    "Panel": "pump",
-    "ControlsPanel": "controls",
-    "HeadAssignmentsPanel": "heads",
-    "FSCPanel": "curves",
-    "PoseErrorPanel": "curves",
-    "LossPanel": "curves",
-    "VolumePanel": "volume",
-    "PosteriorPanel": "posterior",
-    "HeadSpecialisationPanel": "specialisation",
-    "sync_state": "_plotly",
-    "SyncedFigureWidget": "_plotly",
+    "Workbench": ".workbench",
+    "launch": ".workbench",
+    "watch": ".workbench",
+    "UIPump": ".pump",
+    "Panel": ".pump",
+    "ControlsPanel": ".controls",
+    "SettingsForm": ".settings_form",
+    "HeadAssignmentsPanel": ".heads",
+    "FSCPanel": ".curves",
+    "PoseErrorPanel": ".curves",
+    "LossPanel": ".curves",
+    "VolumePanel": ".volume",
+    "PosteriorPanel": ".posterior",
+    "HeadSpecialisationPanel": ".specialisation",
+    "sync_state": "._plotly",
+    "SyncedFigureWidget": "._plotly",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -16,27 +16,21 @@ kernel side), so it shows the figure as it was when first displayed.
 The fix: while no browser view of the figure exists (``_view_count`` 0), every
 update also assigns the two traits (:func:`sync_state`): the front-end model
 (created when the widget opens, and initialised asynchronously by anywidget)
-then holds the current figure whatever messages it missed (updates sent right
-after construction were seen to be lost: the figure was drawn empty). Once a
-view exists, :class:`SyncedFigureWidget` copies ``_data`` and the layout's
-props into the two traits only *when its state is read* (``get_state``, which
-ipywidgets calls when a front end asks for the state), after an update made it
-stale. That copy is written into the traits' values without a change
-notification, so it sends nothing: a live view has applied the update message,
-and plotly's front-end *model* applies those messages to its own copy of
-``_widget_data``/``_widget_layout`` too (seen in a browser: a second view
-created after updates shows them). An earlier version assigned the traits
-after every update; that sent the whole figure again with every small change
-(the full loss history at each step), which kept a 2-core machine's browser
-and kernel busy enough to delay clicks.
+then holds the current figure whatever messages it missed (update messages sent
+before it listens are lost). Once a view exists, :class:`SyncedFigureWidget`
+copies ``_data`` and the layout's props into the two traits only *when its
+state is read* (``get_state``, which ipywidgets calls when a front end asks for
+the state), after an update made it stale. That copy is written into the
+traits' values without a change notification, so it sends nothing: a live view
+has applied the update message, and plotly's front-end *model* applies those
+messages to its own copy of ``_widget_data``/``_widget_layout`` too. Why:
+assigning the traits after every update would send the whole figure again with
+every small change (docs/decisions.md#widget-lazy-state).
 
 :func:`sync_state` assigns the traits (a notified change) on any FigureWidget;
-``tests/test_widgets_plotly.py`` checks the lazy sync for property assignment,
+``tests/widgets/test_widgets_plotly.py`` checks the lazy sync for property assignment,
 ``batch_update``, ``add_trace`` and layout shapes, and that an update sends
 only plotly's own message.
-
-Hand-written: plotly has no option for this (FigureWidget's stored state is
-documented as "only synced on construction").
 """
 
 from __future__ import annotations
@@ -71,7 +65,7 @@ class SyncedFigureWidget(go.FigureWidget):
 
     The ``_send_*_msg`` methods of plotly 7.1's ``BaseFigureWidget`` mark the
     stored state stale; if a release renames them, the state tests in
-    ``tests/test_widgets_plotly.py`` fail.
+    ``tests/widgets/test_widgets_plotly.py`` fail.
 
     Acknowledgements: after drawing an update, each browser view of the figure
     sends back "deltas" carrying the update's edit id; plotly's Python side then
@@ -117,8 +111,8 @@ class SyncedFigureWidget(go.FigureWidget):
         self._sent_at = time.monotonic()
         if not self._view_count:  # None while plotly's __init__ runs
             # No browser view yet: its front-end model may not be listening (anywidget initialises
-            # it asynchronously, and update messages that arrive before are lost: a figure whose
-            # traces were added right after construction was drawn empty). Send the state itself.
+            # it asynchronously, and update messages that arrive before are lost), so send the
+            # state itself (docs/decisions.md#widget-lazy-state).
             sync_state(self)
             self._state_stale = False
         else:
@@ -187,12 +181,11 @@ def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) ->
 
 def gaps_as_none(values, digits: int | None = 4) -> np.ndarray:
     """Heatmap data for the wire: NaN/Inf as None (plotly's gap), values rounded to ``digits`` significant
-    digits of the largest magnitude (None: not rounded).
+    digits of the largest magnitude (default 4; None: not rounded).
 
-    plotly sends a 2-D array as JSON text (only 1-D arrays go as binary buffers), one full-precision
-    float (~18 characters) per pixel: rounding to 4 digits makes the text about 3x smaller, below what
-    a colour scale can show. JSON has no NaN: jupyter_client would otherwise warn and send each NaN as
-    the string 'nan'.
+    plotly sends a 2-D array as JSON text (only 1-D arrays go as binary buffers), and digits beyond
+    what a colour scale can show only lengthen that text (docs/decisions.md#widget-lazy-state). JSON
+    has no NaN: jupyter_client would otherwise warn and send each NaN as the string 'nan'.
     """
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)

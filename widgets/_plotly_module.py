@@ -4,8 +4,8 @@ The problem (plotly 7.1 + anywidget 0.11): a ``FigureWidget``'s front-end code i
 the text of ``plotly/package_data/widgetbundle.js`` (5 MB), sent as the ``_esm``
 trait of *every* figure. anywidget imports a module given as text from a fresh
 ``blob:`` URL per widget model, so the browser parses and evaluates plotly.js
-again for each figure: in Chromium on a 2-core machine, a cell with one figure
-drew in 15 s, the workbench's ten in 58 s, and 50 MB went over the websocket.
+again for each figure, which makes every figure slow to draw
+(docs/decisions.md#plotly-module-once).
 
 The fix: the bundle is installed once as a static file in a folder the Jupyter
 server already serves (``share/jupyter/labextensions/cryospin-lab-assets/static/``:
@@ -20,10 +20,11 @@ bundle's hash, so a plotly upgrade never meets a stale file.
 
 :func:`install` writes the file (``python -m cryospin_lab.widgets._plotly_module``;
 ``make install`` and ``binder/postBuild`` run it; the first figure made in a
-kernel runs it too). Where it cannot be written, or with
+kernel runs it too). ``CRYOSPIN_LAB_PLOTLY_MODULE`` defaults to ``shared``
+(this loader). Where the file cannot be written, or with
 ``CRYOSPIN_LAB_PLOTLY_MODULE=embedded`` (front ends without a Jupyter page
-config, e.g. VS Code), figures carry plotly's own module as before: slower, and
-said so in a warning.
+config, e.g. VS Code), figures carry plotly's own module: slower, and said so
+in a warning.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 * :class:`LossPanel`: the step losses per branch, bin-averaged down to at most
   ``max_points`` points so the figure stays light over long runs.
 
-Hand-written presentation over the engine's events.
+Every panel is drawn from the engine's events.
 """
 
 from __future__ import annotations

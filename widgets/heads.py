@@ -11,7 +11,6 @@ This panel shows, for one branch (a selector appears after a fork):
 * a warning naming every head under :data:`COLLAPSE_SHARE` in the last epoch.
 
 Direct-stage epochs carry no head competition (all counts 0) and are skipped.
-Hand-written presentation over the engine's events.
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ the alignment of the branch's latest :class:`~cryospin_lab.engine.events.PoseErr
 hover text says which. Beside the map:
 the particle image, the image the trainer predicts at the best pose, and the CTF.
 
-Threads: the posterior (a few seconds at nside 8, D = 64) runs in a one-worker
+Threads: the posterior takes seconds per particle, so it runs in a one-worker
 :class:`~concurrent.futures.ThreadPoolExecutor` on a snapshot (the event's
 read-only arrays); :meth:`PosteriorPanel.poll`, called by the UI pump on the
 main thread, starts a computation when the map, particle or nside changed and
-none is running, and applies a finished one. Worker exceptions are shown in the
-status line. Hand-written presentation over the engine's public API.
+none is running, and applies a finished one. A new map alone starts one at most
+every ``volume_refresh_s`` seconds (default 20), because the worker shares the
+CPU with training (docs/decisions.md#posterior-refresh). Worker exceptions are
+shown in the status line.
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ class PosteriorPanel(Panel):
     ):
         super().__init__()
         # A new map alone starts a computation at most this often (the worker shares the CPU with
-        # training: recomputing on every volume event slowed a 2-core run 2.5x); a new particle,
-        # nside or branch starts one at once.
+        # training: docs/decisions.md#posterior-refresh); a new particle, nside or branch starts
+        # one at once.
         self.volume_refresh_s = float(volume_refresh_s)
         self._closed = False
         if nside not in NSIDES:

@@ -23,9 +23,6 @@ thousands of step events costs little) and marks the panel dirty; ``poll``
 redraws the figures and labels once per tick when something changed. Used
 alone, a panel is fed with :meth:`Panel.feed` (``handle`` each event, then
 ``poll``).
-
-Hand-written: scheduling on the kernel loop and error containment are specific
-to this app; nothing in ipywidgets does it.
 """
 
 from __future__ import annotations
@@ -76,7 +73,7 @@ class Panel:
         Not while a browser is still drawing this panel's previous update
         (:meth:`front_end_behind`): the panel stays dirty and redraws, with the
         latest data, on a later tick. So a slow browser gets fewer updates
-        instead of a growing queue of them (which delayed clicks by tens of seconds).
+        instead of a growing queue of them (docs/decisions.md#ui-back-pressure).
         Nor while the panel is hidden (:attr:`visible` False: the workbench hides
         the panels of the tabs not shown); it catches up when shown again.
         """

@@ -15,7 +15,7 @@ latitude = 90 deg - tilt):
 
 Real data have no true views: the panel then says so and draws nothing. The
 maps are cheap (one bincount over N images), so they are computed in
-:meth:`redraw` on the main thread. Hand-written presentation.
+:meth:`redraw` on the main thread.
 """
 
 from __future__ import annotations

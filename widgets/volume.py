@@ -6,19 +6,18 @@ Volumes arrive as :class:`~cryospin_lab.engine.events.VolumeEvent` (real space,
 (``y``-``z``), drawn as heatmaps with the first array axis vertical, so a voxel
 at ``[z, y, x]`` appears at column ``x``, row ``y`` in the first plane.
 
-The isosurface uses nglview 3.1.4 as ``BROWSER_TESTING.md`` found to work:
-the map is written to a temporary ``.mrc`` (``cryospin_lab.io.maps.write_map``),
+The isosurface uses nglview 3.1.4 (the ``lab`` extra's pin): the map is
+written to a temporary ``.mrc`` (``cryospin_lab.io.maps.write_map``),
 loaded with ``view.add_component(path)`` (the previous map component is
 removed first) and drawn with ``component.update_surface(isolevelType="value",
 isolevel=..., color=...)``. The threshold slider is in standard deviations above
 the map's mean (the usual way to pick a density contour; it keeps its meaning
-while the map changes), converted to a value per map. nglview sends the whole
-map to the browser (about 1.4 MB base64 at D = 64), so the 3-D view refreshes
-at most every ``refresh_s`` seconds and only when a newer map arrived. If
-nglview fails to import (nglview 3.1.4 imports ``pkg_resources``, missing
-from setuptools >= 81), the panel shows the slices and says why.
-
-Hand-written presentation over the engine's events.
+while the map changes), converted to a value per map. The 3-D view reloads the
+map at most every ``refresh_s`` seconds (default 5) and only when a newer map
+arrived, because nglview sends the whole map to the browser
+(docs/decisions.md#nglview-pin). If nglview fails to import (nglview 3.1.4
+imports ``pkg_resources``, missing from setuptools >= 81), the panel shows the
+slices and says why.
 """
 
 from __future__ import annotations
@@ -193,9 +192,9 @@ class VolumePanel(Panel):
 
         nglview's front end sets ``n_components`` when a component has been added
         (parsed, surfaced, drawn): that is the acknowledgement. Without a view
-        (``_ngl_view_id`` empty) or after ``ngl_ack_timeout_s``, nothing is awaited.
+        (``_ngl_view_id`` empty) or after ``ngl_ack_timeout_s`` (30 s), nothing is awaited.
         A browser drawing surfaces slowly (software WebGL) then gets fewer maps
-        instead of a growing queue of them.
+        instead of a growing queue of them (docs/decisions.md#ui-back-pressure).
         """
         if self._ngl_acknowledged or not self.view._ngl_view_id:
             return False

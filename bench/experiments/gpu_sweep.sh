@@ -4,7 +4,7 @@
 # in the device tool's `carry`):
 #   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl mrcfile starfile gemmi
-# The logs quoted in the issue note were made with the first (pose-stability) auto rule.
+# The sweep behind the encoder learning rate and the disc ramp (docs/decisions.md#encoder-lr).
 set -u
 pip install -q --no-deps --target /tmp/pk .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=$PWD:/tmp/pk OMP_NUM_THREADS=3

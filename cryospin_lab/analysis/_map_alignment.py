@@ -20,10 +20,9 @@ both hands) on Fourier-cropped maps (``coarse_box_size``, default 16), with the
 translation of each candidate from an FFT cross-correlation; then the best distinct
 candidates of each hand are refined by L-BFGS on the real-space correlation
 (rotation as ``exp_so3`` perturbation, sub-voxel translation, gradients through
-``grid_sample``) at growing box sizes (24, then 48). About 2 s at D = 64 on two
-CPU cores, plus about 2.5 s once per process: torch.optim's first step imports
-``torch._dynamo``. For a symmetric map any symmetry-equivalent rotation may come
-back. Hand-written: no listed library aligns maps.
+``grid_sample``) at growing box sizes (24, then 48); seconds on a CPU
+(docs/decisions.md#fsc-map-search). For a symmetric map any
+symmetry-equivalent rotation may come back.
 """
 
 from __future__ import annotations
@@ -99,8 +98,8 @@ def _resample(volume: Tensor, sampling_matrices: Tensor, shifts: Tensor, coords:
     """
     d = volume.shape[-1]
     b, m = sampling_matrices.shape[0], coords.shape[0]
-    # pos[b, m] = S_b (x_m - t_b) by broadcasting: on CPU, matmul with an inner size of 3
-    # (bmm, or mm and above all its backward) is many times slower than this.
+    # pos[b, m] = S_b (x_m - t_b) by broadcasting: on CPU, matmul with an inner size of 3 is slow
+    # (docs/decisions.md#cpu-matmul-kernels).
     # Component by component, so no (B, M, 3, 3) temporary is built.
     offsets = (sampling_matrices * shifts[:, None, :]).sum(-1)  # (B, 3): S_b t_b
     x, y, z = coords[:, 0], coords[:, 1], coords[:, 2]

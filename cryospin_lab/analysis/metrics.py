@@ -1,14 +1,14 @@
 """Reconstruction metrics: FSC and resolution, map-to-map alignment, pose and shift errors.
 
-FSC (METHOD.md section 6)
+FSC (docs/method.md §6)
     ``FSC(r) = sum_shell Re(A B*) / sqrt(sum_shell |A|^2 sum_shell |B|^2)`` over the
     integer shells ``r = round(|k|)``, ``r = 0 .. D//2`` of the centred 3-D transform
     (``fourier.fft_center``, ``fourier.radial_index_3d``); voxels beyond ``D//2``
     (the cube's corners) are left out. Shell ``r`` sits at ``r / (D * apix)`` per Å.
-    Hand-written (a dozen lines of torch): torch-fourier-shell-correlation spreads
-    every voxel over the two nearest shells with linear ("tent") weights and works on
-    the rfft half-space, so its shells are not the integer shells METHOD.md defines;
-    the tests compare both where the definitions coincide.
+    Not torch-fourier-shell-correlation, which spreads every voxel over the two
+    nearest shells with linear ("tent") weights on the rfft half-space, so its
+    shells are not these integer shells; the tests compare both where the
+    definitions coincide.
 
 Map alignment
     :func:`align_maps` and :func:`apply_map_alignment` (``cryospin_lab.analysis._map_alignment``: the

@@ -1,4 +1,4 @@
-"""Pose posterior over view directions on a HEALPix grid, and head specialisation (METHOD.md section 7).
+"""Pose posterior over view directions on a HEALPix grid, and head specialisation (docs/method.md §7).
 
 For one image ``Y`` and a volume, every HEALPix pixel centre (a view direction,
 RING ordering) is combined with ``n_psi`` in-plane angles; the *training* loss
@@ -27,10 +27,8 @@ likelihood) the default reads ``L`` as the NLL of a radial Laplace model
 Rotations of the grid: pixel ``(theta, phi) = healpy.pix2ang`` and angle
 ``psi`` give ``R = euler_relion_to_matrix(rot=phi, tilt=theta, psi)``, whose
 ``so3.view_directions`` (third row) is the pixel centre; ``psi`` turns the
-image in-plane. Hand-written: a few lines over healpy (geometry) and the
-trainer's renderer; no library evaluates *our* loss on a grid. The Mollweide
-helpers are ~30 lines of textbook formulas (tested against
-``healpy.projector.MollweideProj``) so that the UI can raster maps and place
+image in-plane. The Mollweide helpers are textbook formulas (tested against
+``healpy.projector.MollweideProj``), so that the UI can raster maps and place
 markers without healpy's plotting state.
 """
 

@@ -15,8 +15,6 @@ on the original grid is cropped the same way (``fourier.fourier_crop``); any
 other mismatch of box or voxel size is an error, never a silent resample.
 ``--resume`` continues from the highest ``DIR/checkpoints/epoch_XXXX.pt`` with
 the checkpoint's settings (only ``--epochs`` and ``--device`` may change).
-
-Hand-written glue around :mod:`cryospin_lab.engine.trainer`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
   poses when the data are simulated, the box and pixel size.
 
 The panels in ``cryospin_lab.widgets`` take a ``Reconstruction`` (or only its
-bus) and never reach into the trainer. Hand-written glue over the engine.
+bus) and never reach into the trainer.
 """
 
 from __future__ import annotations

@@ -30,9 +30,6 @@ Files in the output folder ``DIR`` (:class:`ResultWriter`):
 
 Every file is written to a temporary name in ``DIR`` and renamed, so an
 interrupted write leaves the previous version.
-
-Hand-written glue on ``io.maps.write_map``, ``star.write_relion31_star``, starfile,
-csv and matplotlib.
 """
 
 from __future__ import annotations

@@ -24,15 +24,8 @@ world does to the run happens between two ``next()`` calls on the runner's threa
 * Every run ends with exactly one ``FinishedEvent`` published (if the generator
   returns without yielding one, the runner publishes ``reason="completed"``).
 
-:class:`EventBus` is the only link to consumers (UI pump, CLI, tests): small
-events are kept in order (bounded history), heavy ones only the latest per
-``(type, branch)``; a :class:`Subscription` drains what is new since its last
-drain, and one made late still starts with the retained history and the current
-heavy state. The bus never touches widgets; one UI pump drains it on the main
-thread (the engine never imports ipywidgets or IPython).
-
-Hand-written on ``threading`` and ``queue`` (no framework: the loop is short and
-its guarantees are tested in ``tests/test_runner.py``).
+Events go out on the run's :class:`~cryospin_lab.app.bus.EventBus`, the only
+link to consumers (UI pump, CLI, tests); the bus never touches widgets.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ What a rank does (see :class:`Comm`):
 
 ``Comm()`` (one process) does nothing: the single-process path is unchanged.
 Backends: ``nccl`` on CUDA, ``gloo`` on CPU. Tested with 2 gloo processes
-(``tests/test_distributed.py``): the same volume and poses as one process with the
+(``tests/engine/test_distributed.py``): the same volume and poses as one process with the
 same global batch.
 """
 

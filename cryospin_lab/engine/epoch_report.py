@@ -70,7 +70,8 @@ def resolution_event(
     poses are right; while the median pose error is above
     ``POSE_ALIGNMENT_MAX_MEDIAN_DEG`` (e.g. on the amortized plateau, when
     two pose populations related by a pseudo-symmetry are mixed) the map
-    is aligned by a map-to-map search instead (~2 s at D=64).
+    is aligned by a map-to-map search instead, which takes seconds
+    (docs/decisions.md#fsc-map-search).
     """
     if pose is not None and pose.median_deg <= POSE_ALIGNMENT_MAX_MEDIAN_DEG:
         alignment = metrics.MapAlignment(

@@ -19,7 +19,7 @@ which the notebook UI, the CLI and tests read. Rules:
 Events holding arrays compare by identity (``eq=False``): element-wise array
 comparison has no single truth value.
 
-Hand-written: plain dataclasses and numpy, no dependency on torch at import time.
+Plain dataclasses and numpy: no torch at import time.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class ParticleFeed:
     2 GiB and less than a quarter of the memory available to the process (the
     smaller of the system's available memory and the memory cgroup's headroom);
     else each batch is read from the memory-mapped stack, so a stack larger than
-    the process's memory streams (``bench/stream_memory.py``). Each batch comes
+    the process's memory streams (docs/decisions.md#stream-preload). Each batch comes
     with its Hartley values and CTF on the epoch's frequency disc, on the device.
     """
 

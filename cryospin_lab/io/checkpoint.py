@@ -23,8 +23,6 @@
   the dataclass default.
 * Files are named ``epoch_XXXX.pt`` (``checkpoint_path``); old ones are kept;
   ``latest_checkpoint(directory)`` returns the highest epoch.
-
-Hand-written on ``torch.save``/``torch.load``; nothing here is specific to the model.
 """
 
 from __future__ import annotations

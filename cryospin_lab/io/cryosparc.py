@@ -2,11 +2,11 @@
 
 Same conventions as :mod:`cryospin_lab.io.star` (rotations as RELION matrices,
 ``shifts_angstrom = -origin``, 0-based image indices) and :mod:`cryospin_lab.io.metadata`
-(paths resolved relative to the file with an optional ``path_map``). Tested in ``tests/test_star.py`` against
-cryoDRGN's parsed poses of a real cryoSPARC job.
+(paths resolved relative to the file with an optional ``path_map``). Tested in
+``tests/io/test_star.py`` against cryoDRGN's parsed poses of a real cryoSPARC job.
 
-Hand-written on ``numpy``: ``.cs`` files are numpy structured arrays, loaded with
-``allow_pickle=False`` so nothing is ever unpickled.
+``.cs`` files are numpy structured arrays, loaded with ``allow_pickle=False``
+so nothing is ever unpickled.
 """
 
 from __future__ import annotations

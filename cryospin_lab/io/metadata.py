@@ -8,8 +8,6 @@
   absolute), or a directory in which stacks are looked up by basename. A path that
   leaves the file's directory (``..`` or absolute) and is not remapped is warned about.
 * ``peek_stack`` reads an MRC header only.
-
-Hand-written bookkeeping (mrcfile reads headers).
 """
 
 from __future__ import annotations

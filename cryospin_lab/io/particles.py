@@ -15,8 +15,6 @@
   indices (deterministic) after the same background subtraction. The contrast
   is not changed (RELION stacks keep their inverted contrast).
 * ``half_split(seed)`` is a seeded random permutation cut in two sorted halves.
-
-Hand-written: mrcfile does the I/O; this module is bookkeeping and checks.
 """
 
 from __future__ import annotations

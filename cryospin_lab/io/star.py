@@ -4,7 +4,7 @@
 the cryoSPARC ``.cs`` reader in :mod:`cryospin_lab.io.cryosparc`; both are re-exported
 here (``from cryospin_lab.io.star import ParticleMetadata, read_cs`` keeps working).
 
-Conventions (tested in ``tests/test_star.py`` against starfile, scipy and cryoDRGN's parsers):
+Conventions (tested in ``tests/io/test_star.py`` against starfile, scipy and cryoDRGN's parsers):
 
 * ``rotations`` are RELION's matrices of (rlnAngleRot, rlnAngleTilt, rlnAnglePsi)
   (``so3.euler_relion_to_matrix``), float64 ``(N, 3, 3)``.
@@ -17,8 +17,6 @@ Conventions (tested in ``tests/test_star.py`` against starfile, scipy and cryoDR
 * Per-row optics (voltage, Cs, amplitude contrast, pixel size, image size) come
   from the particles table (RELION 3.0) or the optics table through
   rlnOpticsGroup (3.1 and later), whichever holds the column.
-
-Hand-written on top of ``starfile`` (parsing).
 """
 
 from __future__ import annotations

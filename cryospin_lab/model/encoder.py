@@ -55,10 +55,9 @@ class GaussianPyramid(nn.Module):
     Computed as matrix products ``G_y @ image @ G_x^T``: each ``G`` is the
     ``(n, n)`` matrix of one padded 1-D blur (made once per image size by
     blurring the identity), so the result equals padding and two 1-D
-    convolutions, and batched matmuls do the work: 2.5-3x cheaper on CPU at
-    D=64 than the 91-tap depthwise convolutions, which cost half as much as
-    the stride-2 light backbone's forward and backward. ``tests/test_encoder.py``
-    checks it against ``scipy.ndimage.gaussian_filter``.
+    convolutions, and batched matmuls do the work, several times cheaper on a
+    CPU than the long depthwise convolutions (docs/decisions.md#cpu-matmul-kernels).
+    ``tests/model/test_encoder.py`` checks it against ``scipy.ndimage.gaussian_filter``.
     """
 
     def __init__(self, n_scales: int = 5):

@@ -25,7 +25,8 @@ class EncoderConfig:
     widths: tuple[int, ...] = field(default=())  # override the preset's conv widths
     stem_stride: int = 0  # stride of the first conv; 0 = the preset's (light: 2 from D=64 on, paper: 1)
     # "bf16": the CNN runs under torch.autocast in bfloat16 (mixed precision; its outputs, the
-    # rotations, the volume and the losses stay float32); "off": float32 throughout.
+    # rotations, the volume and the losses stay float32); "off" (default): float32 throughout
+    # (docs/decisions.md#encoder-autocast-off).
     autocast: str = "off"
 
     def __post_init__(self) -> None:

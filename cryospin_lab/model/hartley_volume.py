@@ -1,6 +1,6 @@
 """The explicit Hartley volume: a ``D^3`` grid of Hartley values stored as mantissa and exponent.
 
-METHOD.md section 3 (cryoSPIN Eq. 8, from cryoAI): the decoder is a real
+docs/method.md §3 (cryoSPIN Eq. 8, from cryoAI): the decoder is a real
 ``(D, D, D)`` array ``H`` on the centred frequency grid (``[z, y, x]``, DC at
 ``D // 2``, ``H = Re F - Im F``, see :mod:`cryospin_lab.physics.fourier`), stored as
 two parameter arrays
@@ -15,8 +15,6 @@ Grid size: ``D^3``, not the ``(D+1)^3`` of the reference code. Slices are read
 only inside the disc ``|k| <= (D - 1)//2`` (:class:`cryospin_lab.physics.projection.FourierDisc`),
 so the ``+D/2`` plane an even box lacks is never needed. Any real ``H`` is the
 Hartley transform of a real volume, so no symmetry constraint is imposed.
-
-Hand-written: a few lines of torch; no library offers this parameterisation.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-image pose parameters of the direct stage (METHOD.md section 5, paper Eq. 9).
+"""Per-image pose parameters of the direct stage (docs/method.md §5, paper Eq. 9).
 
 Each image owns a base rotation ``R_i`` and a tangent correction ``w_i``
 (axis-angle, radians): ``R = exp([w_i]x) R_i``. A pose block runs a few Adam

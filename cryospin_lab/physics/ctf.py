@@ -1,8 +1,8 @@
 """Contrast transfer function (CTF) of the weak-phase model, for a batch of images.
 
-Conventions (METHOD.md section 2, tested in ``tests/test_ctf.py``):
+Conventions (docs/method.md §2, tested in ``tests/physics/test_ctf.py``):
 
-* ``compute_ctf`` returns the *physical* CTF written in METHOD.md (the same
+* ``compute_ctf`` returns the *physical* CTF of docs/method.md §2 (the same
   formula as cryoDRGN's ``ctf.compute_ctf``)::
 
       lambda = 12.26426 / sqrt(U (1 + 0.978476e-6 U))         (U in volts, lambda in Å)
@@ -19,11 +19,10 @@ Conventions (METHOD.md section 2, tested in ``tests/test_ctf.py``):
   ``-CTF * projection + noise``; the minus sign lives in the code that renders
   images, not here.
 
-Hand-written rather than calling torch-ctf: torch-ctf builds its own FFT grid
-(we need the CTF on arbitrary frequency lists, e.g. the masked disc of the
-projector), computes in float32 only, and takes ``sqrt`` of the astigmatism,
-which is NaN when ``df_u < df_v``. torch-ctf is the independent reference in
-the tests.
+Not torch-ctf, which is the tests' independent reference: the projector needs
+the CTF on arbitrary frequency lists (the disc), in float64, and for
+``df_u < df_v`` too (torch-ctf builds its own grid, in float32, and takes the
+square root of the astigmatism).
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ __all__ = [
 ]
 
 # Relativistic de Broglie wavelength: lambda = h / sqrt(2 m e U (1 + e U / (2 m c^2))).
-# METHOD.md writes the two coefficients rounded (12.2643 and 0.978466e-6); they are computed here
-# from the CODATA 2018 constants (exact SI values for h, e, c) because the rounding changes lambda by
-# 4e-6 relative, which moves gamma by ~1e-3 rad at high defocus near Nyquist: visible against torch-ctf.
+# The coefficients come from the CODATA 2018 constants, not the rounded 12.2643 and 0.978466e-6 often
+# quoted: the rounding moves gamma by ~1e-3 rad at high defocus near Nyquist, visible against torch-ctf.
 _PLANCK = 6.62607015e-34  # J s (exact)
 _ELEMENTARY_CHARGE = 1.602176634e-19  # C (exact)
 _ELECTRON_MASS = 9.1093837015e-31  # kg (CODATA 2018)
@@ -164,7 +162,7 @@ class CTFParams:
 
 
 def compute_ctf(params: CTFParams, freqs_per_angstrom: Tensor) -> Tensor:
-    """Physical CTF (METHOD.md section 2) of ``N`` images at frequencies ``(..., 2)`` = ``(kx, ky)`` in 1/Å.
+    """Physical CTF (docs/method.md §2) of ``N`` images at frequencies ``(..., 2)`` = ``(kx, ky)`` in 1/Å.
 
     Returns ``(N, ...)``; the dtype is the promotion of the parameters' and the
     frequencies' dtypes. Differentiable with respect to every parameter.

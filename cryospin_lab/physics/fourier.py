@@ -1,6 +1,6 @@
 """Centred Fourier and Hartley transforms, frequency grids, masks and shifts.
 
-Conventions (tested in ``tests/test_fourier.py``):
+Conventions (tested in ``tests/physics/test_fourier.py``):
 
 * Real-space arrays are centred at index ``D // 2`` along every axis; images are
   indexed ``[y, x]`` and volumes ``[z, y, x]``.
@@ -15,8 +15,6 @@ Conventions (tested in ``tests/test_fourier.py``):
   ``k_per_angstrom = k / (D * apix)``.
 * A shift of the content by ``t`` (pixels or Å, x then y) multiplies the
   Fourier transform by ``exp(-2 pi i k.t)``.
-
-Hand-written: these are a few lines of torch each; torch.fft is the engine.
 """
 
 from __future__ import annotations

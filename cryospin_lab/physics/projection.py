@@ -1,6 +1,6 @@
 """Central slices of a Hartley volume, and real-space projections rendered from them.
 
-Image formation (METHOD.md sections 1 and 3) in Hartley space: the 2-D Hartley
+Image formation (docs/method.md §1, §3) in Hartley space: the 2-D Hartley
 transform of the projection ``image[y, x] = sum_z V(R^T (x, y, z))`` is the
 central slice of the 3-D Hartley transform of ``V``, read at ``R^T (kx, ky, 0)``
 (row-vector coordinates ``(kx, ky) @ R[:2]``). With ``fourier.fht_center`` (no
@@ -25,15 +25,14 @@ Conventions:
   (``H^2(k) + H^2(-k) = 2 |F(k)|^2``), so a Gaussian likelihood can be
   evaluated on Hartley values as they come out of :func:`project_hartley`.
 
-Hand-written, and why: torch-fourier-slice extracts slices of a complex rfft
-volume with its own conventions; we need slices of a real Hartley volume (one
-channel, H = m * exp(e)), only inside the disc, with gradients w.r.t. volume
-and rotations, every training step. The interpolation kernel is torch's own
-``grid_sample``, used as the reference code does not: one channel, the disc
-only, all CPU threads (:func:`slice_volume` says why; ``bench/slicing.py``
-measures it). torch-fourier-slice, ``scipy.ndimage.map_coordinates``, finite
-differences and the RELION / cryoDRGN projections in ``tests/data`` are the
-independent references in ``tests/test_projection.py``.
+Not torch-fourier-slice, which slices complex rfft volumes: training needs
+slices of a real Hartley volume, inside the disc only, with gradients with
+respect to volume and rotations at every step. The kernel is torch's
+``grid_sample`` on one channel, the disc only, all CPU threads
+(docs/decisions.md#slicer-grid-sample). torch-fourier-slice,
+``scipy.ndimage.map_coordinates``, finite differences and the RELION /
+cryoDRGN projections in ``tests/data`` are the independent references of the
+tests.
 """
 
 from __future__ import annotations
@@ -153,10 +152,8 @@ def _n_chunks(n_samples: int, device: torch.device) -> int:
     parallel over its batch dimension only, so one batch entry would use one
     core. On CPU the samples are split into one chunk per thread (at least
     8192 samples each), all reading the same volume through a stride-0
-    ``expand``; each chunk gets its own volume gradient, summed by autograd.
-    Measured fwd+bwd with 7 heads: 1.4-2x faster on 2 threads, 3.5-6x on 16
-    threads, from D=32 to D=128 and 8 to 64 images. CUDA parallelises over
-    samples.
+    ``expand``; each chunk gets its own volume gradient, summed by autograd
+    (docs/decisions.md#slicer-grid-sample). CUDA parallelises over samples.
     """
     if device.type != "cpu":
         return 1
@@ -169,9 +166,9 @@ def _plane_to_grid_matrix(freqs: Tensor) -> Tensor:
     ``K[3 i + j, 3 m + j] = freqs[m, i]`` (zero elsewhere) for the ``(N, 2, 3)``
     rows ``P`` of the rotations. The batched matmul ``(N, M, 2) @ (N, 2, 3)`` it
     replaces has an inner dimension of 2 or 3, for which the CPU ``bmm``
-    kernels are slow (measured 1.6x slower forward, 2x backward, at N = 224,
-    M = 3001); this single matmul writes the ``(N, M, 3)`` grid directly, and
-    its backward is one ``(N, 3 M) @ (3 M, 6)`` matmul.
+    kernels are slow (docs/decisions.md#cpu-matmul-kernels); this single
+    matmul writes the ``(N, M, 3)`` grid directly, and its backward is one
+    ``(N, 3 M) @ (3 M, 6)`` matmul.
     """
     n_freqs = freqs.shape[0]
     k = freqs.new_zeros(2, 3, n_freqs, 3)
@@ -197,12 +194,11 @@ def slice_volume(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
     The kernel is ``torch.nn.functional.grid_sample`` (trilinear,
     ``align_corners=True`` so that index ``i`` maps to ``2 i/(D-1) - 1``): one
     fused pass per sample forward and backward (volume and coordinate
-    gradients together). A hand-written gather/``index_add_`` autograd
-    Function was measured about 4x slower on CPU: it makes a dozen passes over
-    per-sample temporaries where this kernel makes one. The speed-up over the
-    naive use (``bench/slicing.py``) comes from one channel (``H`` computed
-    once on the grid, not ``m`` and ``e`` per sample), samples inside the
-    disc only, and all CPU threads (see :func:`_n_chunks`).
+    gradients together), where a gather/``index_add_`` autograd Function makes
+    a dozen passes over per-sample temporaries. It is fed one channel (``H``
+    computed once on the grid, not ``m`` and ``e`` per sample), the samples
+    inside the disc only, on all CPU threads (:func:`_n_chunks`;
+    docs/decisions.md#slicer-grid-sample).
     """
     if volume_ht.ndim != 3 or len(set(volume_ht.shape)) != 1:
         raise ValueError(f"slice_volume expects a cubic (D, D, D) volume, got {tuple(volume_ht.shape)}")
@@ -341,7 +337,7 @@ def project_real(
     interpolation. Shift and CTF act on the ``D`` box, as in RELION and in the
     training loss (a shift wraps around the box). Against ``relion_project``
     the correlation is 0.98-0.99 with ``padding_factor=1`` and no correction,
-    0.99999 with the defaults (``tests/test_projection.py``). The correction
+    0.99999 with the defaults (``tests/physics/test_projection.py``). The correction
     is exact only on average: it raises the image mass by ``1/sinc^2`` of the
     density's radius (about 5% for a blob 10 px off centre at D=32). The learned
     :class:`~cryospin_lab.model.hartley_volume.HartleyVolume` is sliced unpadded

@@ -1,4 +1,4 @@
-"""One ``render()`` and one loss for both stages (METHOD.md sections 1, 3 and 4).
+"""One ``render()`` and one loss for both stages (docs/method.md §1, §3, §4).
 
 Both the amortized stage (poses from the encoder heads) and the direct stage
 (poses from the pose table) call :func:`render_hartley`; only the source of
@@ -13,7 +13,8 @@ squares of Hartley differences.
 Winner-takes-all (Eq. 5) has its own entry point, :func:`winner_losses`: it
 renders all heads without autograd and only the winning head with it, which
 gives the same loss and gradients at a fraction of the cost of
-``image_losses(render_hartley(...)).min(dim=1)`` (``bench/throughput.py``).
+``image_losses(render_hartley(...)).min(dim=1)``
+(docs/decisions.md#throughput-winner-losses).
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ def winner_losses(
 
     Same values and gradients as ``image_losses(render_hartley(...)).min(dim=1)``:
     the gradient of a minimum reaches only its argmin, so the ``H - 1`` losing
-    renders contribute zeros -- yet their backward pass through the slicer
-    (about twice the forward) was most of the rendering cost. Here all heads
+    renders contribute zeros, while their backward pass through the slicer
+    costs more than their forward. Here all heads
     are rendered forward only (no autograd graph kept), then the ``B`` winners
     are rendered again with autograd: ``H`` forwards + 1 forward-backward
     instead of ``H`` forward-backwards.

@@ -1,6 +1,6 @@
 """Rotations: the project's one place for SO(3) conventions.
 
-Conventions (tested in ``tests/test_so3.py``):
+Conventions (tested in ``tests/physics/test_so3.py``):
 
 * A rotation is a ``(..., 3, 3)`` matrix ``R`` acting on column vectors
   ``(x, y, z)``. A projection image is ``image[y, x] = sum_z V(R^T (x, y, z))``
@@ -12,13 +12,12 @@ Conventions (tested in ``tests/test_so3.py``):
   map to ``R`` by RELION's ``Euler_angles2matrix``; with that ``R`` the
   projection above reproduces ``relion_project`` (tested on its output).
 * The 6-D representation (Zhou et al.) maps two 3-vectors to the columns
-  ``[c1, c2', c3]`` of a rotation matrix (METHOD.md section 4).
+  ``[c1, c2', c3]`` of a rotation matrix (docs/method.md §4).
 * The exponential map ``exp([w]x)`` uses Rodrigues' formula with a Taylor branch
   near ``theta = 0`` so the derivative at ``w = 0`` is finite and exact.
 
-Everything here is hand-written torch (scipy's ``Rotation`` is the independent
-reference in the tests): the 6-D map and the exp map must be differentiable,
-which scipy is not.
+Written in torch because the 6-D map and the exp map must be differentiable;
+scipy's ``Rotation``, which is not, is the tests' independent reference.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 The map is the electrostatic potential seen by electrons, computed by gemmi's
 ``DensityCalculatorE`` (a sum of 5-Gaussian electron scattering factors per
 atom, International Tables Vol. C table 4.3.2.2, with each atom's B-factor and
-occupancy). gemmi does the reading and the per-atom sums; the rest is
-hand-written here because gemmi works on periodic crystallographic cells
-indexed ``[x, y, z]``, while we need a cubic cryo-EM box:
+occupancy). gemmi does the reading and the per-atom sums; the rest is here
+because gemmi works on periodic crystallographic cells indexed ``[x, y, z]``,
+while we need a cubic cryo-EM box:
 
 * Axis order: the returned volume is indexed ``[z, y, x]`` (the project's
   convention), with ``x`` the first atomic coordinate. gemmi's grid is
