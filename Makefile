@@ -43,7 +43,7 @@ lab: dataset
 voila: dataset
 	$(BIN)/voila $(VOILA_ARGS) notebooks/workbench.ipynb
 
-# The browser test (tests/test_browser.py) drives Debian's Chromium: installed here with apt-get if
+# The browser test (tests/widgets/test_browser.py) drives Debian's Chromium: installed here with apt-get if
 # missing (as root, else with sudo); never a browser download. Without it the test is skipped (-ra
 # lists it).
 chromium:

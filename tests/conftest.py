@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import mrcfile
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The tiny 1AKE set of the engine tests (test_training.py, test_gold_standard.py): D=32, 64 images, SNR 10.
+# The tiny 1AKE set of the engine tests (engine/, app/test_runner.py ...): D=32, 64 images, SNR 10.
 @pytest.fixture(scope="session")
 def tiny_simulation(data_dir, tmp_path_factory):
     return simulate_particles(
@@ -47,6 +49,12 @@ def tiny_simulation(data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_simulation) -> ParticleStack:
     return ParticleStack(tiny_simulation.star_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ground_truth(tiny_simulation) -> torch.Tensor:
+    with mrcfile.open(tiny_simulation.ground_truth_path, permissive=True) as mrc:
+        return torch.from_numpy(np.array(mrc.data, dtype=np.float32))
 
 
 # The longest files first: under pytest-xdist (make test: -n 2 --dist loadfile) a file goes to the

@@ -161,3 +161,20 @@ def test_engine_never_imports_the_ui_even_lazily():
 def test_modules_stay_short(module):
     n_lines = len(FILES[module].read_text().splitlines())
     assert n_lines <= MAX_LINES, f"{FILES[module]}: {n_lines} lines; split it by idea (at most {MAX_LINES})"
+
+
+def test_the_front_door_and_every_subpackage_export_what_they_list():
+    """``import cryospin_lab as csl`` loads nothing heavy; every name in an ``__all__`` resolves."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = "import sys, cryospin_lab as csl; print('torch' in sys.modules, len(csl.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"
+    for package in [PACKAGE] + [f"{PACKAGE}.{name}" for name in LAYERS if not name.startswith("_")]:
+        if package.endswith(("assets", "widgets")):
+            continue
+        module = importlib.import_module(package)
+        missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+        assert not missing, f"{package} lists but cannot give {missing}"

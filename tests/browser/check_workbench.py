@@ -4,9 +4,9 @@
 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the Python
 ``playwright`` package (the ``test`` extra; never run ``playwright install``, the
-system Chromium is used). ``tests/test_browser.py`` runs it in the test suite
+system Chromium is used). ``tests/widgets/test_browser.py`` runs it in the test suite
 (about 4 minutes on 2 cores), screenshots in ``test-artifacts/browser/``. See
-``/work/shared/BROWSER_TESTING.md`` (or the project's notes) for the facts it relies on.
+``tests/browser/README.md`` for the facts it relies on.
 
 JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
 ``CRYOSPIN_LAB_QUICK=1``: 500 images, 3 epochs, one torch thread):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,10 @@ import torch
 
 from cryospin_lab.app.bus import EventBus
 from cryospin_lab.app.runner import Runner, Steppable
+from cryospin_lab.engine import steps as _steps
 from cryospin_lab.engine.commands import Command, CommandError
 from cryospin_lab.engine.events import (
+    CheckpointEvent,
     EpochEvent,
     Event,
     FailureEvent,
@@ -28,6 +31,10 @@ from cryospin_lab.engine.events import (
     StepEvent,
     VolumeEvent,
 )
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.checkpoint import load_checkpoint
+
+from helpers import STEPS_PER_EPOCH, of_type, switches, tiny_config
 
 STAMP = {"epoch": 0, "phase": Phase.AMORTIZED, "time_s": 0.0}
 
@@ -405,3 +412,76 @@ def test_wait_for_gives_up_when_the_run_ends_without_the_event():
     # a subscriber made after the run still sees all of it
     late = runner.bus.subscribe().drain()
     assert [type(e) for e in late] == [StepEvent] * 5 + [FinishedEvent]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_runner_pause_resume_switch_stop_from_another_thread(tiny_stack):
+    runner = Runner(Trainer(tiny_stack, tiny_config(n_epochs=1000, switch="never"))).start()
+    try:
+        runner.wait_for(StepEvent, timeout=60)
+        runner.pause()
+        wait_until(lambda: runner.is_paused, timeout=30.0)  # a real trainer: a step takes a while
+        n_steps = len(runner.bus.history(StepEvent))
+        time.sleep(0.5)
+        assert runner.is_paused and len(runner.bus.history(StepEvent)) == n_steps  # no progress
+        runner.resume()
+        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.step > n_steps)
+        assert runner.state == "running"
+
+        runner.switch_now()
+        t0 = time.monotonic()
+        change = runner.wait_for(PhaseChangeEvent, timeout=30, predicate=lambda e: e.new is Phase.DIRECT)
+        assert time.monotonic() - t0 < 1.0
+        assert change.reason == "manual"
+        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.phase is Phase.DIRECT)
+    finally:
+        if runner.is_running:
+            runner.stop()
+    finished = runner.wait_for(FinishedEvent, timeout=30)
+    assert finished.reason == "stopped"
+    assert runner.join(timeout=30) is True
+    assert runner.state == "stopped" and runner.exception is None
+    history = runner.bus.history()
+    assert len(of_type(history, FinishedEvent)) == 1 and history[-1] is finished
+    assert len(switches(history)) == 1
+    assert [e.message for e in of_type(history, LogEvent)][:2] == ["paused", "resumed"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_failure_mid_run_surfaces_and_keeps_last_good_checkpoint(tiny_stack, tmp_path, monkeypatch):
+    """NaN loss at the 6th step (epoch 2, after epoch_0001.pt was written)."""
+    fail_at = STEPS_PER_EPOCH + 1
+    calls = {"n": 0}
+    good_checkpoint = tmp_path / "checkpoints" / "epoch_0001.pt"
+    digest_before = {}
+    original = _steps.amortized_step
+
+    def failing_step(ctx, branch, indices):
+        if calls["n"] == fail_at:
+            digest_before["sha"] = hashlib.sha256(good_checkpoint.read_bytes()).hexdigest()
+            return float("nan")
+        calls["n"] += 1
+        return original(ctx, branch, indices)
+
+    monkeypatch.setattr(_steps, "amortized_step", failing_step)
+    trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="never"), out_dir=tmp_path)
+    runner = Runner(trainer).start()
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        runner.join(timeout=60)
+    assert runner.state == "failed" and isinstance(runner.exception, FloatingPointError)
+    history = runner.bus.history()
+    (failure,) = of_type(history, FailureEvent)
+    assert failure.exception_type == "FloatingPointError" and "nan" in failure.message
+    assert "FloatingPointError" in failure.traceback
+    interrupted = tmp_path / "checkpoints" / "interrupted.pt"
+    assert failure.checkpoint_path == str(interrupted) and interrupted.exists()
+    assert isinstance(history[-1], FinishedEvent) and history[-1].reason == "failed"
+    assert len(of_type(history, FinishedEvent)) == 1
+    # The last good epoch checkpoint is untouched; the failing state went to interrupted.pt.
+    assert [Path(e.path).name for e in of_type(history, CheckpointEvent)] == ["epoch_0001.pt"]
+    assert hashlib.sha256(good_checkpoint.read_bytes()).hexdigest() == digest_before["sha"]
+    assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
+    good = load_checkpoint(good_checkpoint)["branches"][0]
+    assert (good["epoch"], good["step"]) == (1, STEPS_PER_EPOCH)
+    failed = load_checkpoint(interrupted)["branches"][0]
+    assert (failed["epoch"], failed["step"]) == (1, fail_at)

@@ -2,7 +2,7 @@
 
 The particle view is checked against independent readers (mrcfile for the
 pixels, starfile + torch-ctf for the CTF, scipy for the true view); the run
-itself is the trainer's and is tested in ``test_training.py``: here only that
+itself is the trainer's and is tested in ``test_trainer.py``: here only that
 the facade starts, steers and stops it.
 """
 

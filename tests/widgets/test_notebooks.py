@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 KERNEL = "cryospin-lab-test"
 PROBE = "import sys\nprint('KERNEL-PYTHON', sys.executable)"
 

@@ -1,34 +1,24 @@
-"""The training engine (``Trainer``, ``Branch``, ``PoseTable``, ``RowAdam``), mechanically.
+"""The trainer, mechanically: events, the switch, direct pose steps, forks, reports.
 
-Fast CPU checks on a tiny simulated set (1AKE chain A, D=32, 64 images, SNR 10):
-events, phase changes, forks, the threaded runner, failures and checkpoint
-resume. No convergence claims: a few epochs only show that the loss moves the
-right way. Intra-op threads are pinned to 1 for this module (on two busy cores,
-two torch threads per process make each step several times slower).
+Fast CPU checks on the tiny simulated set (1AKE chain A, D=32, 64 images, SNR 10). No
+convergence claims: a few epochs only show that the loss moves the right way. Intra-op
+threads are pinned to 1 for this module (on two busy cores, two torch threads per process
+make each step several times slower).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
-from dataclasses import replace
-from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pytest
 import starfile
 import torch
 
-from cryospin_lab.app.runner import Runner
 from cryospin_lab.engine import steps as _steps
 from cryospin_lab.engine.commands import Command, CommandError
-from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.events import (
-    CheckpointEvent,
     EpochEvent,
-    FailureEvent,
     FinishedEvent,
     ForkEvent,
     HeadAssignmentEvent,
@@ -42,56 +32,24 @@ from cryospin_lab.engine.events import (
     VolumeEvent,
 )
 from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.checkpoint import load_checkpoint
 from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.model.encoder import EncoderConfig
 from cryospin_lab.model.hartley_volume import HartleyVolume
-from cryospin_lab.model.pose_table import PoseTable, RowAdam
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.render import render_hartley
 
+from helpers import (
+    BATCH,
+    BOX,
+    N_PARTICLES,
+    STEPS_PER_EPOCH,
+    assert_orthonormal,
+    of_type,
+    perturbed,
+    switches,
+    tiny_config,
+)
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-N_PARTICLES, BOX, BATCH = 64, 32, 16
-STEPS_PER_EPOCH = N_PARTICLES // BATCH
-
-
-@pytest.fixture(scope="session")
-def tiny_ground_truth(tiny_simulation) -> torch.Tensor:
-    with mrcfile.open(tiny_simulation.ground_truth_path, permissive=True) as mrc:
-        return torch.from_numpy(np.array(mrc.data, dtype=np.float32))
-
-
-def tiny_config(**overrides) -> TrainingConfig:
-    values = dict(
-        encoder=EncoderConfig(box_size=BOX, n_heads=3),
-        batch_size=BATCH,
-        n_epochs=2,
-        n_tracked=2,
-        volume_interval_s=1e9,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainingConfig(**values)
-
-
-def of_type(events, cls, branch: str | None = None) -> list:
-    return [e for e in events if isinstance(e, cls) and (branch is None or e.branch == branch)]
-
-
-def switches(events, branch: str | None = None) -> list[PhaseChangeEvent]:
-    return [e for e in of_type(events, PhaseChangeEvent, branch) if e.new is Phase.DIRECT]
-
-
-def assert_orthonormal(rotations: torch.Tensor, atol: float = 1e-5) -> None:
-    r = rotations.double()
-    eye = torch.eye(3, dtype=torch.float64).expand_as(r)
-    torch.testing.assert_close(r @ r.transpose(-1, -2), eye, atol=atol, rtol=0)
-    ones = torch.ones(len(r), dtype=torch.float64)
-    torch.testing.assert_close(torch.linalg.det(r), ones, atol=atol, rtol=0)
-
-
-# ----------------------------------------------------------------------------- amortized stage
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +152,6 @@ def test_head_assignment_event(amortized_run):
     np.testing.assert_allclose(np.degrees(distance), last.errors_deg, atol=0.05)
 
 
-# ----------------------------------------------------------------------------- switch
-
-
 @pytest.fixture(scope="module")
 def switched_run(tiny_stack, tiny_ground_truth):
     """switch="1": one amortized epoch then one direct epoch, with the ground-truth map."""
@@ -259,16 +214,6 @@ def test_switch_now_command_between_steps(tiny_stack):
     # The epoch in progress continues in the direct stage: all images are still seen once.
     assert of_type(events, EpochEvent)[0].n_images_seen == N_PARTICLES
     assert int(of_type(events, EpochEvent)[0].head_win_counts.sum()) == 2 * BATCH
-
-
-# ----------------------------------------------------------------------------- direct stage
-
-
-def perturbed(rotations: torch.Tensor, angle_deg: float, seed: int) -> torch.Tensor:
-    """``exp([w]x) R`` with ``|w| = angle_deg`` about random axes."""
-    axes = torch.randn(len(rotations), 3, generator=torch.Generator().manual_seed(seed))
-    omega = axes / axes.norm(dim=-1, keepdim=True) * math.radians(angle_deg)
-    return so3.exp_so3(omega.double()) @ rotations.double()
 
 
 def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
@@ -343,58 +288,6 @@ def test_switched_run_pose_table_is_orthonormal(switched_run):
     rotations, shifts = trainer.poses()
     assert rotations.shape == (N_PARTICLES, 3, 3) and shifts is None  # shifts not estimated
     assert_orthonormal(rotations)
-
-
-def test_row_adam_matches_torch_adam_per_row():
-    """Each row steps like its own ``torch.optim.Adam`` that is stepped only when the row is in a batch."""
-    n_rows, n_cols, lr, betas = 6, 3, 0.05, (0.9, 0.9)
-    gen = torch.Generator().manual_seed(3)
-    initial = torch.randn(n_rows, n_cols, generator=gen)
-    row_adam = RowAdam(n_rows, n_cols, lr, betas)
-    params = initial.clone()
-    reference = [torch.nn.Parameter(initial[i].clone()) for i in range(n_rows)]
-    optimizers = [torch.optim.Adam([p], lr=lr, betas=betas, eps=1e-8) for p in reference]
-    batches = [[0, 2, 3], [2, 4], [0, 2, 3], [5], [3, 0], [2]]
-    for batch in batches:
-        rows = torch.tensor(batch)
-        grads = torch.randn(len(batch), n_cols, generator=gen)
-        untouched = [i for i in range(n_rows) if i not in batch]
-        moments = (row_adam.exp_avg[untouched].clone(), row_adam.exp_avg_sq[untouched].clone())
-        params[rows] = row_adam.step(rows, params[rows], grads)
-        for k, i in enumerate(batch):
-            reference[i].grad = grads[k].clone()
-            optimizers[i].step()
-        expected = torch.stack([p.detach() for p in reference])
-        torch.testing.assert_close(params, expected, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(row_adam.exp_avg[untouched], moments[0], atol=0, rtol=0)
-        torch.testing.assert_close(row_adam.exp_avg_sq[untouched], moments[1], atol=0, rtol=0)
-    counts = torch.tensor([sum(i in b for b in batches) for i in range(n_rows)], dtype=torch.float32)
-    torch.testing.assert_close(row_adam.steps, counts)
-    assert row_adam.steps[1] == 0
-    torch.testing.assert_close(params[1], initial[1], atol=0, rtol=0)  # never in a batch: never moved
-
-
-def test_pose_table_step_and_fold_leave_other_rows_alone():
-    """``apply_step`` + ``fold`` on a batch: other rows' rotations and Adam moments stay bit-identical."""
-    n = 8
-    base = so3.random_rotations(n, generator=torch.Generator().manual_seed(5)).float()
-    table = PoseTable(base, None, lr=0.05, betas=(0.9, 0.9))
-    rows = torch.tensor([1, 4, 6])
-    others = torch.tensor([0, 2, 3, 5, 7])
-    omega, shifts = table.corrections(rows)
-    target = so3.random_rotations(3, generator=torch.Generator().manual_seed(6)).float()
-    for _ in range(5):
-        loss = ((table.compose(rows, omega) - target) ** 2).sum()
-        loss.backward()
-        omega, shifts = table.apply_step(rows, omega, shifts)
-    table.fold(rows, omega, shifts)
-    torch.testing.assert_close(table.rotations[others], base[others], atol=0, rtol=0)
-    assert (table.rotation_adam.exp_avg[others] == 0).all() and (table.rotation_adam.steps[others] == 0).all()
-    assert not torch.allclose(table.rotations[rows], base[rows])
-    assert_orthonormal(table.rotations)
-
-
-# ----------------------------------------------------------------------------- fork
 
 
 def test_fork_makes_two_independent_branches(tiny_stack):
@@ -484,152 +377,6 @@ def test_fork_after_switch_request_keeps_amortized_child_amortized(tiny_stack):
     assert len(switches(events, "direct")) == 1
 
 
-# ----------------------------------------------------------------------------- runner
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
-
-
-def test_runner_pause_resume_switch_stop_from_another_thread(tiny_stack):
-    runner = Runner(Trainer(tiny_stack, tiny_config(n_epochs=1000, switch="never"))).start()
-    try:
-        runner.wait_for(StepEvent, timeout=60)
-        runner.pause()
-        wait_until(lambda: runner.is_paused)
-        n_steps = len(runner.bus.history(StepEvent))
-        time.sleep(0.5)
-        assert runner.is_paused and len(runner.bus.history(StepEvent)) == n_steps  # no progress
-        runner.resume()
-        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.step > n_steps)
-        assert runner.state == "running"
-
-        runner.switch_now()
-        t0 = time.monotonic()
-        change = runner.wait_for(PhaseChangeEvent, timeout=30, predicate=lambda e: e.new is Phase.DIRECT)
-        assert time.monotonic() - t0 < 1.0
-        assert change.reason == "manual"
-        runner.wait_for(StepEvent, timeout=30, predicate=lambda e: e.phase is Phase.DIRECT)
-    finally:
-        if runner.is_running:
-            runner.stop()
-    finished = runner.wait_for(FinishedEvent, timeout=30)
-    assert finished.reason == "stopped"
-    assert runner.join(timeout=30) is True
-    assert runner.state == "stopped" and runner.exception is None
-    history = runner.bus.history()
-    assert len(of_type(history, FinishedEvent)) == 1 and history[-1] is finished
-    assert len(switches(history)) == 1
-    assert [e.message for e in of_type(history, LogEvent)][:2] == ["paused", "resumed"]
-
-
-def test_failure_mid_run_surfaces_and_keeps_last_good_checkpoint(tiny_stack, tmp_path, monkeypatch):
-    """NaN loss at the 6th step (epoch 2, after epoch_0001.pt was written)."""
-    fail_at = STEPS_PER_EPOCH + 1
-    calls = {"n": 0}
-    good_checkpoint = tmp_path / "checkpoints" / "epoch_0001.pt"
-    digest_before = {}
-    original = _steps.amortized_step
-
-    def failing_step(ctx, branch, indices):
-        if calls["n"] == fail_at:
-            digest_before["sha"] = hashlib.sha256(good_checkpoint.read_bytes()).hexdigest()
-            return float("nan")
-        calls["n"] += 1
-        return original(ctx, branch, indices)
-
-    monkeypatch.setattr(_steps, "amortized_step", failing_step)
-    trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="never"), out_dir=tmp_path)
-    runner = Runner(trainer).start()
-    with pytest.raises(FloatingPointError, match="loss became nan"):
-        runner.join(timeout=60)
-    assert runner.state == "failed" and isinstance(runner.exception, FloatingPointError)
-    history = runner.bus.history()
-    (failure,) = of_type(history, FailureEvent)
-    assert failure.exception_type == "FloatingPointError" and "nan" in failure.message
-    assert "FloatingPointError" in failure.traceback
-    interrupted = tmp_path / "checkpoints" / "interrupted.pt"
-    assert failure.checkpoint_path == str(interrupted) and interrupted.exists()
-    assert isinstance(history[-1], FinishedEvent) and history[-1].reason == "failed"
-    assert len(of_type(history, FinishedEvent)) == 1
-    # The last good epoch checkpoint is untouched; the failing state went to interrupted.pt.
-    assert [Path(e.path).name for e in of_type(history, CheckpointEvent)] == ["epoch_0001.pt"]
-    assert hashlib.sha256(good_checkpoint.read_bytes()).hexdigest() == digest_before["sha"]
-    assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
-    good = load_checkpoint(good_checkpoint)["branches"][0]
-    assert (good["epoch"], good["step"]) == (1, STEPS_PER_EPOCH)
-    failed = load_checkpoint(interrupted)["branches"][0]
-    assert (failed["epoch"], failed["step"]) == (1, fail_at)
-
-
-# ----------------------------------------------------------------------------- checkpoint resume
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(tiny_stack, tmp_path_factory):
-    """Run A: 3 epochs, switch after epoch 2, a checkpoint every epoch."""
-    out_dir = tmp_path_factory.mktemp("run_a")
-    trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="2"), out_dir=out_dir)
-    return trainer, list(trainer.events()), out_dir
-
-
-def assert_same_final_state(a: Trainer, b: Trainer) -> None:
-    """Exact equality: same ops in the same order on the same CPU (tolerance 0)."""
-    branch_a, branch_b = a.branch(), b.branch()
-    assert (branch_a.epoch, branch_a.step, branch_a.phase) == (branch_b.epoch, branch_b.step, branch_b.phase)
-    state_a, state_b = branch_a.volume.state_dict(), branch_b.volume.state_dict()
-    assert state_a.keys() == state_b.keys()
-    for name in state_a:
-        torch.testing.assert_close(state_a[name], state_b[name], atol=0, rtol=0, msg=f"volume {name} differs")
-    rot_a, shift_a = a.poses()
-    rot_b, shift_b = b.poses()
-    torch.testing.assert_close(rot_a, rot_b, atol=0, rtol=0)
-    assert shift_a is None and shift_b is None
-    torch.testing.assert_close(
-        branch_a.pose_table.shifts_angstrom, branch_b.pose_table.shifts_angstrom, atol=0, rtol=0
-    )
-    torch.testing.assert_close(
-        branch_a.pose_table.rotation_adam.exp_avg_sq,
-        branch_b.pose_table.rotation_adam.exp_avg_sq,
-        atol=0,
-        rtol=0,
-    )
-
-
-def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tiny_stack, uninterrupted_run, tmp_path):
-    trainer_a, events_a, out_a = uninterrupted_run
-    assert [Path(e.path).name for e in of_type(events_a, CheckpointEvent)] == [
-        "epoch_0001.pt",
-        "epoch_0002.pt",
-        "epoch_0003.pt",
-    ]
-    assert switches(events_a)[0].epoch == 2
-    trainer_b = Trainer.resume(tiny_stack, out_a / "checkpoints" / "epoch_0001.pt", out_dir=tmp_path)
-    assert trainer_b.branch().epoch == 1 and trainer_b.branch().step == STEPS_PER_EPOCH
-    events_b = list(trainer_b.events())
-    assert [e.epoch for e in of_type(events_b, EpochEvent)] == [2, 3]
-    assert switches(events_b)[0].epoch == 2
-    losses_a = [e.loss for e in of_type(events_a, StepEvent)][STEPS_PER_EPOCH:]
-    assert [e.loss for e in of_type(events_b, StepEvent)] == losses_a
-    assert_same_final_state(trainer_a, trainer_b)
-    assert (tmp_path / "checkpoints" / "epoch_0003.pt").exists()
-
-
-def test_resume_from_the_switch_epoch_checkpoint_switches_too(tiny_stack, uninterrupted_run, tmp_path):
-    trainer_a, _, out_a = uninterrupted_run
-    trainer_b = Trainer.resume(tiny_stack, out_a / "checkpoints" / "epoch_0002.pt", out_dir=tmp_path)
-    events_b = list(trainer_b.events())
-    assert len(switches(events_b)) == 1
-    assert_same_final_state(trainer_a, trainer_b)
-
-
-# ----------------------------------------------------------------------------- ground-truth reports
-
-
 def test_ground_truth_reports(switched_run):
     trainer, events = switched_run
     pose_errors = of_type(events, PoseErrorEvent)
@@ -665,63 +412,3 @@ def test_trainer_without_truth_reports_no_pose_error(tiny_simulation, tmp_path):
     events = list(trainer.events())
     assert of_type(events, PoseErrorEvent) == [] and of_type(events, ResolutionEvent) == []
     assert "pose_error_mean_deg" not in events[-1].summary
-
-
-def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
-    """The auto rule (Trainer._switch_due): a plateau with settled poses is not enough."""
-    trainer = Trainer(
-        tiny_stack, tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=1.25, radius_ramp_epochs=2)
-    )
-    branch = trainer.branch("main")
-    branch.epoch = 6
-    branch.best_rotations = so3.random_rotations(
-        len(tiny_stack), generator=torch.Generator().manual_seed(1)
-    ).float()
-    branch.previous_best = branch.best_rotations.clone()  # poses settled: no change since last epoch
-    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.11]  # still on the plateau
-    assert trainer._switch_due(branch) is None
-    branch.gap_history[-1] = 0.13  # the gap rose 30 % above its minimum: the map gained detail
-    assert trainer._switch_due(branch) == "auto"
-    tilt = so3.exp_so3(torch.tensor([0.0, 0.0, 0.5]))  # every pose moved by 28.6 degrees
-    branch.previous_best = tilt.float() @ branch.best_rotations
-    assert trainer._switch_due(branch) is None
-    branch.epoch = 2  # before auto_min_epochs (and the end of the disc ramp)
-    branch.previous_best = branch.best_rotations.clone()
-    assert trainer._switch_due(branch) is None
-
-
-def test_auto_switch_on_a_loss_plateau_past_the_gap_minimum(tiny_stack):
-    trainer = Trainer(
-        tiny_stack,
-        tiny_config(
-            switch="auto", auto_min_epochs=3, auto_gap_rise=10.0, radius_ramp_epochs=2, auto_loss_plateau=1e-3
-        ),
-    )
-    branch = trainer.branch("main")
-    branch.epoch = 6
-    branch.best_rotations = so3.random_rotations(
-        len(tiny_stack), generator=torch.Generator().manual_seed(2)
-    ).float()
-    branch.previous_best = branch.best_rotations.clone()
-    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.09, 0.0901]
-    branch.loss_history = [1.9, 1.3, 1.0, 0.95, 0.931, 0.930]  # improving by 0.1 %: still learning
-    assert trainer._switch_due(branch) is None
-    branch.loss_history[-1] = 0.9305  # 0.05 % better: a plateau, and the gap is past its minimum
-    assert trainer._switch_due(branch) == "auto"
-    branch.gap_history[-1] = 0.085  # a new gap minimum: the map is still rounding off
-    assert trainer._switch_due(branch) is None
-    branch.gap_history[-1] = 0.0901
-    trainer.config = replace(trainer.config, auto_loss_plateau=0.0)  # arm disabled
-    assert trainer._switch_due(branch) is None
-
-
-def test_auto_switch_at_the_latest_after_auto_max_epochs(tiny_stack):
-    trainer = Trainer(tiny_stack, tiny_config(switch="auto", radius_ramp_epochs=2, auto_max_epochs=9))
-    branch = trainer.branch("main")
-    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.10, 0.10, 0.10]  # no rise
-    branch.previous_best = so3.random_rotations(len(tiny_stack)).float()  # poses still moving
-    branch.epoch = 8
-    assert trainer._switch_due(branch) is None
-    branch.epoch = 9
-    assert trainer._switch_due(branch) == "auto"
-    assert TrainingConfig().auto_max_epochs == 25 and TrainingConfig().auto_loss_plateau == 0.0

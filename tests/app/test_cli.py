@@ -1,6 +1,6 @@
 """The ``cryospin-lab`` command line: simulate and demo --simulate-only, and one-line errors on bad input.
 
-``reconstruct`` and the full ``demo`` are tested in ``test_reconstruct_cli.py``.
+``reconstruct`` and the full ``demo`` are tested in ``test_headless.py``.
 
 Outputs are checked with plain mrcfile/starfile; most runs call ``app.cli.main`` in
 process (fast), one runs the installed console script in a subprocess.

@@ -1,7 +1,7 @@
 """The CUDA path: the same engine on a GPU agrees with the CPU and trains, saves and resumes.
 
 Skipped where no GPU is visible (CI and the 2-core development machine have
-none); run on the device machine with ``pytest tests/test_cuda.py``. The CPU
+none); run on the device machine with ``pytest tests/engine/test_cuda.py``. The CPU
 results are the reference: rendering and one training step must agree with
 them to float32 round-off, a checkpoint written on the GPU must resume on the
 CPU, and the bf16 mixed-precision encoder must give float32 orthonormal

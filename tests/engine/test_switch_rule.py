@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 from cryospin_lab.engine.config import TrainingConfig
-from cryospin_lab.engine.events import EpochEvent, LogEvent
+from cryospin_lab.engine.events import (
+    EpochEvent,
+    LogEvent,
+    Phase,
+)
 from cryospin_lab.engine.switch_rule import stall_message
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.physics import so3
+
+from helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,7 +115,6 @@ def test_the_trainer_sends_it_after_the_epoch_event_of_an_amortized_epoch(tiny_s
 
 def test_the_cli_prints_a_warning_with_its_epoch_and_branch():
     from cryospin_lab.app.headless import _event_message
-    from cryospin_lab.engine.events import Phase
 
     stamp = dict(step=9, epoch=18, phase=Phase.AMORTIZED, time_s=1.0)
     warning = LogEvent(message="stalled: x", level="warning", branch="main", **stamp)
@@ -113,3 +122,63 @@ def test_the_cli_prints_a_warning_with_its_epoch_and_branch():
     forked = LogEvent(message="stalled: x", level="warning", branch="direct-2", **stamp)
     assert _event_message(forked) == "warning [direct-2] after epoch 18: stalled: x"
     assert _event_message(LogEvent(message="paused", branch="main", **stamp)) == "paused"
+
+
+def test_auto_switch_waits_for_the_gap_to_rise_and_poses_to_settle(tiny_stack):
+    """The auto rule (Trainer._switch_due): a plateau with settled poses is not enough."""
+    trainer = Trainer(
+        tiny_stack, tiny_config(switch="auto", auto_min_epochs=3, auto_gap_rise=1.25, radius_ramp_epochs=2)
+    )
+    branch = trainer.branch("main")
+    branch.epoch = 6
+    branch.best_rotations = so3.random_rotations(
+        len(tiny_stack), generator=torch.Generator().manual_seed(1)
+    ).float()
+    branch.previous_best = branch.best_rotations.clone()  # poses settled: no change since last epoch
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.11]  # still on the plateau
+    assert trainer._switch_due(branch) is None
+    branch.gap_history[-1] = 0.13  # the gap rose 30 % above its minimum: the map gained detail
+    assert trainer._switch_due(branch) == "auto"
+    tilt = so3.exp_so3(torch.tensor([0.0, 0.0, 0.5]))  # every pose moved by 28.6 degrees
+    branch.previous_best = tilt.float() @ branch.best_rotations
+    assert trainer._switch_due(branch) is None
+    branch.epoch = 2  # before auto_min_epochs (and the end of the disc ramp)
+    branch.previous_best = branch.best_rotations.clone()
+    assert trainer._switch_due(branch) is None
+
+
+def test_auto_switch_on_a_loss_plateau_past_the_gap_minimum(tiny_stack):
+    trainer = Trainer(
+        tiny_stack,
+        tiny_config(
+            switch="auto", auto_min_epochs=3, auto_gap_rise=10.0, radius_ramp_epochs=2, auto_loss_plateau=1e-3
+        ),
+    )
+    branch = trainer.branch("main")
+    branch.epoch = 6
+    branch.best_rotations = so3.random_rotations(
+        len(tiny_stack), generator=torch.Generator().manual_seed(2)
+    ).float()
+    branch.previous_best = branch.best_rotations.clone()
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.09, 0.0901]
+    branch.loss_history = [1.9, 1.3, 1.0, 0.95, 0.931, 0.930]  # improving by 0.1 %: still learning
+    assert trainer._switch_due(branch) is None
+    branch.loss_history[-1] = 0.9305  # 0.05 % better: a plateau, and the gap is past its minimum
+    assert trainer._switch_due(branch) == "auto"
+    branch.gap_history[-1] = 0.085  # a new gap minimum: the map is still rounding off
+    assert trainer._switch_due(branch) is None
+    branch.gap_history[-1] = 0.0901
+    trainer.config = replace(trainer.config, auto_loss_plateau=0.0)  # arm disabled
+    assert trainer._switch_due(branch) is None
+
+
+def test_auto_switch_at_the_latest_after_auto_max_epochs(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch="auto", radius_ramp_epochs=2, auto_max_epochs=9))
+    branch = trainer.branch("main")
+    branch.gap_history = [0.30, 0.20, 0.12, 0.10, 0.10, 0.10, 0.10, 0.10]  # no rise
+    branch.previous_best = so3.random_rotations(len(tiny_stack)).float()  # poses still moving
+    branch.epoch = 8
+    assert trainer._switch_due(branch) is None
+    branch.epoch = 9
+    assert trainer._switch_due(branch) == "auto"
+    assert TrainingConfig().auto_max_epochs == 25 and TrainingConfig().auto_loss_plateau == 0.0

@@ -1,6 +1,6 @@
 """Gold-standard mode: two independent half-set reconstructions and their half-map FSC at 0.143.
 
-Checks on the tiny 1AKE set of ``test_training.py``: each half trains only on its
+Checks on the tiny 1AKE set of ``test_trainer.py``: each half trains only on its
 rows and starts from its own initialisation; the half-map FSC is reported once
 per epoch; the alignment of half 2 onto half 1 recovers a known rotation (checked
 with scipy's ``ndimage.affine_transform`` as the independent resampler); fork is
@@ -14,11 +14,12 @@ import pytest
 import torch
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
-from test_training import tiny_config
 
 from cryospin_lab.engine.commands import Command, CommandError
 from cryospin_lab.engine.events import EpochEvent, FinishedEvent, LogEvent, Phase, ResolutionEvent, StepEvent
 from cryospin_lab.engine.trainer import Trainer
+
+from helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -94,7 +94,7 @@ def _torch_ctf_images(params: CTFParams, d: int, apix: float) -> torch.Tensor:
 
 
 def test_matches_torch_ctf_per_image_batch(torch_ctf_float64):
-    """torch-ctf returns -sin(gamma - asin w), i.e. -1 times our (cryoDRGN's, METHOD.md) CTF.
+    """torch-ctf returns -sin(gamma - asin w), i.e. -1 times our (cryoDRGN's, docs/method.md §2) CTF.
 
     Astigmatism is kept realistic (|df_u - df_v| <= 600 Å): torch-ctf normalises the frequency
     direction by sqrt(|k|^2 + 1.2e-7), which shifts gamma by about pi lambda (df_u - df_v) 1.2e-7
