@@ -9,7 +9,8 @@ time. Layers, lowest first (docs: the README's "How it fits together")::
 
 A module may import its own subpackage and any lower layer; modules of the
 same layer in different subpackages (io and model, analysis and simulate)
-do not import each other.
+do not import each other, and a private module (``_name``) is imported only
+from its own subpackage.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def test_imports_point_down_the_layers():
             elif target_package != package and target_rank >= rank:
                 upward.append(f"{module} ({package}, layer {rank}) imports {target} (layer {target_rank})")
     assert not upward, "imports against the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_private_modules_stay_inside_their_subpackage():
+    """``pkg.sub._helper`` is imported by ``pkg.sub`` only; other code uses the subpackage's API."""
+    leaks = []
+    for module, targets in GRAPH.items():
+        for target in targets:
+            parts = target.split(".")
+            if len(parts) >= 3 and parts[-1].startswith("_") and layer(module)[0] != parts[1]:
+                leaks.append(f"{module} imports the private {target}")
+    assert not leaks, "\n".join(leaks)
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -9,13 +9,14 @@ does the work and returns the exit status.
   stack from a PDB/mmCIF model (optionally ``.gz``) or an MRC map (its header
   voxel size is used, or ``--map-apix``; it is Fourier-cropped / trilinearly
   resampled to ``--apix`` and ``--box``, see ``simulate.simulator.load_source_volume``).
-* ``cryospin-lab reconstruct PARTICLES.star --out DIR [--heads 7]
-  [--switch auto|EPOCH|never] [--epochs N] [--box D] [--device auto|cpu|cuda]
-  [--seed 0] [--ground-truth MAP.mrc] [--resume] [--batch-size 32]
-  [--preset light|paper] [--estimate-shifts] [--stack-dir DIR] [--gold-standard]``: a cryoSPIN
-  reconstruction; the logic and the files it writes are in
-  :mod:`cryospin_lab.app.headless`.
-* ``cryospin-lab demo [--out runs/demo] [--n 10000] [--epochs N]
+* ``cryospin-lab reconstruct PARTICLES.star --out DIR [--box D]
+  [--ground-truth MAP.mrc] [--resume] [--stack-dir DIR] [RUN SETTINGS]``: a
+  cryoSPIN reconstruction; the logic and the files it writes are in
+  :mod:`cryospin_lab.app.headless`. Every run setting is an option
+  (:func:`add_setting_args`: ``--heads N``, ``--switch auto|EPOCH|never``,
+  ``--epochs N``, ...), with the help, default and check of its declaration
+  in :mod:`cryospin_lab.engine.config`.
+* ``cryospin-lab demo [--out runs/demo] [--n N] [--epochs N] [--device D]
   [--simulate-only]``: the default HSP90 set (``simulate.datasets.hsp90``, simulated
   once and cached), reconstructed into ``--out`` against its ground truth;
   with ``--simulate-only`` the set is only linked into ``--out``.
