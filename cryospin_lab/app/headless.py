@@ -244,8 +244,15 @@ def run_reconstruction(settings: ReconstructSettings) -> int:
         if not comm.is_main:  # rank 0 prints and writes the results; the others train
             for _ in _events(trainer):
                 pass
-            return 0
-        return _run_main(settings, trainer, resumed_from)
+            status = 0
+        else:
+            status = _run_main(settings, trainer, resumed_from)
+        if status == 0:
+            # All ranks tear gloo down together: a rank that left while rank 0 still wrote results
+            # could abort in the process group's teardown ("terminate called without an active
+            # exception"). Not after Ctrl-C or an error, when the others may be gone.
+            comm.barrier()
+        return status
     finally:
         if comm.active and dist.is_initialized():
             dist.destroy_process_group()

@@ -59,6 +59,7 @@ RANK_SCRIPT = textwrap.dedent(
         except KeyboardInterrupt:
             pass
         if comm.active:
+            dist.barrier()
             dist.destroy_process_group()
         sys.exit(0)
     losses = [e.mean_loss for e in trainer.events() if isinstance(e, EpochEvent)]
@@ -68,6 +69,7 @@ RANK_SCRIPT = textwrap.dedent(
         with open(out + "/losses.json", "w") as file:
             json.dump(losses, file)
     if comm.active:
+        dist.barrier()  # the ranks tear the process group down together
         dist.destroy_process_group()
     """
 )
