@@ -4,7 +4,7 @@ One pair of module-level functions per command (cryoDRGN's contract):
 ``add_<command>_args(parser)`` declares the options, ``run_<command>(args)``
 does the work and returns the exit status.
 
-* ``cryospin-lab simulate MODEL --out DIR [--box 64] [--apix 3.0] [--n 10000]
+* ``cryospin-lab simulate MODEL --out DIR [--box 64] [--apix 3.0|auto] [--n 10000]
   [--snr 0.1] [--max-shift-angstrom 0] [--no-ctf] [--seed 0]``: a particle
   stack from a PDB/mmCIF model (optionally ``.gz``) or an MRC map (its header
   voxel size is used, or ``--map-apix``; it is Fourier-cropped / trilinearly
@@ -122,6 +122,10 @@ def _check_out_dir(out: Path) -> None:
         raise ValueError(f"--out {out} is a file, not a folder")
 
 
+def _apix(text: str) -> float | str:
+    return "auto" if text == "auto" else _positive_float(text)
+
+
 def _snr(text: str) -> float:
     try:
         value = float(text)
@@ -139,7 +143,12 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--box", type=_simulate_box, default=64, help="image size D in pixels, 4 to 1024 (default 64)"
     )
-    parser.add_argument("--apix", type=_positive_float, default=3.0, help="pixel size in Å (default 3.0)")
+    parser.add_argument(
+        "--apix",
+        type=_apix,
+        default=3.0,
+        help="pixel size in Å, or auto: the molecule's diameter spans two thirds of the box (default 3.0)",
+    )
     parser.add_argument("--n", type=_n_particles, default=10000, help="number of particles (default 10000)")
     parser.add_argument(
         "--snr",
@@ -196,6 +205,17 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pixel_size(args: argparse.Namespace, model: Path) -> float:
+    """``--apix``, or with ``--apix auto`` the size at which the molecule fills two thirds of the box."""
+    if args.apix != "auto":
+        return args.apix
+    from cryospin_lab.simulate.simulator import fitting_pixel_size
+
+    apix = fitting_pixel_size(model, args.box, map_pixel_size_angstrom=args.map_apix)
+    print(f"--apix auto: {apix:g} Å/px (the molecule spans two thirds of the {args.box}-pixel box)")
+    return apix
+
+
 def _simulate(args: argparse.Namespace, model: Path):
     from cryospin_lab.simulate.simulator import simulate_particles
 
@@ -203,7 +223,7 @@ def _simulate(args: argparse.Namespace, model: Path):
         model,
         out_dir=args.out,
         box_size=args.box,
-        pixel_size_angstrom=args.apix,
+        pixel_size_angstrom=_pixel_size(args, model),
         n_particles=args.n,
         snr=args.snr,
         max_shift_angstrom=args.max_shift_angstrom,

@@ -8,6 +8,7 @@ _EXPORTS = {
     "GroundTruth": ".ground_truth",
     "draw_ground_truth": ".ground_truth",
     "load_source_volume": ".simulator",
+    "fitting_pixel_size": ".simulator",
     "read_model": ".atoms",
     "density_from_model": ".atoms",
     "hsp90": ".datasets",

@@ -12,9 +12,14 @@ from torch import Tensor
 from cryospin_lab.physics import fourier
 from cryospin_lab.simulate import atoms
 
-__all__ = ["MAP_SUFFIXES", "load_source_volume"]
+__all__ = ["FILL_FRACTION", "MAP_SUFFIXES", "fitting_pixel_size", "load_source_volume"]
 
 MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz")
+# The molecule's diameter as a fraction of the box: room for shifts and for the CTF's spread of the
+# signal beyond the particle, as cryo-EM boxes are usually cut.
+FILL_FRACTION = 2 / 3
+# A map voxel belongs to the molecule above this fraction of the map's maximum.
+_MAP_THRESHOLD = 0.05
 
 
 def _is_map_path(path: Path) -> bool:
@@ -105,3 +110,41 @@ def _crop_or_pad(volume: Tensor, box_size: int) -> Tensor:
     region = slice(dst, dst + hi - lo)
     out[region, region, region] = volume[lo:hi, lo:hi, lo:hi]
     return out.contiguous()
+
+
+def fitting_pixel_size(
+    source: str | Path,
+    box_size: int,
+    *,
+    fill: float = FILL_FRACTION,
+    map_pixel_size_angstrom: float | None = None,
+) -> float:
+    """The pixel size (Å, 2 decimals) at which the molecule's diameter spans ``fill`` of the box.
+
+    The diameter is twice the largest distance from the centre of mass: of an
+    atom centre for a model, of a voxel above 5 % of the maximum for a map
+    (voxel size from the header or ``map_pixel_size_angstrom``). Twice that
+    radius fits the box in every orientation, so no view is cut.
+    """
+    if not 0 < fill <= 1:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"model/map file not found: {path}")
+    if _is_map_path(path):
+        volume, apix = _read_map(path, map_pixel_size_angstrom)
+        radius = _map_radius_voxels(volume.to(torch.float64)) * apix
+    else:
+        radius = atoms.read_model(path).max_radius_angstrom
+    if not radius > 0:
+        raise ValueError(f"{path}: the molecule has no extent (a single atom or an empty map)")
+    return round(2 * radius / (fill * box_size), 2)
+
+
+def _map_radius_voxels(volume: Tensor) -> float:
+    """Largest distance (voxels) of a voxel above the threshold from the density's centre of mass."""
+    mask = volume > _MAP_THRESHOLD * volume.max()
+    idx = torch.nonzero(mask).to(torch.float64)  # (n, 3) [z, y, x]
+    weights = volume[mask]
+    com = (idx * weights[:, None]).sum(0) / weights.sum()
+    return float(torch.linalg.norm(idx - com, dim=1).max())

