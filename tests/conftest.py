@@ -61,10 +61,10 @@ def tiny_ground_truth(tiny_simulation) -> torch.Tensor:
 # first free worker in collection order, so the 4-minute browser check starts at once beside the rest
 # instead of last. In one process the order changes nothing else (each file keeps its own order).
 # (make test passes --no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
-# Each worker starts with two files: the browser check and test_memory, the notebooks and test_faults.
 _LONG_FIRST = (
     "test_browser.py",
     "test_notebooks.py",
+    "test_convergence.py",
     "test_memory.py",
     "test_faults.py",
     "test_distributed.py",

@@ -29,7 +29,8 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     every added shell), and only while the median change of the images' best
     poses since the previous epoch is below ``auto_stable_deg`` (10°), it
     switches when the gap has risen to ``auto_gap_rise`` (1.12) times its
-    lowest value: the map gained detail, so the choice of pose matters more.
+    lowest value on the full disc: the map gained detail, so the choice of
+    pose matters more.
     With ``auto_loss_plateau > 0`` (default off) it also switches when the
     mean epoch loss improved by less than that fraction while the gap is past
     its minimum. The cap is late because switching early strands poses the
@@ -43,16 +44,19 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
         return "epoch" if branch.epoch >= rule else None
     if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
         return "auto"
-    # Not while the disc still grows: the gap shrinks with every added shell then.
-    if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not branch.gap_history:
+    # Not while the disc still grows, and the gap compared with its values on the full disc only:
+    # it changes with every added shell, and at the start all heads agree on a blob
+    # (docs/decisions.md#auto-gap-full-disc).
+    full_disc = branch.gap_history[cfg.radius_ramp_epochs :]
+    if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not full_disc:
         return None
-    gap = branch.gap_history[-1]
+    gap, lowest = full_disc[-1], min(full_disc)
     if pose_change_deg >= cfg.auto_stable_deg:
         return None
-    if gap >= cfg.auto_gap_rise * min(branch.gap_history):
+    if gap >= cfg.auto_gap_rise * lowest:
         return "auto"
     losses = branch.loss_history
-    if cfg.auto_loss_plateau > 0 and len(losses) >= 2 and gap > min(branch.gap_history):
+    if cfg.auto_loss_plateau > 0 and len(losses) >= 2 and gap > lowest:
         if losses[-2] - losses[-1] < cfg.auto_loss_plateau * abs(losses[-2]):
             return "auto"
     return None

@@ -27,10 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def gold_run(tiny_stack, tmp_path_factory):
     out = tmp_path_factory.mktemp("gold")
-    # The disc starts at a quarter of its radius (the default before 0.42): the threshold on the
-    # lowest shell below was set on this schedule; after one epoch of a larger disc the two tiny
-    # halves agree less there (0.42: FSC 0.42 at shell 1).
-    config = tiny_config(gold_standard=True, switch="1", radius_start_fraction=0.25)
+    config = tiny_config(gold_standard=True, switch="1")  # the shipped disc schedule
     trainer = Trainer(tiny_stack, config, out_dir=out)
     seen: dict[str, set[int]] = {"half1": set(), "half2": set()}
     original = trainer._step
@@ -72,10 +69,13 @@ def test_half_map_fsc_once_per_epoch(gold_run):
     assert [e.epoch for e in half] == [1, 2]
     for event in half:
         assert event.threshold == 0.143 and event.branch == "half1"
-        # Shell 0 is the DC voxel alone, unconstrained (background-subtracted images): skip it.
-        assert np.isfinite(event.fsc).all() and event.fsc[1] > 0.5
+        assert np.isfinite(event.fsc).all()
         nyquist = 2 * trainer.pixel_size_angstrom
         assert event.resolution_angstrom >= nyquist - 1e-6
+    # The independent halves agree on the lowest frequencies once trained, more with each epoch
+    # (shell 0 is the DC voxel alone, unconstrained by background-subtracted images: skipped). With
+    # the shipped disc, which starts wide, 32 images per half agree at 0.42 after one epoch here.
+    assert half[-1].fsc[1] > 0.5 and half[-1].fsc[1] > half[0].fsc[1]
 
 
 def test_alignment_of_half_two_recovers_a_known_rotation(tiny_stack, tiny_simulation):
