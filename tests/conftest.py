@@ -65,6 +65,7 @@ _LONG_FIRST = (
     "test_browser.py",
     "test_notebooks.py",
     "test_convergence.py",
+    "test_shifts.py",
     "test_memory.py",
     "test_faults.py",
     "test_distributed.py",

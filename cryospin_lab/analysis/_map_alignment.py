@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cryospin_lab.physics import fourier, so3
 
-__all__ = ["MapAlignment", "align_maps", "apply_map_alignment"]
+__all__ = ["MapAlignment", "align_maps", "apply_map_alignment", "find_translation"]
 
 _J = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
 
@@ -306,3 +306,35 @@ def align_maps(
     aligned = apply_map_alignment(vol, alignment).flatten()
     final_corr = float((_normalise(aligned) * _normalise(ref.flatten())).sum())
     return MapAlignment(rotation, f, t, final_corr)
+
+
+def find_translation(volume, reference, *, max_shift_fraction: float = 0.25) -> Tensor:
+    """The translation ``t`` (voxels, ``(x, y, z)``) that best moves ``volume`` onto ``reference``.
+
+    For maps already in the same orientation (the rotation found from the poses):
+    the peak of their FFT cross-correlation within ``max_shift_fraction`` of the
+    box, refined to a fraction of a voxel by a parabola through the peak and its
+    two neighbours on each axis. ``MapAlignment(shift_voxels=t)`` applies it.
+    """
+    vol = _as_volume(volume, "volume")
+    ref = _as_volume(reference, "reference")
+    d = vol.shape[0]
+    cc = torch.fft.irfftn(torch.fft.rfftn(ref) * torch.fft.rfftn(vol).conj(), s=(d, d, d))
+    k = torch.fft.fftfreq(d, 1.0 / d)  # the displacement of each cc index
+    outside = k.abs() > max(1, int(max_shift_fraction * d))
+    masked = cc.clone()
+    masked[outside] = -math.inf
+    masked[:, outside] = -math.inf
+    masked[:, :, outside] = -math.inf
+    iz, iy, ix = (int(i) for i in torch.unravel_index(masked.argmax(), masked.shape))
+    peak = [iz, iy, ix]
+    offsets = []
+    for axis in range(3):
+        before, after = list(peak), list(peak)
+        before[axis], after[axis] = (peak[axis] - 1) % d, (peak[axis] + 1) % d
+        y0, y1, y2 = float(cc[tuple(before)]), float(cc[tuple(peak)]), float(cc[tuple(after)])
+        curvature = y0 - 2 * y1 + y2
+        offsets.append(0.5 * (y0 - y2) / curvature if curvature < 0 else 0.0)
+    return torch.tensor(
+        [float(k[ix]) + offsets[2], float(k[iy]) + offsets[1], float(k[iz]) + offsets[0]], dtype=torch.float64
+    )

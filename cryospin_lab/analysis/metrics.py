@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cryospin_lab.analysis._map_alignment import MapAlignment, _as_volume, align_maps, apply_map_alignment
+from cryospin_lab.analysis._map_alignment import (
+    MapAlignment,
+    _as_volume,
+    align_maps,
+    apply_map_alignment,
+    find_translation,
+)
 from cryospin_lab.physics import fourier, so3
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "MapAlignment",
     "align_maps",
     "apply_map_alignment",
+    "find_translation",
     "fsc_vs_ground_truth",
     "PoseError",
     "pose_error",
@@ -315,19 +322,24 @@ def _symmetric_alignment(
 
 @dataclass(frozen=True)
 class ShiftError:
-    """Per-image in-plane shift error ``|t_gt - t_est|`` in Å, with mean and median."""
+    """Per-image in-plane shift error ``|t_gt - t_est|`` in Å, with mean and median; the global 3-D
+    translation removed first (Å, ``(x, y, z)``, None when none was fitted)."""
 
     mean_angstrom: float
     median_angstrom: float
     errors_angstrom: np.ndarray
+    translation_angstrom: np.ndarray | None = None
 
 
-def shift_error_angstrom(shifts_gt, shifts_est) -> ShiftError:
-    """Euclidean error of ``(N, 2)`` in-plane shifts (Å), compared directly.
+def shift_error_angstrom(shifts_gt, shifts_est, rotations_est=None) -> ShiftError:
+    """Euclidean error of ``(N, 2)`` in-plane shifts (Å).
 
-    The global rotation and hand change no in-plane shift, so no alignment is needed.
-    (A 3-D translation ``u`` of the whole reconstruction would change each shift by the
-    in-plane part of ``R_i u``; reconstructions here are centred in the box.)
+    The global rotation and hand change no in-plane shift, but a reconstruction
+    made with estimated shifts may sit translated by ``u`` in its box: every
+    image's shift then carries the in-plane part of ``R_i u``. Given the
+    estimated rotations ``(N, 3, 3)``, ``u`` is fitted by least squares (refitted
+    on the better half of the images, so that wrong poses do not bias it) and
+    removed; without them the shifts are compared directly.
     """
     gt = np.asarray(so3.as_numpy(shifts_gt), dtype=np.float64)
     est = np.asarray(so3.as_numpy(shifts_est), dtype=np.float64)
@@ -336,5 +348,18 @@ def shift_error_angstrom(shifts_gt, shifts_est) -> ShiftError:
             f"shift_error_angstrom needs shifts_gt and shifts_est of equal shape (N, 2), "
             f"got {gt.shape} and {est.shape}"
         )
+    translation = None
+    if rotations_est is not None:
+        rows = np.asarray(so3.as_numpy(rotations_est), dtype=np.float64)[:, :2, :]  # (N, 2, 3)
+        if rows.shape[0] != gt.shape[0]:
+            raise ValueError(f"rotations_est must be (N, 3, 3) with N = {gt.shape[0]}, got {rows.shape}")
+        keep = np.ones(len(gt), dtype=bool)
+        for _ in range(3):
+            translation = np.linalg.lstsq(
+                rows[keep].reshape(-1, 3), (est - gt)[keep].reshape(-1), rcond=None
+            )[0]
+            errors = np.linalg.norm(gt - (est - rows @ translation), axis=1)
+            keep = errors <= np.median(errors)
+        est = est - rows @ translation
     errors = np.linalg.norm(gt - est, axis=1)
-    return ShiftError(float(errors.mean()), float(np.median(errors)), errors)
+    return ShiftError(float(errors.mean()), float(np.median(errors)), errors, translation)

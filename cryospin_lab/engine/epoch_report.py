@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -39,12 +40,14 @@ def pose_error_event(
     branch: Branch, true_rotations: Tensor, true_shifts: Tensor | None, stamp: dict
 ) -> tuple[PoseErrorEvent, metrics.PoseError]:
     """The branch's pose error against the true poses, and the mean shift error once shifts are
-    estimated in the direct stage; also the :class:`~cryospin_lab.analysis.metrics.PoseError`."""
-    pose = metrics.pose_error(branch.rows(true_rotations), branch.rows(branch.current_rotations()))
+    estimated in the direct stage (the map's own translation removed); also the
+    :class:`~cryospin_lab.analysis.metrics.PoseError`."""
+    rotations = branch.rows(branch.current_rotations())
+    pose = metrics.pose_error(branch.rows(true_rotations), rotations)
     shifts, shift_error = branch.current_shifts(), None
     if true_shifts is not None and shifts is not None:
         shift_error = metrics.shift_error_angstrom(
-            branch.rows(true_shifts), branch.rows(shifts)
+            branch.rows(true_shifts), branch.rows(shifts), rotations
         ).mean_angstrom
     event = PoseErrorEvent(
         mean_deg=pose.mean_deg,
@@ -63,6 +66,8 @@ def resolution_event(
     pixel_size_angstrom: float,
     pose: metrics.PoseError | None,
     stamp: dict,
+    *,
+    translate: bool = False,
 ) -> ResolutionEvent:
     """FSC against the true map, after aligning the map with the pose alignment (or a map search).
 
@@ -71,7 +76,9 @@ def resolution_event(
     ``POSE_ALIGNMENT_MAX_MEDIAN_DEG`` (e.g. on the amortized plateau, when
     two pose populations related by a pseudo-symmetry are mixed) the map
     is aligned by a map-to-map search instead, which takes seconds
-    (docs/decisions.md#fsc-map-search).
+    (docs/decisions.md#fsc-map-search). With ``translate`` (shifts were
+    estimated, so the map may sit off-centre) the pose alignment is followed
+    by the translation that best moves the map onto the truth.
     """
     if pose is not None and pose.median_deg <= POSE_ALIGNMENT_MAX_MEDIAN_DEG:
         alignment = metrics.MapAlignment(
@@ -80,6 +87,10 @@ def resolution_event(
             shift_voxels=torch.zeros(3),
             correlation=math.nan,
         )
+        if translate:
+            rotated = metrics.apply_map_alignment(volume_real, alignment)
+            shift = metrics.find_translation(rotated, truth_map).to(alignment.shift_voxels.dtype)
+            alignment = dataclasses.replace(alignment, shift_voxels=shift)
         aligned = metrics.apply_map_alignment(volume_real, alignment)
     else:
         aligned = metrics.apply_map_alignment(volume_real, metrics.align_maps(volume_real, truth_map))
@@ -151,7 +162,10 @@ class EpochReporter:
         volume_real = branch.volume_real()
         pixel_size = self.ctx.pixel_size_angstrom
         if self.ground_truth_map is not None:
-            yield resolution_event(volume_real, self.ground_truth_map, pixel_size, pose, stamp)
+            yield resolution_event(
+                volume_real, self.ground_truth_map, pixel_size, pose, stamp,
+                translate=self.ctx.config.encoder.estimate_shifts,
+            )  # fmt: skip
         if self.tracked is not None and branch.encoder is not None:
             yield candidates_event(self.ctx, branch, self.tracked, self.true_rotations, stamp)
         if branch.phase is Phase.AMORTIZED:
