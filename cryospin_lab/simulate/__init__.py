@@ -12,6 +12,9 @@ _EXPORTS = {
     "read_model": ".atoms",
     "density_from_model": ".atoms",
     "hsp90": ".datasets",
+    "MOLECULES": ".molecules",
+    "Molecule": ".molecules",
+    "molecule": ".molecules",
     "default_cache_dir": ".datasets",
 }
 
