@@ -162,7 +162,8 @@ class FSCPanel(Panel):
 
 
 class PoseErrorPanel(Panel):
-    """Mean and median pose error per branch over epochs; switches as vertical lines (paper Fig. 4)."""
+    """Mean and median pose error per branch over epochs, and the median modulo the true map's
+    near-symmetry when it has one; switches as vertical lines (paper Fig. 4)."""
 
     def __init__(self, reconstruction=None):
         super().__init__()
@@ -171,9 +172,12 @@ class PoseErrorPanel(Panel):
             PhaseChangeEvent: self._on_phase,
             ForkEvent: self._on_fork,
         }
-        self.points: dict[str, list[tuple[int, float, float]]] = {}  # branch -> [(epoch, mean, median)]
+        # branch -> [(epoch, mean, median, median modulo the symmetry or None)]
+        self.points: dict[str, list[tuple[int, float, float, float | None]]] = {}
+        self.symmetry = ""  # the true map's near-symmetry, once an event names one
         self.switches: list[PhaseChangeEvent] = []
-        self._trace_of: dict[str, int] = {}  # branch -> index of its mean trace (median is index + 1)
+        # branch -> index of its mean trace (median: index + 1, median modulo the symmetry: index + 2)
+        self._trace_of: dict[str, int] = {}
         self.figure = new_figure(
             height=340,
             width=640,
@@ -189,7 +193,15 @@ class PoseErrorPanel(Panel):
         self.widget = w.VBox([self.note, self.figure])
 
     def _on_pose_error(self, event: PoseErrorEvent) -> None:
-        self.points.setdefault(event.branch, []).append((event.epoch, event.mean_deg, event.median_deg))
+        point = (event.epoch, event.mean_deg, event.median_deg, event.median_mod_sym_deg)
+        self.points.setdefault(event.branch, []).append(point)
+        if event.symmetry and not self.symmetry:
+            self.symmetry = event.symmetry
+            self.note.value = (
+                "<small>solid: mean, dashed: median (after global alignment and hand flip); dotted: "
+                f"median modulo {html.escape(event.symmetry)}, across which a pose and its mate explain "
+                "an image almost alike</small>"
+            )
 
     def _on_fork(self, event: ForkEvent) -> None:
         parent = self.points.get(event.parent, [])
@@ -211,6 +223,8 @@ class PoseErrorPanel(Panel):
                 self.figure.data[index].y = [p[1] for p in points]
                 self.figure.data[index + 1].x = epochs
                 self.figure.data[index + 1].y = [p[2] for p in points]
+                self.figure.data[index + 2].x = epochs
+                self.figure.data[index + 2].y = [p[3] for p in points]  # None: no symmetry, no line
             shapes, notes = [], []
             for k, event in enumerate(self.switches):
                 shapes.append(
@@ -237,6 +251,15 @@ class PoseErrorPanel(Panel):
         )
         self.figure.add_trace(
             go.Scatter(x=[], y=[], name=f"{branch} median", mode="lines", line=dict(color=color, dash="dash"))
+        )
+        self.figure.add_trace(
+            go.Scatter(
+                x=[],
+                y=[],
+                name=f"{branch} median mod. symmetry",
+                mode="lines",
+                line=dict(color=color, dash="dot"),
+            )
         )
 
 

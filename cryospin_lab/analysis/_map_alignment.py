@@ -134,6 +134,9 @@ def apply_map_alignment(volume, alignment: MapAlignment) -> Tensor:
     return _resample(v, s, t, coords).reshape(d, d, d)
 
 
+_EYE = torch.eye(3, dtype=torch.float64)
+
+
 def _normalise(x: Tensor) -> Tensor:
     """Zero mean, unit norm along the last axis."""
     x = x - x.mean(dim=-1, keepdim=True)
@@ -233,6 +236,7 @@ def align_maps(
     max_shift_fraction: float = 0.25,
     refine_iterations: int = 25,
     batch_size: int = 256,
+    exclude_within_deg: float = 0.0,
     verbose: bool = False,
 ) -> MapAlignment:
     """Rotation, hand and translation that best take ``volume`` onto ``reference``.
@@ -249,6 +253,8 @@ def align_maps(
 
     Returns shifts in voxels of the full box; ``correlation`` is the Pearson
     correlation over the whole box of :func:`apply_map_alignment` with ``reference``.
+    ``exclude_within_deg``: no start within this angle of the identity (same
+    hand), for a map's alignment onto itself other than the trivial one.
     """
     from tqdm.auto import tqdm
 
@@ -271,6 +277,7 @@ def align_maps(
         scores, shifts = _coarse_search(_crop(vol, dc), _crop(ref, dc), matrices, max_shift, batch_size, bar)
     shifts = shifts * (d / dc)
 
+    near_identity = so3.geodesic_angle_deg(matrices.double(), _EYE) < exclude_within_deg
     starts = []
     for f in hands:
         order = torch.argsort(
@@ -278,6 +285,8 @@ def align_maps(
         )
         chosen: list[int] = []
         for i in order[: int((flags == f).sum())].tolist():
+            if not f and bool(near_identity[i]):
+                continue
             if all(so3.geodesic_angle_deg(matrices[i], matrices[j]) > 30.0 for j in chosen):
                 chosen.append(i)
             if len(chosen) == n_starts_per_hand:

@@ -29,6 +29,8 @@ METRICS_COLUMNS = (
     "mean_loss",
     "pose_error_mean_deg",
     "pose_error_median_deg",
+    "pose_error_mean_mod_sym_deg",
+    "pose_error_median_mod_sym_deg",
     "resolution_angstrom",
     "half_map_resolution_angstrom",
     "epoch_time_s",
@@ -51,6 +53,9 @@ class EpochRecord:
     epoch_time_s: float
     wall_time_s: float
     half_map_resolution_angstrom: float | None = None  # gold standard: half-map FSC at 0.143
+    symmetry: str = ""  # the true map's near-symmetry, e.g. "its near 2-fold"; "" for none
+    pose_error_mean_mod_sym_deg: float | None = None  # modulo that symmetry
+    pose_error_median_mod_sym_deg: float | None = None
 
     def summary_line(self, n_epochs: int) -> str:
         parts = [f"epoch {self.epoch:>{len(str(n_epochs))}}/{n_epochs}"]
@@ -64,9 +69,12 @@ class EpochRecord:
         if self.half_map_resolution_angstrom is not None:
             parts.append(f"half maps {self.half_map_resolution_angstrom:.1f} Å")
         if self.pose_error_mean_deg is not None:
-            parts.append(
-                f"pose err {self.pose_error_mean_deg:.1f}°/{self.pose_error_median_deg:.1f}° (mean/med)"
-            )
+            raw = f"{self.pose_error_mean_deg:.1f}°/{self.pose_error_median_deg:.1f}°"
+            if self.pose_error_mean_mod_sym_deg is None:
+                parts.append(f"pose err {raw} (mean/med)")
+            else:
+                modulo = f"{self.pose_error_mean_mod_sym_deg:.1f}°/{self.pose_error_median_mod_sym_deg:.1f}°"
+                parts.append(f"pose err {raw} raw, {modulo} modulo {self.symmetry} (mean/med)")
         parts.append(f"{self.epoch_time_s:.1f} s")
         return "  ".join(parts)
 
@@ -81,6 +89,8 @@ class EpochRecord:
             "mean_loss": fmt(self.mean_loss),
             "pose_error_mean_deg": fmt(self.pose_error_mean_deg),
             "pose_error_median_deg": fmt(self.pose_error_median_deg),
+            "pose_error_mean_mod_sym_deg": fmt(self.pose_error_mean_mod_sym_deg),
+            "pose_error_median_mod_sym_deg": fmt(self.pose_error_median_mod_sym_deg),
             "resolution_angstrom": fmt(self.resolution_angstrom),
             "half_map_resolution_angstrom": fmt(self.half_map_resolution_angstrom),
             "epoch_time_s": f"{self.epoch_time_s:.3f}",
@@ -170,6 +180,9 @@ class EpochCollector:
             head_shares=shares,
             pose_error_mean_deg=None if pose is None else pose.mean_deg,
             pose_error_median_deg=None if pose is None else pose.median_deg,
+            symmetry="" if pose is None else pose.symmetry,
+            pose_error_mean_mod_sym_deg=None if pose is None else pose.mean_mod_sym_deg,
+            pose_error_median_mod_sym_deg=None if pose is None else pose.median_mod_sym_deg,
             resolution_angstrom=None if fsc is None else fsc.resolution_angstrom,
             epoch_time_s=epoch.epoch_time_s,
             wall_time_s=epoch.time_s,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from cryospin_lab.analysis import metrics
+from cryospin_lab.analysis.symmetry import NearSymmetry, find_near_symmetry
 from cryospin_lab.engine.branch import Branch
 from cryospin_lab.engine.events import (
     Event,
@@ -32,18 +33,29 @@ __all__ = [
     "resolution_event",
 ]
 
+# The near-symmetry of each true map seen by this process, by its bytes (a map search each).
+_SYMMETRY_OF_MAP: dict[tuple, NearSymmetry | None] = {}
 # Above this median pose error the pose-derived map alignment is unreliable (see resolution_event).
 POSE_ALIGNMENT_MAX_MEDIAN_DEG = 30.0
 
 
 def pose_error_event(
-    branch: Branch, true_rotations: Tensor, true_shifts: Tensor | None, stamp: dict
+    branch: Branch,
+    true_rotations: Tensor,
+    true_shifts: Tensor | None,
+    stamp: dict,
+    symmetry: NearSymmetry | None = None,
 ) -> tuple[PoseErrorEvent, metrics.PoseError]:
-    """The branch's pose error against the true poses, and the mean shift error once shifts are
-    estimated in the direct stage (the map's own translation removed); also the
-    :class:`~cryospin_lab.analysis.metrics.PoseError`."""
+    """The branch's pose error against the true poses (also modulo the true map's ``symmetry``), and
+    the mean shift error once shifts are estimated in the direct stage (the map's own translation
+    removed); also the :class:`~cryospin_lab.analysis.metrics.PoseError`, modulo the symmetry when
+    there is one (its global rotation aligns the map as well: the truth is near-symmetric)."""
     rotations = branch.rows(branch.current_rotations())
-    pose = metrics.pose_error(branch.rows(true_rotations), rotations)
+    truth = branch.rows(true_rotations)
+    pose = metrics.pose_error(truth, rotations)
+    modulo = None
+    if symmetry is not None:
+        modulo = metrics.pose_error(truth, rotations, symmetry_rotations=symmetry.rotations)
     shifts, shift_error = branch.current_shifts(), None
     if true_shifts is not None and shifts is not None:
         shift_error = metrics.shift_error_angstrom(
@@ -55,9 +67,12 @@ def pose_error_event(
         flipped=pose.flipped,
         shift_error_angstrom=shift_error,
         global_rotation=pose.global_rotation.numpy(),
+        symmetry="" if symmetry is None else symmetry.describe(),
+        mean_mod_sym_deg=None if modulo is None else modulo.mean_deg,
+        median_mod_sym_deg=None if modulo is None else modulo.median_deg,
         **stamp,
     )
-    return event, pose
+    return event, pose if modulo is None else modulo
 
 
 def resolution_event(
@@ -157,7 +172,9 @@ class EpochReporter:
             return
         pose = None
         if self.true_rotations is not None:
-            event, pose = pose_error_event(branch, self.true_rotations, self.true_shifts, stamp)
+            event, pose = pose_error_event(
+                branch, self.true_rotations, self.true_shifts, stamp, self._truth_symmetry()
+            )
             yield event
         volume_real = branch.volume_real()
         pixel_size = self.ctx.pixel_size_angstrom
@@ -171,6 +188,15 @@ class EpochReporter:
         if branch.phase is Phase.AMORTIZED:
             yield assignment_event(branch, self.true_rotations, pose, stamp)
         yield VolumeEvent(volume=volume_real.numpy(), voxel_size_angstrom=pixel_size, **stamp)
+
+    def _truth_symmetry(self) -> NearSymmetry | None:
+        """The true map's near-symmetry (once per map: a map search of a few seconds), or None."""
+        if self.ground_truth_map is None:
+            return None
+        key = (tuple(self.ground_truth_map.shape), hash(self.ground_truth_map.numpy().tobytes()))
+        if key not in _SYMMETRY_OF_MAP:
+            _SYMMETRY_OF_MAP[key] = find_near_symmetry(self.ground_truth_map)
+        return _SYMMETRY_OF_MAP[key]
 
     def summary(self, branches: list[Branch]) -> dict[str, float]:
         """Epochs done and, with true poses, the pose error of each branch (keys prefixed with

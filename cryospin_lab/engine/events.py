@@ -167,11 +167,20 @@ class PoseErrorEvent(Event):
     flipped: bool  # the best alignment uses the mirror (hand-flipped) map
     shift_error_angstrom: float | None = None  # None when shifts are not estimated or not known
     global_rotation: np.ndarray | None = None  # (3, 3) float64
+    # The true map's (near-)symmetry, e.g. "its near 2-fold" ("" for none), and the errors modulo it:
+    # a pose and its mate across it explain an image almost alike.
+    symmetry: str = ""
+    mean_mod_sym_deg: float | None = None
+    median_mod_sym_deg: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "mean_deg", float(self.mean_deg))
         _set(self, "median_deg", float(self.median_deg))
+        _set(self, "symmetry", str(self.symmetry))
+        for name in ("mean_mod_sym_deg", "median_mod_sym_deg"):
+            if getattr(self, name) is not None:
+                _set(self, name, float(getattr(self, name)))
         _set(self, "flipped", bool(self.flipped))
         if self.shift_error_angstrom is not None:
             _set(self, "shift_error_angstrom", float(self.shift_error_angstrom))

@@ -406,3 +406,17 @@ def test_gold_standard_outputs(tiny_set, tmp_path):
     _run_ok(argv + QUICK + ["--resume"])  # the checkpoint keeps gold-standard mode and the halves
     half_rows = [r for r in _metrics(out) if r["half_map_resolution_angstrom"]]
     assert [r["epoch"] for r in half_rows] == ["1", "2", "3"]
+
+
+def test_the_epoch_line_gives_the_pose_error_raw_and_modulo_the_maps_symmetry():
+    from cryospin_lab.app.epoch_records import EpochRecord
+    from cryospin_lab.engine.events import Phase
+
+    record = EpochRecord(
+        epoch=3, branch="main", phase=Phase.DIRECT, mean_loss=0.9, head_shares=(), pose_error_mean_deg=95.0,
+        pose_error_median_deg=118.0, resolution_angstrom=10.0, epoch_time_s=1.0, wall_time_s=2.0,
+        symmetry="its near 2-fold", pose_error_mean_mod_sym_deg=3.1, pose_error_median_mod_sym_deg=1.8,
+    )  # fmt: skip
+    line = record.summary_line(30)
+    assert "pose err 95.0°/118.0° raw, 3.1°/1.8° modulo its near 2-fold (mean/med)" in line
+    assert record.csv_row(0)["pose_error_median_mod_sym_deg"] == "1.8"

@@ -183,6 +183,23 @@ def test_pose_error_has_both_branches_after_a_fork_and_marks_switches():
     assert "by hand" in panel.figure.layout.annotations[0].text
 
 
+def test_pose_error_shows_the_median_modulo_the_true_maps_symmetry_and_names_it():
+    events = [
+        PoseErrorEvent(
+            mean_deg=95, median_deg=118, flipped=False, symmetry="its near 2-fold", mean_mod_sym_deg=12,
+            median_mod_sym_deg=k, **stamp(epoch=k),
+        )
+        for k in (1, 2, 3)
+    ]  # fmt: skip
+    panel = PoseErrorPanel().feed(events)
+    by_name = {trace.name: trace for trace in panel.figure.data}
+    np.testing.assert_allclose(by_name["main median mod. symmetry"].y, [1, 2, 3])
+    np.testing.assert_allclose(by_name["main median"].y, [118, 118, 118])
+    assert "modulo its near 2-fold" in panel.note.value
+    plain = PoseErrorPanel().feed([pose_event(1, 100, 90)])
+    assert "modulo" not in plain.note.value
+
+
 # ----------------------------------------------------------------------------- loss
 
 
