@@ -35,6 +35,7 @@ from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.ctf import ctf_images
+from cryospin_lab.simulate.simulator import SimulationResult
 
 __all__ = ["ParticleView", "Reconstruction"]
 
@@ -69,9 +70,10 @@ class Reconstruction:
     """A cryoSPIN reconstruction of one particle set, run on a background thread.
 
     Args:
-        particles: a STAR / cryoSPARC ``.cs`` / ``.mrcs`` file, or None for the
-            embedded default (HSP90 2CG9, simulated once and cached; its true
-            map becomes the ground truth).
+        particles: a STAR / cryoSPARC ``.cs`` / ``.mrcs`` file; a simulated set
+            (``SimulationResult``, e.g. ``datasets.bundled("1u6g")``), whose
+            true map becomes the ground truth; or None for the embedded
+            default (HSP90 2CG9, simulated once and cached).
         out_dir: where checkpoints go; None: a fresh temporary folder.
         ground_truth: a map on the particles' grid for FSC-vs-truth (optional).
         box_size: Fourier-downsample the particles to this box on load.
@@ -87,7 +89,7 @@ class Reconstruction:
 
     def __init__(
         self,
-        particles: str | os.PathLike | None = None,
+        particles: str | os.PathLike | SimulationResult | None = None,
         *,
         out_dir: str | os.PathLike | None = None,
         ground_truth: str | os.PathLike | None = None,
@@ -102,10 +104,11 @@ class Reconstruction:
         if particles is None:
             from cryospin_lab.simulate.datasets import hsp90
 
-            simulated = hsp90()
-            particles = simulated.star_path
+            particles = hsp90()
+        if isinstance(particles, SimulationResult):  # a simulated set: its true map is the truth
             if ground_truth is None:
-                ground_truth = simulated.ground_truth_path
+                ground_truth = particles.ground_truth_path
+            particles = particles.star_path
         particles = Path(particles)
         if not particles.is_file():
             raise FileNotFoundError(f"particle file not found: {particles}")

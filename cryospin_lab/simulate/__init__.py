@@ -12,6 +12,7 @@ _EXPORTS = {
     "read_model": ".atoms",
     "density_from_model": ".atoms",
     "hsp90": ".datasets",
+    "bundled": ".datasets",
     "MOLECULES": ".molecules",
     "Molecule": ".molecules",
     "molecule": ".molecules",

@@ -1,7 +1,9 @@
-"""Embedded default data: the HSP90 (PDB 2CG9) simulated particle set, cached on disk.
+"""Simulated particle sets of the bundled molecules, made once and cached on disk.
 
-``hsp90()`` simulates, deterministically, the cryoSPIN paper's HSP90 test case
-from the atomic model shipped in ``cryospin_lab/assets/2cg9.pdb.gz`` (centred
+``bundled(name)`` simulates any molecule of ``simulate.molecules.MOLECULES``
+(at the pixel size that makes it span two thirds of the box unless given).
+``hsp90()``, the embedded default set, simulates deterministically the
+cryoSPIN paper's HSP90 test case from the atomic model shipped in ``cryospin_lab/assets/2cg9.pdb.gz`` (centred
 particles, CTF with the real EMPIAR-10028 defocus distribution, SNR 0.1; the
 paper used D = 128 at 1.5 Å, the default here is D = 64 at 3.0 Å so that it
 runs on a laptop CPU). 2CG9 spans about 99 x 128 x 102 Å and every atom lies
@@ -25,7 +27,7 @@ import torch
 
 from cryospin_lab.simulate.simulator import SimulationResult, simulate_particles
 
-__all__ = ["hsp90", "default_cache_dir", "hsp90_cache_key", "HSP90_MODEL"]
+__all__ = ["bundled", "hsp90", "default_cache_dir", "hsp90_cache_key", "HSP90_MODEL"]
 
 HSP90_MODEL = "2cg9.pdb.gz"
 # Bump when the simulation changes in a way that makes old caches wrong.
@@ -44,13 +46,20 @@ def hsp90_cache_key(
     n_particles: int, box_size: int, pixel_size_angstrom: float, snr: float, seed: int
 ) -> str:
     """Folder name of a cached HSP90 set, e.g. ``hsp90_n10000_box64_apix3_snr0.1_seed0_v1``."""
+    return _cache_key("hsp90", n_particles, box_size, pixel_size_angstrom, snr, 0.0, seed)
+
+
+def _cache_key(name, n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed) -> str:
+    shift = f"_shift{max_shift_angstrom:g}" if max_shift_angstrom else ""
     return (
-        f"hsp90_n{n_particles}_box{box_size}_apix{pixel_size_angstrom:g}_snr{snr:g}_seed{seed}"
+        f"{name}_n{n_particles}_box{box_size}_apix{pixel_size_angstrom:g}_snr{snr:g}{shift}_seed{seed}"
         f"_v{_DATASET_VERSION}"
     )
 
 
-def _matches(result: SimulationResult, n_particles, box_size, pixel_size_angstrom, snr, seed) -> bool:
+def _matches(
+    result: SimulationResult, n_particles, box_size, pixel_size_angstrom, snr, seed, max_shift_angstrom=0.0
+) -> bool:
     return (
         result.n_particles == n_particles
         and result.box_size == box_size
@@ -59,7 +68,7 @@ def _matches(result: SimulationResult, n_particles, box_size, pixel_size_angstro
         and result.seed == seed
         and result.ctf
         and result.defocus == "empiar10028"
-        and result.max_shift_angstrom == 0.0
+        and math.isclose(result.max_shift_angstrom, max_shift_angstrom)
     )
 
 
@@ -118,3 +127,53 @@ def hsp90(
             seed=seed,
             progress=progress,
         )
+
+
+def bundled(
+    name: str,
+    cache_dir: str | Path | None = None,
+    n_particles: int = 10000,
+    box_size: int = 64,
+    pixel_size_angstrom: float | None = None,
+    snr: float = 0.1,
+    max_shift_angstrom: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> SimulationResult:
+    """A bundled molecule's particle set (CTF with EMPIAR-10028's defocus values): simulated once,
+    then read from the cache. ``pixel_size_angstrom=None`` (default) makes the molecule span two
+    thirds of the box (``fitting_pixel_size``). Pass the result to ``Reconstruction`` as its
+    particles (its true map then becomes the ground truth)."""
+    from cryospin_lab.simulate._source_volume import fitting_pixel_size
+    from cryospin_lab.simulate.molecules import molecule
+
+    mol = molecule(name)
+    if pixel_size_angstrom is None:
+        pixel_size_angstrom = fitting_pixel_size(
+            mol.path, box_size, map_pixel_size_angstrom=mol.map_pixel_size_angstrom
+        )
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    key = _cache_key(name, n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed)
+    out_dir = cache_dir / key
+    try:
+        cached = SimulationResult.load(out_dir)
+    except (FileNotFoundError, ValueError):
+        cached = None
+    if cached is not None and _matches(
+        cached, n_particles, box_size, pixel_size_angstrom, snr, seed, max_shift_angstrom
+    ):
+        return cached
+    return simulate_particles(
+        mol.path,
+        out_dir=out_dir,
+        box_size=box_size,
+        pixel_size_angstrom=pixel_size_angstrom,
+        n_particles=n_particles,
+        snr=snr,
+        max_shift_angstrom=max_shift_angstrom,
+        ctf=True,
+        defocus="empiar10028",
+        seed=seed,
+        progress=progress,
+        map_pixel_size_angstrom=mol.map_pixel_size_angstrom,
+    )

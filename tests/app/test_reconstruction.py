@@ -184,3 +184,11 @@ def _export_while_running(rec, tmp_path):
         assert mrc.data.shape == (BOX, BOX, BOX)
     rows = (tmp_path / "export" / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2 and rows[0].startswith("epoch,")
+
+
+def test_a_simulated_set_brings_its_true_map(small_set, tmp_path):
+    rec = Reconstruction(small_set, out_dir=tmp_path, n_heads=2, n_epochs=1, device="cpu")
+    assert rec.particles_path == small_set.star_path
+    assert rec.ground_truth_path == small_set.ground_truth_path and rec.ground_truth_map is not None
+    with mrcfile.open(small_set.ground_truth_path, permissive=True) as mrc:
+        np.testing.assert_array_equal(rec.ground_truth_map, mrc.data)

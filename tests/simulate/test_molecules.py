@@ -51,3 +51,17 @@ def test_bundled_molecule_loads_and_its_symmetry_holds(name):
 def test_an_unknown_molecule_is_named():
     with pytest.raises(ValueError, match="no bundled molecule 'lysozyme'.*hsp90"):
         molecule("lysozyme")
+
+
+def test_a_bundled_set_is_simulated_once_then_read_from_the_cache(tmp_path):
+    from cryospin_lab.simulate.datasets import bundled
+
+    first = bundled("1s3x", cache_dir=tmp_path, n_particles=12, box_size=24, progress=False)
+    assert first.n_particles == 12 and first.box_size == 24
+    expected = fitting_pixel_size(molecule("1s3x").path, 24)
+    assert first.pixel_size_angstrom == pytest.approx(expected)
+    stamp = first.star_path.stat().st_mtime_ns
+    again = bundled("1s3x", cache_dir=tmp_path, n_particles=12, box_size=24, progress=False)
+    assert again.star_path == first.star_path and again.star_path.stat().st_mtime_ns == stamp
+    other = bundled("1s3x", cache_dir=tmp_path, n_particles=12, box_size=24, seed=1, progress=False)
+    assert other.out_dir != first.out_dir
