@@ -121,6 +121,11 @@ class TrainingConfig:
     stall_tolerance: float = setting(
         5e-4, "stall warning: loss improved less than this (relative)", NON_NEGATIVE
     )
+    # every direct epoch: images left in a wrong basin at the switch find theirs (docs/decisions.md#rescue)
+    rescue_every: int = setting(
+        1, "direct stage: re-search every pose on a grid after this many epochs; 0: off", NON_NEGATIVE_INT
+    )
+    rescue_nside: int = setting(4, "HEALPix nside of that grid (6 nside in-plane angles)", int_range(1, 16))
     volume_init_mantissa: float = setting(
         0.1, "std of the initial mantissa (exponent: data envelope)", POSITIVE
     )

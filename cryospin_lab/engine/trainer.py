@@ -51,6 +51,7 @@ from cryospin_lab.engine.events import (
 )
 from cryospin_lab.engine.feed import ParticleFeed
 from cryospin_lab.engine.gold_standard import HALF_NAMES, GoldStandard, GoldStandardResult
+from cryospin_lab.engine.rescue import research_poses
 from cryospin_lab.engine.run_state import SavedRun, bytes_needed, read_run, run_payload
 from cryospin_lab.engine.steps import NanGuard, StepContext
 from cryospin_lab.engine.switch_rule import pose_change, stall_message, switch_due
@@ -146,13 +147,8 @@ class Trainer:
         return bytes_needed(self.branches, len(self.stack), self.config)
 
     def _stamp(self, branch: Branch) -> dict:
-        return {
-            "step": branch.step,
-            "epoch": branch.epoch,
-            "phase": branch.phase,
-            "branch": branch.name,
-            "time_s": time.perf_counter() - self._t0,
-        }
+        t = time.perf_counter() - self._t0
+        return dict(step=branch.step, epoch=branch.epoch, phase=branch.phase, branch=branch.name, time_s=t)
 
     # ------------------------------------------------------------------ the loop
     def events(self) -> Iterator[Event]:
@@ -285,6 +281,10 @@ class Trainer:
                 yield LogEvent(message=stalled, level="warning", **stamp)
         yield from self.reporter.events(branch, stamp)
         self._last_volume_time = time.perf_counter()
+        rescue = cfg.rescue_every and branch.epoch % cfg.rescue_every == 0 and branch.epoch < cfg.n_epochs
+        if branch.phase is Phase.DIRECT and rescue:  # not after the last epoch: no epoch left to refine
+            moved, checked = research_poses(self.step_context, branch, cfg.rescue_nside)
+            yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose", **stamp)
         if self.gold_standard is not None:
             halves = [self.branch(name) for name in HALF_NAMES]
             yield from self.gold_standard.epoch_events(*halves, self._stamp(halves[0]))

@@ -115,6 +115,13 @@ class PoseTable:
             self.rotations[rows] = u @ vt
             self.shifts_angstrom[rows] = shifts.detach()
 
+    def reset_rows(self, rows: Tensor, rotations: Tensor) -> None:
+        """New base rotations for ``rows`` (a pose found elsewhere), their rotation moments restarted."""
+        with torch.no_grad():
+            self.rotations[rows] = rotations.to(self.rotations)
+            adam = self.rotation_adam
+            adam.exp_avg[rows], adam.exp_avg_sq[rows], adam.steps[rows] = 0.0, 0.0, 0.0
+
     def state_dict(self) -> dict:
         return {
             "rotations": self.rotations,

@@ -37,6 +37,8 @@ OTHER = {
     "auto_max_epochs": "20",
     "stall_epochs": "3",
     "stall_tolerance": "0.001",
+    "rescue_every": "2",
+    "rescue_nside": "2",
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",

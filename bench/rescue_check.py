@@ -1,0 +1,78 @@
+"""The direct stage with and without the global re-search, from one run's checkpoint at its switch.
+
+Usage::
+
+    python bench/rescue_check.py RUN_DIR DATA_DIR --epoch 25 --molecule 1u6g --rescue-every 0 1 2
+
+``RUN_DIR`` is a ``cryospin-lab reconstruct`` output folder (e.g. one of
+``bench/suite.py``'s runs) holding ``checkpoints/epoch_XXXX.pt`` at the epoch
+after which the run switched; ``DATA_DIR`` its simulated set. The run is
+continued from that checkpoint to its last epoch once per ``--rescue-every``
+value (0: the shipped direct stage), one thread each, and each ending is
+compared with the truth: the share of images more than 20° off (modulo the
+molecule's symmetry), the median pose error and FSC 0.5 against the true map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryospin_lab.analysis import metrics
+from cryospin_lab.engine.events import LogEvent, ResolutionEvent
+from cryospin_lab.engine.run_state import read_run
+from cryospin_lab.engine.trainer import Trainer
+from cryospin_lab.io.maps import load_ground_truth
+from cryospin_lab.io.particles import ParticleStack
+from cryospin_lab.simulate import molecule
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--epoch", type=int, required=True, help="the checkpoint to continue from")
+    parser.add_argument("--molecule", default=None, help="bundled molecule (for its symmetry)")
+    parser.add_argument("--rescue-every", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {' '.join(sys.argv)}; {platform.node()}, torch {torch.__version__}, {args.threads} thread(s)")
+    stack = ParticleStack(args.data_dir / "particles.star")
+    truth_map = load_ground_truth(args.data_dir / "ground_truth.mrc", stack)
+    symmetry = None if args.molecule is None else molecule(args.molecule).symmetry_rotations()
+    saved = read_run(args.run_dir / "checkpoints" / f"epoch_{args.epoch:04d}.pt")
+    for every in args.rescue_every:
+        torch.manual_seed(0)
+        config = dataclasses.replace(saved.config, rescue_every=every, device="cpu", threads=args.threads)
+        trainer = Trainer(stack, config, ground_truth_map=truth_map)
+        trainer.restore(saved)
+        start, moved, events = time.perf_counter(), [], []
+        for event in trainer.events():
+            events.append(event)
+            if isinstance(event, LogEvent) and event.message.startswith("re-search"):
+                moved.append(int(event.message.split()[1]))
+        rotations = trainer.branch().current_rotations()
+        pose = metrics.pose_error(trainer.true_rotations, rotations, symmetry_rotations=symmetry)
+        raw = metrics.pose_error(trainer.true_rotations, rotations)
+        over = float(np.mean(np.asarray(pose.errors_deg) > 20.0))
+        fsc = [e for e in events if isinstance(e, ResolutionEvent) and e.kind == "ground_truth"][-1]
+        print(
+            f"rescue_every {every}: over 20° {100 * over:.1f} %, median {pose.median_deg:.2f}°, mean "
+            f"{pose.mean_deg:.1f}° (raw: {raw.median_deg:.2f}°, {raw.mean_deg:.1f}°), "
+            f"FSC 0.5 {fsc.resolution_angstrom:.2f} Å, images moved per re-search "
+            f"{moved}, {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
