@@ -161,6 +161,7 @@ class ControlsPanel(Panel):
         """Control ``reconstruction`` from now on and forget the previous run's events."""
         self.reconstruction = reconstruction
         self.n_epochs = n_epochs if reconstruction is None else reconstruction.config.n_epochs
+        self.run_epochs = self.n_epochs  # as set; n_epochs moves on when a stuck start restarts
         self.n_particles = n_particles if reconstruction is None else reconstruction.n_particles
         self.phases: dict[str, Phase] = {"main": Phase.AMORTIZED}
         self.epochs_done: dict[str, int] = {"main": 0}
@@ -259,6 +260,8 @@ class ControlsPanel(Panel):
 
     def _on_phase(self, event: PhaseChangeEvent) -> None:
         self.phases[event.branch] = event.new
+        if event.reason == "restart" and self.n_epochs:  # a stuck start began again: the end moves on
+            self.n_epochs = max(self.n_epochs, self.run_epochs + event.epoch)
         if event.new is Phase.DIRECT:
             self.switches.append(event)
             if not any(phase is Phase.AMORTIZED for phase in self.phases.values()):

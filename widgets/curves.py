@@ -6,7 +6,9 @@
   number of traces); the current resolution in Å as text; resolution against
   wall time for every (branch, kind).
 * :class:`PoseErrorPanel`: mean (solid) and median (dashed) pose error per
-  branch over epochs, with each switch to the direct stage as a vertical line.
+  branch over epochs, with each switch to the direct stage as a vertical line
+  (and each restart of a stuck start as a red one: "attempt 2 after a stuck
+  start at epoch 4").
   After a fork the children's lines start at the parent's last point, so the
   divergence of the amortized and direct branches reads as in the paper.
 * :class:`LossPanel`: the step losses per branch, bin-averaged down to at most
@@ -209,7 +211,7 @@ class PoseErrorPanel(Panel):
             self.points.setdefault(child, parent[-1:])
 
     def _on_phase(self, event: PhaseChangeEvent) -> None:
-        if event.new is Phase.DIRECT:
+        if event.new is Phase.DIRECT or event.reason == "restart":
             self.switches.append(event)
 
     def redraw(self) -> None:
@@ -227,17 +229,20 @@ class PoseErrorPanel(Panel):
                 self.figure.data[index + 2].y = [p[3] for p in points]  # None: no symmetry, no line
             shapes, notes = [], []
             for k, event in enumerate(self.switches):
+                restart = event.reason == "restart"  # a stuck start begun again (engine/stuck.py)
                 shapes.append(
                     dict(
                         type="line", xref="x", yref="paper", x0=event.epoch, x1=event.epoch, y0=0, y1=1,
-                        line=dict(color="black", width=1.5, dash="dot"),
+                        line=dict(color="firebrick" if restart else "black", width=1.5, dash="dot"),
                     )
                 )  # fmt: skip
+                what = f"switch {SWITCH_REASONS.get(event.reason, event.reason)}"
+                if restart:
+                    what = event.detail.split(":")[0] + f" after a stuck start at epoch {event.epoch}"
                 notes.append(
                     dict(
                         x=event.epoch, y=1 - 0.07 * k, xref="x", yref="paper", showarrow=False,
-                        xanchor="left", font=dict(size=10),
-                        text=f" switch {SWITCH_REASONS.get(event.reason, event.reason)} ({event.branch})",
+                        xanchor="left", font=dict(size=10), text=f" {what} ({event.branch})",
                     )
                 )  # fmt: skip
             self.figure.layout.shapes = shapes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ METRICS_COLUMNS = (
     "phase",
     "branch",
     "mean_loss",
+    "structure_gain_pct",
     "pose_error_mean_deg",
     "pose_error_median_deg",
     "pose_error_mean_mod_sym_deg",
@@ -56,6 +58,7 @@ class EpochRecord:
     symmetry: str = ""  # the true map's near-symmetry, e.g. "its near 2-fold"; "" for none
     pose_error_mean_mod_sym_deg: float | None = None  # modulo that symmetry
     pose_error_median_mod_sym_deg: float | None = None
+    structure_gain: float | None = None  # amortized: see engine/stuck.py
 
     def summary_line(self, n_epochs: int) -> str:
         parts = [f"epoch {self.epoch:>{len(str(n_epochs))}}/{n_epochs}"]
@@ -64,6 +67,8 @@ class EpochRecord:
         parts += [f"{self.phase.value:<9}", f"loss {self.mean_loss:.4g}"]
         if self.head_shares:
             parts.append("heads " + "/".join(f"{100 * s:.0f}" for s in self.head_shares) + " %")
+        if self.structure_gain is not None:
+            parts.append(f"structure {100 * self.structure_gain:+.1f} %")
         if self.resolution_angstrom is not None:
             parts.append(f"res {self.resolution_angstrom:.1f} Å")
         if self.half_map_resolution_angstrom is not None:
@@ -87,6 +92,7 @@ class EpochRecord:
             "phase": self.phase.value,
             "branch": self.branch,
             "mean_loss": fmt(self.mean_loss),
+            "structure_gain_pct": fmt(None if self.structure_gain is None else 100 * self.structure_gain),
             "pose_error_mean_deg": fmt(self.pose_error_mean_deg),
             "pose_error_median_deg": fmt(self.pose_error_median_deg),
             "pose_error_mean_mod_sym_deg": fmt(self.pose_error_mean_mod_sym_deg),
@@ -178,6 +184,7 @@ class EpochCollector:
             phase=epoch.phase,
             mean_loss=epoch.mean_loss,
             head_shares=shares,
+            structure_gain=None if math.isnan(epoch.structure_gain) else epoch.structure_gain,
             pose_error_mean_deg=None if pose is None else pose.mean_deg,
             pose_error_median_deg=None if pose is None else pose.median_deg,
             symmetry="" if pose is None else pose.symmetry,

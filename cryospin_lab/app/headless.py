@@ -183,7 +183,7 @@ class _Progress:
                 self.expected_ends = n_branches
                 self.bar = tqdm(
                     total=self.steps_per_epoch * n_branches,
-                    desc=f"epoch {event.epoch + 1}/{self.trainer.config.n_epochs}",
+                    desc=f"epoch {event.epoch + 1}/{_last_epoch(self.trainer)}",
                     unit="step",
                     disable=not self.enabled,
                     leave=False,
@@ -267,7 +267,7 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
     _say(_run_header(trainer, settings, resumed_from))
     if resumed_from is not None:
         writer.keep_rows_until(epochs_done)
-        if min(epochs_done.values()) >= n_epochs:
+        if all(b.finished(n_epochs) for b in trainer.branches + trainer.finished):
             _say(
                 f"{resumed_from.name} is at epoch {max(epochs_done.values())} >= --epochs {n_epochs}: "
                 "nothing to run"
@@ -284,7 +284,7 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
             if isinstance(event, ForkEvent):
                 writer.add_branches(event.children)
             for done in collector.feed(event):  # before the bar: an epoch's line precedes the next bar
-                _epoch_done(done, writer, n_epochs)
+                _epoch_done(done, writer, _last_epoch(trainer))
             progress.update(event)
             message = _event_message(event)
             if message is not None:
@@ -296,9 +296,14 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
         log.close()
     progress.close()
     for done in collector.flush():
-        _epoch_done(done, writer, n_epochs)
+        _epoch_done(done, writer, _last_epoch(trainer))
     _report(writer.write_final(), writer)
     return 0
+
+
+def _last_epoch(trainer: Trainer) -> int:
+    """The run's last epoch: ``n_epochs``, moved on by a restarted stuck start (engine/stuck.py)."""
+    return max(trainer.config.n_epochs + b.epoch_offset for b in trainer.branches + trainer.finished)
 
 
 def _epoch_done(done: FinishedEpoch, writer: ResultWriter, n_epochs: int) -> None:
@@ -320,7 +325,7 @@ def _interrupted(trainer: Trainer, writer: ResultWriter, collector: EpochCollect
     saved = None
     try:
         for done in collector.flush():
-            _epoch_done(done, writer, trainer.config.n_epochs)
+            _epoch_done(done, writer, _last_epoch(trainer))
         saved = trainer.save_checkpoint("interrupted.pt")
         writer.write_final()
     except KeyboardInterrupt:

@@ -50,6 +50,9 @@ class Branch:
         self.phase = Phase.AMORTIZED
         self.epoch = 0  # epochs completed
         self.step = 0
+        self.seed_offset = seed_offset
+        self.attempt = 1  # amortized starts so far (a stuck start is restarted: engine/stuck.py)
+        self.epoch_offset = 0  # the epoch the current attempt started at; schedules count from it
         self.switch_rule = parse_switch_rule(cfg.switch)
         self.pending_switch: str | None = None  # reason of a switch requested for the next step
         if self.switch_rule == 0:
@@ -98,6 +101,9 @@ class Branch:
             "pending_switch": self.pending_switch or "",
             "switch_rule": str(self.switch_rule),
             "subset": self.subset,
+            "attempt": self.attempt,
+            "epoch_offset": self.epoch_offset,
+            "seed_offset": self.seed_offset,
         }
 
     def merge_ranks(self, comm: Comm) -> None:
@@ -115,6 +121,25 @@ class Branch:
             for adam in (table.rotation_adam, table.shift_adam):
                 for name in ("exp_avg", "exp_avg_sq", "steps"):
                     setattr(adam, name, comm.merge_rows(getattr(adam, name)))
+
+    @property
+    def schedule_epoch(self) -> int:
+        """Epochs completed by the current attempt: what the disc ramp and the switch rule count."""
+        return self.epoch - self.epoch_offset
+
+    def finished(self, n_epochs: int) -> bool:
+        """Whether the branch has run its ``n_epochs`` (counted from its current attempt)."""
+        return self.schedule_epoch >= n_epochs
+
+    def restart(self, config: TrainingConfig, feed: ParticleFeed, device: torch.device) -> None:
+        """A new amortized start: encoder, volume and optimisers from a new seed, epochs and steps
+        counted on, the schedules counted from here (a stuck start, engine/stuck.py)."""
+        fresh = Branch(self.name, config, feed, device, subset=self.subset,
+                       seed_offset=self.seed_offset + 1000 * self.attempt)  # fmt: skip
+        kept = dict(epoch=self.epoch, step=self.step, attempt=self.attempt + 1, epoch_offset=self.epoch,
+                    seed_offset=self.seed_offset)  # fmt: skip
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(kept)
 
     def rows(self, values: Tensor) -> Tensor:
         """``values`` restricted to this branch's rows (all rows outside gold-standard mode)."""
@@ -157,9 +182,11 @@ class Branch:
         cls, state: dict, config: TrainingConfig, feed: ParticleFeed, device: torch.device
     ) -> Branch:
         """A branch restored from :meth:`state_dict`."""
-        branch = cls(state["name"], config, feed, device, subset=state.get("subset"))
+        seed_offset = int(state.get("seed_offset", 0))
+        branch = cls(state["name"], config, feed, device, subset=state.get("subset"), seed_offset=seed_offset)
         branch.phase = Phase(state["phase"])
         branch.epoch, branch.step = int(state["epoch"]), int(state["step"])
+        branch.attempt, branch.epoch_offset = int(state.get("attempt", 1)), int(state.get("epoch_offset", 0))
         branch.volume.load_state_dict(state["volume"])
         branch.decoder_opt.load_state_dict(state["decoder_opt"])
         if state["encoder"] is None:

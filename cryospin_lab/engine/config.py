@@ -121,6 +121,14 @@ class TrainingConfig:
     stall_tolerance: float = setting(
         5e-4, "stall warning: loss improved less than this (relative)", NON_NEGATIVE
     )
+    # a stuck start is restarted from a new seed (docs/decisions.md#stuck-start)
+    stuck_check_epoch: int = setting(
+        4, "restart the amortized stage if stuck after this many epochs; 0: never", NON_NEGATIVE_INT
+    )
+    stuck_min_gain: float = setting(
+        0.04, "stuck: the map explains less than this share more than its spherical average", FRACTION
+    )
+    stuck_restarts: int = setting(2, "at most this many restarts of a stuck start", NON_NEGATIVE_INT)
     # every direct epoch: images left in a wrong basin at the switch find theirs (docs/decisions.md#rescue)
     rescue_every: int = setting(
         1, "direct stage: re-search every pose on a grid after this many epochs; 0: off", NON_NEGATIVE_INT

@@ -131,7 +131,7 @@ def candidates_event(
     ctx: StepContext, branch: Branch, tracked: Tensor, true_rotations: Tensor | None, stamp: dict
 ) -> PoseCandidatesEvent:
     """Every head's candidate and its loss for the ``tracked`` images (amortized stage)."""
-    rotations, _, losses = encoder_candidates(ctx, branch, tracked, ctx.feed.disc(branch.epoch))
+    rotations, _, losses = encoder_candidates(ctx, branch, tracked, ctx.feed.disc(branch.schedule_epoch))
     return PoseCandidatesEvent(
         indices=tracked.numpy(),
         rotations=rotations.cpu().numpy(),

@@ -142,10 +142,13 @@ class EpochEvent(Event):
     head_loss_gap: float = float("nan")
     # Median geodesic change of each image's best pose since the previous epoch (degrees).
     median_pose_change_deg: float = float("nan")
+    # Amortized: the share of the loss the map removes beyond its spherical average (engine/stuck.py).
+    structure_gain: float = float("nan")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "head_loss_gap", float(self.head_loss_gap))
+        _set(self, "structure_gain", float(self.structure_gain))
         _set(self, "median_pose_change_deg", float(self.median_pose_change_deg))
         _set(self, "mean_loss", float(self.mean_loss))
         _array(self, "head_win_counts", self.head_win_counts, ndim=1, dtype=np.int64)
@@ -240,14 +243,16 @@ class PhaseChangeEvent(Event):
 
     previous: Phase
     new: Phase
-    reason: str  # "manual" (switch_now), "epoch" (fixed epoch), "auto" (criterion), "finished"
+    # "manual" (switch_now), "epoch" (fixed epoch), "auto" (criterion), "finished"; "restart": a stuck
+    # amortized start began again (amortized -> amortized, engine/stuck.py)
+    reason: str
     detail: str = ""  # e.g. the criterion's value
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _set(self, "previous", Phase(self.previous))
         _set(self, "new", Phase(self.new))
-        _check_choice(self, "reason", self.reason, ("manual", "epoch", "auto", "finished"))
+        _check_choice(self, "reason", self.reason, ("manual", "epoch", "auto", "finished", "restart"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,21 +13,39 @@ already explore; so correct images stay put.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
 from cryospin_lab.engine.branch import Branch
+from cryospin_lab.engine.events import Event, LogEvent, Phase
 from cryospin_lab.engine.steps import StepContext
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 
-__all__ = ["RESCUE_RADIUS_FRACTION", "research_poses"]
+__all__ = ["RESCUE_RADIUS_FRACTION", "rescue_events", "research_poses"]
 
 RESCUE_RADIUS_FRACTION = 0.4  # the coarse disc: fine enough to tell basins apart, coarse for the grid
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
+
+
+def rescue_events(ctx: StepContext, branch: Branch, stamp: dict) -> Iterator[Event]:
+    """After a direct epoch, every ``rescue_every`` epochs but the last (no epoch left to refine): the
+    re-search, and its report."""
+    every = ctx.config.rescue_every
+    if (
+        branch.phase is not Phase.DIRECT
+        or not every
+        or branch.epoch % every
+        or branch.finished(ctx.config.n_epochs)
+    ):
+        return
+    moved, checked = research_poses(ctx, branch, ctx.config.rescue_nside)
+    yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose", **stamp)
 
 
 @torch.no_grad()

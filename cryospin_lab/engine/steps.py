@@ -107,7 +107,7 @@ class StepContext:
 
 def amortized_step(ctx: StepContext, branch: Branch, indices: Tensor) -> float:
     """One winner-takes-all step of the encoder and the volume on the images ``indices``; the loss."""
-    disc = ctx.feed.disc(branch.epoch)
+    disc = ctx.feed.disc(branch.schedule_epoch)
     n_batch = len(indices)  # the global batch; this rank trains on the images it owns
     indices = ctx.comm.local(indices)
     images, observed, ctf = ctx.feed.batch(indices, disc)
@@ -155,7 +155,7 @@ def amortized_step(ctx: StepContext, branch: Branch, indices: Tensor) -> float:
 
 def direct_step(ctx: StepContext, branch: Branch, indices: Tensor) -> float:
     """``n_pose_steps`` pose steps with the volume fixed, then one volume step; the last loss."""
-    disc = ctx.feed.disc(branch.epoch)
+    disc = ctx.feed.disc(branch.schedule_epoch)
     n_batch = len(indices)
     indices = ctx.comm.local(indices)  # this rank's images: its rows of the pose table
     images, observed, ctf = ctx.feed.batch(indices, disc)

@@ -41,14 +41,14 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     if rule == "never":
         return None
     if isinstance(rule, int):
-        return "epoch" if branch.epoch >= rule else None
-    if cfg.auto_max_epochs and branch.epoch >= cfg.auto_max_epochs:
+        return "epoch" if branch.schedule_epoch >= rule else None
+    if cfg.auto_max_epochs and branch.schedule_epoch >= cfg.auto_max_epochs:
         return "auto"
     # Not while the disc still grows, and the gap compared with its values on the full disc only:
     # it changes with every added shell, and at the start all heads agree on a blob
     # (docs/decisions.md#auto-gap-full-disc).
     full_disc = branch.gap_history[cfg.radius_ramp_epochs :]
-    if branch.epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not full_disc:
+    if branch.schedule_epoch < max(cfg.auto_min_epochs, cfg.radius_ramp_epochs + 1) or not full_disc:
         return None
     gap, lowest = full_disc[-1], min(full_disc)
     if pose_change_deg >= cfg.auto_stable_deg:

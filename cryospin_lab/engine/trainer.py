@@ -51,9 +51,10 @@ from cryospin_lab.engine.events import (
 )
 from cryospin_lab.engine.feed import ParticleFeed
 from cryospin_lab.engine.gold_standard import HALF_NAMES, GoldStandard, GoldStandardResult
-from cryospin_lab.engine.rescue import research_poses
+from cryospin_lab.engine.rescue import rescue_events
 from cryospin_lab.engine.run_state import SavedRun, bytes_needed, read_run, run_payload
 from cryospin_lab.engine.steps import NanGuard, StepContext
+from cryospin_lab.engine.stuck import restart, restart_reason, structure_gain
 from cryospin_lab.engine.switch_rule import pose_change, stall_message, switch_due
 from cryospin_lab.io.checkpoint import check_output_dir, save_checkpoint, set_rng_state
 from cryospin_lab.io.particles import ParticleStack
@@ -155,7 +156,7 @@ class Trainer:
         """Run to the end, yielding after each step (and at epoch ends, switches, forks)."""
         self._t0 = time.perf_counter() - self._elapsed_before_resume
         epoch_start = {b.name: time.perf_counter() for b in self.branches}
-        for branch in [b for b in self.branches if b.epoch >= self.config.n_epochs]:
+        for branch in [b for b in self.branches if b.finished(self.config.n_epochs)]:
             self.branches.remove(branch)  # a resumed run that has nothing left to do
             self.finished.append(branch)
         while self.branches:
@@ -171,7 +172,7 @@ class Trainer:
                     yield from self._end_epoch(branch, time.perf_counter() - epoch_start[branch.name])
                     if branch not in self.branches:  # forked while its epoch-end events were out
                         continue
-                    if branch.epoch >= self.config.n_epochs:
+                    if branch.finished(self.config.n_epochs):
                         self.branches.remove(branch)
                         self.finished.append(branch)
                         yield PhaseChangeEvent(
@@ -223,7 +224,7 @@ class Trainer:
 
     def _switch(self, branch: Branch, reason: str) -> Iterator[Event]:
         """Eq. 6: every image keeps its lowest-loss candidate; the encoder is replaced by a pose table."""
-        disc = self.feed.disc(branch.epoch)
+        disc = self.feed.disc(branch.schedule_epoch)
         n = len(self.stack)
         own_rows = branch.rows(torch.arange(n))
         # Sent before the pass (seconds for 10^4 images on a CPU) so that a waiting UI can say so.
@@ -252,6 +253,8 @@ class Trainer:
             branch.merge_ranks(self.comm)
         branch.epoch += 1
         change_deg = pose_change(branch)  # for the switch rule and the EpochEvent
+        amortized = branch.phase is Phase.AMORTIZED
+        gain = structure_gain(self.step_context, branch) if amortized else math.nan
         mean_gap = branch.epoch_gap_sum / max(branch.epoch_images, 1)
         mean_loss = branch.epoch_loss_sum / max(branch.epoch_images, 1)
         # Decided before the epoch's events go out, so that a listener (UI, benchmark) seeing
@@ -263,12 +266,10 @@ class Trainer:
             if reason is not None:  # also after the last epoch: a resumed, longer run switches as planned
                 branch.pending_switch = reason
         stamp = self._stamp(branch)
-        amortized = branch.phase is Phase.AMORTIZED
         yield EpochEvent(
+            structure_gain=gain,
             head_loss_gap=mean_gap if amortized else math.nan,
-            median_pose_change_deg=math.nan
-            if branch.pose_table is not None and not amortized
-            else change_deg,
+            median_pose_change_deg=change_deg if amortized or branch.pose_table is None else math.nan,
             mean_loss=mean_loss,
             head_win_counts=branch.head_wins.numpy().copy(),
             n_images_seen=branch.epoch_images,
@@ -281,10 +282,11 @@ class Trainer:
                 yield LogEvent(message=stalled, level="warning", **stamp)
         yield from self.reporter.events(branch, stamp)
         self._last_volume_time = time.perf_counter()
-        rescue = cfg.rescue_every and branch.epoch % cfg.rescue_every == 0 and branch.epoch < cfg.n_epochs
-        if branch.phase is Phase.DIRECT and rescue:  # not after the last epoch: no epoch left to refine
-            moved, checked = research_poses(self.step_context, branch, cfg.rescue_nside)
-            yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose", **stamp)
+        if amortized and (why := restart_reason(branch, gain, cfg)) is not None:
+            yield from restart(
+                branch, why, stamp, self.step_context, self.device, self.gold_standard is not None
+            )
+        yield from rescue_events(self.step_context, branch, stamp)
         if self.gold_standard is not None:
             halves = [self.branch(name) for name in HALF_NAMES]
             yield from self.gold_standard.epoch_events(*halves, self._stamp(halves[0]))
@@ -330,7 +332,7 @@ class Trainer:
         if command is Command.FORK:
             if self.config.gold_standard:
                 raise CommandError("fork is not available in gold-standard mode (two independent halves)")
-            done = [b.name for b in targets if b.epoch >= self.config.n_epochs]
+            done = [b.name for b in targets if b.finished(self.config.n_epochs)]
             if done:
                 raise CommandError(f"cannot fork branch(es) {done}: their last epoch is over")
             return [event for b in targets if b.phase is Phase.AMORTIZED for event in self._fork(b)]
@@ -436,8 +438,8 @@ class Trainer:
         running = [Branch.from_state(s, self.config, self.feed, self.device) for s in saved.branches]
         finished = [Branch.from_state(s, self.config, self.feed, self.device) for s in saved.finished]
         # With a larger n_epochs than the checkpoint's run, finished branches go on.
-        self.branches = running + [b for b in finished if b.epoch < self.config.n_epochs]
-        self.finished = [b for b in finished if b.epoch >= self.config.n_epochs]
+        self.branches = running + [b for b in finished if not b.finished(self.config.n_epochs)]
+        self.finished = [b for b in finished if b.finished(self.config.n_epochs)]
         for branch in self.branches:
             if branch.encoder is not None:
                 convert_batchnorm(branch.encoder, self.comm)

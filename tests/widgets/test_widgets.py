@@ -183,6 +183,21 @@ def test_pose_error_has_both_branches_after_a_fork_and_marks_switches():
     assert "by hand" in panel.figure.layout.annotations[0].text
 
 
+def test_pose_error_marks_the_restart_of_a_stuck_start():
+    events = [pose_event(k, 100, 95) for k in (1, 2, 3, 4)]
+    events.append(
+        PhaseChangeEvent(
+            previous=Phase.AMORTIZED, new=Phase.AMORTIZED, reason="restart",
+            detail="attempt 2: stuck start: after epoch 4 of attempt 1 ...", **stamp(epoch=4),
+        )
+    )  # fmt: skip
+    events += [pose_event(5, 90, 80), pose_event(6, 40, 20)]
+    panel = PoseErrorPanel().feed(events)
+    (line,) = panel.figure.layout.shapes
+    assert line.x0 == 4 and line.line.color == "firebrick"
+    assert "attempt 2 after a stuck start at epoch 4" in panel.figure.layout.annotations[0].text
+
+
 def test_pose_error_shows_the_median_modulo_the_true_maps_symmetry_and_names_it():
     events = [
         PoseErrorEvent(
