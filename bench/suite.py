@@ -11,17 +11,18 @@ For each molecule of ``simulate.molecules.MOLECULES`` (or ``--molecules``): a
 stack simulated by the project's simulator at D=64 (``--box``), SNR 0.1, CTF,
 the pixel size from ``--apix auto`` (the molecule spans two thirds of the
 box), cached under ``--out``; with ``--shifted``, particles off-centre
-uniformly within 3 pixels (the simulator draws in a disc) and reconstructed
-with ``--estimate-shifts``. Then ``cryospin-lab reconstruct`` with the
-shipped defaults and only ``--seed`` (and ``--threads``) set, one process per
-run, ``--parallel`` at a time. Per molecule and seed: the epoch it left the
-plateau (its map first reached 3x Nyquist, FSC 0.5 against the truth), the
-final FSC 0.5 in Å and as a multiple of Nyquist, the pose error mean/median
-raw and modulo the molecule's symmetry, the share of images more than 20° off
-(modulo symmetry), the switch epoch, wall time, and whether it got stuck
-(never left the plateau). Writes ``suite_<label>_<date>.md`` (table, command,
-machine), ``.jsonl`` (one record per run) and ``.png`` (resolution against
-epoch, one panel per molecule) to ``--results``. Figures, not pass/fail.
+uniformly within 3 pixels (the simulator draws in a disc), a tenth of them
+within 6 pixels instead, and reconstructed with ``--estimate-shifts``. Then
+``cryospin-lab reconstruct`` with the shipped defaults and only ``--seed``
+(and ``--threads``) set, one process per run, ``--parallel`` at a time. Per
+molecule and seed: the epoch it left the plateau (its map first reached 3x
+Nyquist, FSC 0.5 against the truth), the final FSC 0.5 in Å and as a multiple
+of Nyquist, the pose error mean/median raw and modulo the molecule's symmetry,
+the share of images more than 20° off (modulo symmetry), the switch epoch,
+wall time, and whether it got stuck (never left the plateau). Writes
+``suite_<label>_<date>.md`` (table, command, machine), ``.jsonl`` (one record
+per run) and ``.png`` (resolution against epoch, one panel per molecule) to
+``--results``. Figures, not pass/fail.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from cryospin_lab.simulate import MOLECULES, fitting_pixel_size, molecule, simul
 ROOT = Path(__file__).resolve().parents[1]
 PLATEAU_NYQUIST = 3.0  # a run has left the plateau once its map reaches this multiple of Nyquist
 SHIFT_PIXELS = 3.0
+OUTLIERS = (0.1, 6.0)  # --shifted: a tenth of the images within 6 pixels instead (badly picked)
 
 
 def simulate(name: str, args, out: Path):
@@ -57,12 +59,15 @@ def simulate(name: str, args, out: Path):
     mol = molecule(name)
     apix = fitting_pixel_size(mol.path, args.box, map_pixel_size_angstrom=mol.map_pixel_size_angstrom)
     shift = SHIFT_PIXELS * apix if args.shifted else 0.0
+    outliers = (OUTLIERS[0], OUTLIERS[1] * apix) if args.shifted else (0.0, 0.0)
     folder = out / "data" / f"{name}_n{args.n}_box{args.box}_snr{args.snr:g}_shift{shift:.3g}"
+    folder = folder.with_name(folder.name + (f"_outliers{outliers[0]:g}" if args.shifted else ""))
     star = folder / "particles.star"
     if not star.is_file():
         simulate_particles(
             mol.path, out_dir=folder, box_size=args.box, pixel_size_angstrom=apix, n_particles=args.n,
-            snr=args.snr, max_shift_angstrom=shift, seed=0, progress=False,
+            snr=args.snr, max_shift_angstrom=shift, seed=0, progress=False, outlier_fraction=outliers[0],
+            outlier_max_shift_angstrom=outliers[1],
             map_pixel_size_angstrom=mol.map_pixel_size_angstrom,
         )  # fmt: skip
     return folder, apix

@@ -162,6 +162,14 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="shifts uniform in a disc of this radius in Å (default 0: centred)",
     )
+    parser.add_argument(
+        "--outliers",
+        type=_non_negative_float,
+        nargs=2,
+        metavar=("FRACTION", "MAX_SHIFT_ANGSTROM"),
+        default=(0.0, 0.0),
+        help="this share of the images shifted within a disc of this radius instead (default none)",
+    )
     parser.add_argument("--no-ctf", action="store_true", help="no CTF (images are plain projections)")
     parser.add_argument(
         "--defocus-um",
@@ -195,6 +203,11 @@ def run_simulate(args: argparse.Namespace) -> int:
         )
     if args.box < 4:
         raise ValueError(f"--box must be at least 4, got {args.box}")
+    if args.outliers[0] > 1 or (args.outliers[0] > 0) != (args.outliers[1] > 0):
+        raise ValueError(
+            "--outliers FRACTION MAX_SHIFT_ANGSTROM needs a fraction in [0, 1] and, with a fraction, a "
+            f"radius > 0; got {args.outliers[0]:g} {args.outliers[1]:g}"
+        )
     try:
         result = _simulate(args, model)
     except ValueError as exc:
@@ -227,6 +240,8 @@ def _simulate(args: argparse.Namespace, model: Path):
         n_particles=args.n,
         snr=args.snr,
         max_shift_angstrom=args.max_shift_angstrom,
+        outlier_fraction=args.outliers[0],
+        outlier_max_shift_angstrom=args.outliers[1],
         ctf=not args.no_ctf,
         defocus="empiar10028" if args.defocus_um is None else tuple(args.defocus_um),
         seed=args.seed,
@@ -382,6 +397,11 @@ def _print_result(result, seconds: float) -> None:
     print(
         f"  {result.n_particles} images, box {result.box_size}, {result.pixel_size_angstrom:g} Å/px, "
         f"SNR {snr}, defocus {defocus}, max shift {result.max_shift_angstrom:g} Å"
+        + (
+            f" ({100 * result.outlier_fraction:g} % within {result.outlier_max_shift_angstrom:g} Å)"
+            if result.outlier_fraction
+            else ""
+        )  # fmt: skip
     )
     print(f"  time: {seconds:.1f} s")
 

@@ -102,17 +102,26 @@ def draw_ground_truth(
     max_shift_angstrom: float = 0.0,
     ctf: bool = True,
     defocus: str | tuple[float, float] = "empiar10028",
+    outlier_fraction: float = 0.0,
+    outlier_max_shift_angstrom: float = 0.0,
 ) -> GroundTruth:
     """Random poses, shifts and CTF of ``n_particles`` images (deterministic for a seed).
 
     Rotations are Haar-uniform; shifts uniform in the disc ``|t| <= max_shift_angstrom``
-    (radius ``R sqrt(u)``, angle uniform); the CTF as described in the module docstring.
+    (radius ``R sqrt(u)``, angle uniform), except a random ``outlier_fraction`` of the
+    images (default none: badly picked particles), uniform in the disc of
+    ``outlier_max_shift_angstrom``; the CTF as described in the module docstring.
     """
     check_defocus(defocus)
     rotation_generator, shift_rng, ctf_rng, _ = random_streams(seed)
     rotations = so3.random_rotations(n_particles, generator=rotation_generator)
     radius = max_shift_angstrom * np.sqrt(shift_rng.random(n_particles))
     angle = 2 * np.pi * shift_rng.random(n_particles)
+    n_outliers = int(round(outlier_fraction * n_particles))
+    if n_outliers:  # drawn after the others, so the other images keep the shifts of a set without outliers
+        rows = shift_rng.choice(n_particles, n_outliers, replace=False)
+        radius[rows] = outlier_max_shift_angstrom * np.sqrt(shift_rng.random(n_outliers))
+        angle[rows] = 2 * np.pi * shift_rng.random(n_outliers)
     shifts = torch.from_numpy(np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1))
     ctf_params = None
     if ctf:

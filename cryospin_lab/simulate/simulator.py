@@ -6,7 +6,9 @@ Image formation, as a chain of small steps (docs/method.md §1):
    map resampled to the requested grid (:func:`load_source_volume`), or an array.
 2. ``poses``: rotations uniform on SO(3) (``so3.random_rotations``); shifts
    ``t`` uniform in a disc of radius ``max_shift_angstrom`` (the particle centre
-   moves by ``+t``; the STAR file gets ``rlnOriginX/YAngst = -t``).
+   moves by ``+t``; the STAR file gets ``rlnOriginX/YAngst = -t``), except an
+   optional ``outlier_fraction`` of the images shifted within
+   ``outlier_max_shift_angstrom`` instead, like badly picked particles.
 3. ``CTF``: defocus drawn from the real EMPIAR-10028 distribution (the packaged
    ``empiar10028_ctf.npz``: defocus U/V/angle, 300 kV, Cs 2.0 mm, w 0.1, of
    105,247 real particles), or uniform in a range (no astigmatism; 300 kV,
@@ -107,6 +109,8 @@ class SimulationResult:
         defocus_min_angstrom, defocus_max_angstrom: range of the drawn mean defocus (0 without CTF).
         seed: the random seed.
         seconds: wall time of the simulation.
+        outlier_fraction, outlier_max_shift_angstrom: the share of images shifted within the
+            larger disc instead (0 and 0 for none; summaries written before they existed read so).
     """
 
     out_dir: Path
@@ -128,6 +132,8 @@ class SimulationResult:
     defocus_max_angstrom: float
     seed: int
     seconds: float
+    outlier_fraction: float = 0.0
+    outlier_max_shift_angstrom: float = 0.0
 
     def to_json(self) -> str:
         """JSON text (paths relative to ``out_dir``, ``inf`` as the string ``"inf"``)."""
@@ -162,7 +168,9 @@ class SimulationResult:
         return result
 
 
-def _validate(n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed, batch_size) -> None:
+def _validate(
+    n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed, batch_size, outliers=(0.0, 0.0)
+) -> None:
     def is_int(value, minimum):
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
 
@@ -185,6 +193,18 @@ def _validate(n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstro
             is_real(max_shift_angstrom) and 0 <= max_shift_angstrom < math.inf,
             "a finite number >= 0",
         ),
+        (
+            "outlier_fraction",
+            outliers[0],
+            is_real(outliers[0]) and 0 <= outliers[0] <= 1,
+            "a number in [0, 1]",
+        ),
+        (
+            "outlier_max_shift_angstrom",
+            outliers[1],
+            is_real(outliers[1]) and 0 <= outliers[1] < math.inf and (outliers[1] > 0 or not outliers[0]),
+            "a finite number >= 0, and > 0 when outlier_fraction is",
+        ),
         ("seed", seed, is_int(seed, 0), "an integer >= 0"),
         ("batch_size", batch_size, is_int(batch_size, 1), "an integer >= 1"),
     )
@@ -206,6 +226,8 @@ def simulate_particles(
     defocus: str | tuple[float, float] = "empiar10028",
     seed: int = 0,
     progress: bool = True,
+    outlier_fraction: float = 0.0,
+    outlier_max_shift_angstrom: float = 0.0,
     map_pixel_size_angstrom: float | None = None,
     b_factor_angstrom2: float | None = None,
     batch_size: int = 500,
@@ -222,6 +244,8 @@ def simulate_particles(
         n_particles: number of images.
         snr: signal-to-noise ratio ``mean_i var(clean_i) / sigma^2`` over the whole box; ``inf`` = no noise.
         max_shift_angstrom: shifts are uniform in a disc of this radius (0 = centred particles).
+        outlier_fraction, outlier_max_shift_angstrom: a random share of the images (default none)
+            shifted uniformly in a larger disc instead, like badly picked particles.
         ctf: apply a CTF (``image = -CTF * projection``); without it ``image = projection``.
         defocus: ``"empiar10028"`` (the real distribution) or a ``(min_um, max_um)`` range.
         seed: random seed; the same seed gives identical files.
@@ -233,7 +257,8 @@ def simulate_particles(
             device; the projections themselves may differ by float rounding between devices.
     """
     start_time = time.perf_counter()
-    _validate(n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed, batch_size)
+    outliers = (outlier_fraction, outlier_max_shift_angstrom)
+    _validate(n_particles, box_size, pixel_size_angstrom, snr, max_shift_angstrom, seed, batch_size, outliers)
     defocus_label = check_defocus(defocus) if ctf else "none"
     n_particles, box_size, seed = int(n_particles), int(box_size), int(seed)
     volume = load_source_volume(
@@ -244,8 +269,9 @@ def simulate_particles(
         b_factor_angstrom2=b_factor_angstrom2,
     )
     truth = draw_ground_truth(
-        n_particles, seed=seed, max_shift_angstrom=max_shift_angstrom, ctf=ctf, defocus=defocus
-    )
+        n_particles, seed=seed, max_shift_angstrom=max_shift_angstrom, ctf=ctf, defocus=defocus,
+        outlier_fraction=outlier_fraction, outlier_max_shift_angstrom=outlier_max_shift_angstrom,
+    )  # fmt: skip
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = {
@@ -289,6 +315,8 @@ def simulate_particles(
             defocus_max_angstrom=0.0 if mean_defocus is None else float(mean_defocus.max()),
             seed=seed,
             seconds=round(time.perf_counter() - start_time, 3),
+            outlier_fraction=float(outlier_fraction),
+            outlier_max_shift_angstrom=float(outlier_max_shift_angstrom),
         )
         tmp["summary"].write_text(result.to_json())
         for key in final:

@@ -37,8 +37,9 @@ def _one_line_error(text: str) -> str:
 def test_simulate_atomic_model(model, tmp_path, capsys):
     out = tmp_path / "sim"
     argv = ["simulate", model, "--out", str(out), "--n", "20", "--box", "32", "--max-shift-angstrom", "5"]
-    assert cli.main(argv + ["--seed", "1", "--no-progress"]) == 0
+    assert cli.main(argv + ["--seed", "1", "--no-progress", "--outliers", "0.1", "8"]) == 0
     printed = capsys.readouterr().out
+    assert "max shift 5 Å (10 % within 8 Å)" in printed
     assert "20 images, box 32, 3 Å/px, SNR 0.1" in printed and str(out / "particles.star") in printed
     with mrcfile.open(out / "particles.mrcs") as mrc:
         assert mrc.data.shape == (20, 32, 32) and mrc.voxel_size.x == pytest.approx(3.0)
@@ -52,7 +53,8 @@ def test_simulate_atomic_model(model, tmp_path, capsys):
     assert set(particle_columns) <= set(particles.columns)
     optics_columns = ["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast", "rlnImagePixelSize"]
     assert set(optics_columns + ["rlnImageSize"]) <= set(blocks["optics"].columns)
-    assert np.hypot(particles["rlnOriginXAngst"], particles["rlnOriginYAngst"]).max() <= 5.0
+    radius = np.hypot(particles["rlnOriginXAngst"], particles["rlnOriginYAngst"])
+    assert radius.max() <= 8.0 and int((radius > 5.0).sum()) <= 2  # 2 of 20 images are outliers
     assert np.ptp(particles["rlnOriginXAngst"]) > 0  # shifts were drawn
 
 
@@ -96,12 +98,13 @@ def _bad_inputs(data_dir: Path, tmp_path: Path):
         (["simulate", model, "--out", out, "--n", "ten"], 2, "--n"),
         (["simulate", model, "--out", out, "--max-shift-angstrom", "-3"], 2, "--max-shift-angstrom"),
         (["simulate", model, "--out", out, "--defocus-um", "3", "1"], 1, "--defocus-um"),
+        (["simulate", model, "--out", out, "--outliers", "1.5", "6"], 1, "--outliers"),
         (["simulate", model], 2, "--out"),
         (["frobnicate"], 2, "frobnicate"),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+@pytest.mark.parametrize("case", range(13))
 def test_bad_input_one_line_error(case, data_dir, tmp_path, capsys):
     argv, status, fragment = _bad_inputs(data_dir, tmp_path)[case]
     assert cli.main(argv + ["--no-progress"] if argv[0] == "simulate" else argv) == status

@@ -380,10 +380,28 @@ def test_bad_arguments(model_path, tmp_path):
         dict(max_shift_angstrom=-1.0),
         dict(defocus=(3.0, 1.0)),
         dict(defocus="relion"),
+        dict(outlier_fraction=1.5, outlier_max_shift_angstrom=6.0),
+        dict(outlier_fraction=0.1),  # outliers need their disc
     ):
         with pytest.raises(ValueError):
             _simulate(model_path, tmp_path, **bad)
     assert not any(tmp_path.iterdir())
+
+
+def test_outliers_are_a_fraction_shifted_within_the_larger_disc():
+    n, inner, outer = 4000, 3.0, 6.0
+    plain = simulate.draw_ground_truth(n, seed=5, max_shift_angstrom=inner, ctf=False)
+    mixed = simulate.draw_ground_truth(
+        n, seed=5, max_shift_angstrom=inner, ctf=False, outlier_fraction=0.1, outlier_max_shift_angstrom=outer
+    )
+    moved = (mixed.shifts_angstrom != plain.shifts_angstrom).any(dim=1)
+    assert int(moved.sum()) == 400  # exactly the fraction; every other image keeps its shift
+    assert torch.equal(mixed.rotations, plain.rotations)
+    radius = mixed.shifts_angstrom.norm(dim=1)
+    assert float(radius[~moved].max()) <= inner and float(radius[moved].max()) <= outer
+    # uniform in the larger disc: a share 1 - (3/6)^2 = 3/4 of the outliers lies outside the inner one
+    outside = float((radius[moved] > inner).double().mean())
+    assert abs(outside - 0.75) < 4 * (0.75 * 0.25 / 400) ** 0.5, outside
 
 
 # ----------------------------------------------------------------------------- maps
