@@ -35,6 +35,7 @@ only plotly's own message.
 
 from __future__ import annotations
 
+import math
 import time
 from copy import deepcopy
 from typing import Any
@@ -46,7 +47,7 @@ from traitlets import Dict, observe
 
 from ._plotly_module import figure_module
 
-__all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none"]
+__all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none", "epoch_ticks"]
 
 
 def _state_copies(fig: go.FigureWidget) -> tuple[list, dict]:
@@ -194,3 +195,9 @@ def gaps_as_none(values, digits: int | None = 4) -> np.ndarray:
         if top > 0:
             values = np.round(values, digits - 1 - int(np.floor(np.log10(top))))
     return np.where(finite, values, None)
+
+
+def epoch_ticks(last_epoch: float) -> dict:
+    """Whole-epoch ticks for an "epochs done" axis (plotly's own pick gives 1.2, 1.4, ... on a short
+    run): a tick every epoch up to 10, then every ``ceil(last / 10)``."""
+    return dict(tickmode="linear", tick0=0, dtick=max(1, math.ceil(last_epoch / 10)))

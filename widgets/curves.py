@@ -36,7 +36,7 @@ from cryospin_lab.engine.events import (
     StepEvent,
 )
 
-from ._plotly import new_figure
+from ._plotly import epoch_ticks, new_figure
 from .heads import BranchSelector, head_color
 from .pump import Panel
 
@@ -227,6 +227,8 @@ class PoseErrorPanel(Panel):
                 self.figure.data[index + 1].y = [p[2] for p in points]
                 self.figure.data[index + 2].x = epochs
                 self.figure.data[index + 2].y = [p[3] for p in points]  # None: no symmetry, no line
+            last = max((p[0] for points in self.points.values() for p in points), default=1)
+            self.figure.layout.xaxis.update(epoch_ticks(last))
             shapes, notes = [], []
             for k, event in enumerate(self.switches):
                 restart = event.reason == "restart"  # a stuck start begun again (engine/stuck.py)

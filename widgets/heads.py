@@ -24,7 +24,7 @@ from plotly.colors import qualitative
 
 from cryospin_lab.engine.events import EpochEvent, ForkEvent
 
-from ._plotly import new_figure
+from ._plotly import epoch_ticks, new_figure
 from .pump import Panel
 
 __all__ = ["HeadAssignmentsPanel", "BranchSelector", "COLLAPSE_SHARE", "head_color"]
@@ -189,6 +189,8 @@ class HeadAssignmentsPanel(Panel):
             for head in range(n_heads):
                 self.areas.data[head].x = epochs
                 self.areas.data[head].y = shares[:, head]
+            self.areas.layout.xaxis.update(epoch_ticks(epochs[-1]))
+            self.areas.layout.title.text = f"winner share over epochs, branch {branch}"
         self.status.value = (
             f"branch <b>{html.escape(branch)}</b>, epoch {epochs[-1]}: {int(counts.sum())} images, "
             f"{n_heads} heads"

@@ -150,7 +150,7 @@ class Workbench:
                 for title, panel in self.panels.items()
             ]
         self.title.value = (
-            f"<h2>cryospin-lab workbench</h2><small>{html.escape(repr(reconstruction))}</small>"
+            f"<h2>cryospin-lab workbench</h2><small>{html.escape(reconstruction.describe())}</small>"
             if reconstruction is not None
             else "<h2>cryospin-lab workbench</h2><small>no run yet: choose settings and press Start</small>"
         )

@@ -282,9 +282,13 @@ class Reconstruction:
             defocus_angstrom=defocus,
         )
 
-    def __repr__(self) -> str:
+    def describe(self) -> str:
+        """The data and settings in one line (what does not change while the run goes on)."""
         return (
-            f"Reconstruction({self.particles_path.name}: {self.n_particles} particles, box {self.box_size}, "
+            f"{self.particles_path.name}: {self.n_particles} particles, box {self.box_size}, "
             f"{self.pixel_size_angstrom:g} Å/px, {self.n_heads} heads, switch {self.config.switch!r}, "
-            f"{self.config.n_epochs} epochs, state {self.state!r})"
+            f"{self.config.n_epochs} epochs"
         )
+
+    def __repr__(self) -> str:
+        return f"Reconstruction({self.describe()}, state {self.state!r})"

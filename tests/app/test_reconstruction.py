@@ -57,6 +57,8 @@ def test_settings_reach_the_config(small_set, tmp_path):
     assert rec.config.switch == "1" and rec.config.encoder_lr == 2e-4
     assert rec.n_particles == 48 and rec.box_size == BOX and rec.pixel_size_angstrom == pytest.approx(2.5)
     assert rec.state == "created" and "48 particles" in repr(rec)
+    # the workbench's header line: no state, which would go stale while the run goes on
+    assert "48 particles" in rec.describe() and "state" not in rec.describe()
     assert rec.ground_truth_map.shape == (BOX,) * 3
 
 

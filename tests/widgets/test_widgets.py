@@ -80,6 +80,7 @@ def test_head_shares_match_injected_counts_and_sum_to_one():
     np.testing.assert_allclose(stacked.sum(axis=0), 1.0)
     assert list(panel.areas.data[0].x) == [1, 2, 3]
     assert panel.warning.value == ""
+    assert panel.areas.layout.xaxis.dtick == 1 and "branch main" in panel.areas.layout.title.text
 
 
 def test_collapse_warning_names_the_head_under_one_percent():
@@ -181,6 +182,9 @@ def test_pose_error_has_both_branches_after_a_fork_and_marks_switches():
     (line,) = panel.figure.layout.shapes
     assert line.x0 == line.x1 == 3
     assert "by hand" in panel.figure.layout.annotations[0].text
+    assert panel.figure.layout.xaxis.dtick == 1  # whole epochs, not 1.2, 1.4, ...
+    panel.feed([pose_event(25, 5, 3, "direct")])
+    assert panel.figure.layout.xaxis.dtick == 3
 
 
 def test_pose_error_marks_the_restart_of_a_stuck_start():
