@@ -163,13 +163,9 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
         help="shifts uniform in a disc of this radius in Å (default 0: centred)",
     )
     parser.add_argument(
-        "--outliers",
-        type=_non_negative_float,
-        nargs=2,
-        metavar=("FRACTION", "MAX_SHIFT_ANGSTROM"),
-        default=(0.0, 0.0),
-        help="this share of the images shifted within a disc of this radius instead (default none)",
-    )
+        "--outliers", type=_non_negative_float, nargs=2, metavar=("FRACTION", "MAX_SHIFT_ANGSTROM"),
+        default=(0.0, 0.0), help="this share of the images shifted within a disc of this radius instead",
+    )  # fmt: skip
     parser.add_argument("--no-ctf", action="store_true", help="no CTF (images are plain projections)")
     parser.add_argument(
         "--defocus-um",
@@ -384,24 +380,16 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _print_result(result, seconds: float) -> None:
     snr = "inf (noiseless)" if math.isinf(result.snr) else f"{result.snr:g}"
-    if result.ctf:
-        defocus = (
-            f"{result.defocus_min_angstrom / 1e4:.2f}-{result.defocus_max_angstrom / 1e4:.2f} µm "
-            f"({result.defocus})"
-        )
-    else:
-        defocus = "no CTF"
+    low, high = result.defocus_min_angstrom / 1e4, result.defocus_max_angstrom / 1e4
+    defocus = f"{low:.2f}-{high:.2f} µm ({result.defocus})" if result.ctf else "no CTF"
+    out = result.outlier_fraction
+    outliers = f" ({100 * out:g} % within {result.outlier_max_shift_angstrom:g} Å)" if out else ""
     print(f"  particles:    {result.particles_path}")
     print(f"  metadata:     {result.star_path}")
     print(f"  ground truth: {result.ground_truth_path}")
     print(
         f"  {result.n_particles} images, box {result.box_size}, {result.pixel_size_angstrom:g} Å/px, "
-        f"SNR {snr}, defocus {defocus}, max shift {result.max_shift_angstrom:g} Å"
-        + (
-            f" ({100 * result.outlier_fraction:g} % within {result.outlier_max_shift_angstrom:g} Å)"
-            if result.outlier_fraction
-            else ""
-        )  # fmt: skip
+        f"SNR {snr}, defocus {defocus}, max shift {result.max_shift_angstrom:g} Å{outliers}"
     )
     print(f"  time: {seconds:.1f} s")
 
