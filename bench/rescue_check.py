@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cryospin_lab.analysis import metrics
+from cryospin_lab.engine import rescue
 from cryospin_lab.engine.events import LogEvent, ResolutionEvent
 from cryospin_lab.engine.run_state import read_run
 from cryospin_lab.engine.trainer import Trainer
@@ -42,8 +43,13 @@ def main() -> int:
     parser.add_argument("--molecule", default=None, help="bundled molecule (for its symmetry)")
     parser.add_argument("--rescue-every", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--radius", type=float, default=None, help="the re-search's disc, a fraction of the full radius"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.radius is not None:
+        rescue.RESCUE_RADIUS_FRACTION = args.radius
     print(f"# {' '.join(sys.argv)}; {platform.node()}, torch {torch.__version__}, {args.threads} thread(s)")
     stack = ParticleStack(args.data_dir / "particles.star")
     truth_map = load_ground_truth(args.data_dir / "ground_truth.mrc", stack)
