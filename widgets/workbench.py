@@ -1,7 +1,8 @@
 """The workbench: every panel of a reconstruction on one page, fed by one UI pump.
 
 ``Workbench(reconstruction)`` builds the controls and the panels (pose
-posterior, head assignments, head specialisation, FSC, pose error, loss, map),
+posterior, the whole set's ambiguity, head assignments, head specialisation,
+FSC, pose error, loss, map),
 puts them in tabs (or stacked, ``layout="stack"``, for Voila and screenshots)
 and starts one :class:`~cryospin_lab.widgets.pump.UIPump` on the kernel loop.
 When the controls build a new reconstruction from their form, the pump is
@@ -99,6 +100,9 @@ class Workbench:
         posterior = _optional_panel_class("posterior", "PosteriorPanel")
         if posterior is not None:
             self._specs.append(("Pose posterior", lambda rec: posterior(rec, nside=posterior_nside)))
+        ambiguity = _optional_panel_class("ambiguity", "AmbiguityPanel")
+        if ambiguity is not None:
+            self._specs.append(("Ambiguity", lambda rec: ambiguity(rec, nside=posterior_nside)))
         self._specs.append(("Head assignments", HeadAssignmentsPanel))
         specialisation = _optional_panel_class("specialisation", "HeadSpecialisationPanel")
         if specialisation is not None:
@@ -137,6 +141,8 @@ class Workbench:
             except Exception as err:
                 self.panels[title] = _BrokenPanel(title, err)
         self.pump.panels = [self.controls, *self.panels.values()]
+        if hasattr(self.panels.get("Ambiguity"), "on_select"):  # its buttons open a particle's posterior
+            self.panels["Ambiguity"].on_select = self._open_particle
         if self.layout == "tabs":
             self.container.children = [panel.widget for panel in self.panels.values()]
             for index, title in enumerate(self.panels):
@@ -154,6 +160,15 @@ class Workbench:
             if reconstruction is not None
             else "<h2>cryospin-lab workbench</h2><small>no run yet: choose settings and press Start</small>"
         )
+
+    def _open_particle(self, index: int) -> None:
+        """Show particle ``index`` in the pose-posterior panel (and its tab)."""
+        posterior = self.panels.get("Pose posterior")
+        if posterior is None or not hasattr(posterior, "index"):
+            return
+        posterior.index = index
+        if self.layout == "tabs":
+            self.container.selected_index = list(self.panels).index("Pose posterior")
 
     def _bind(self, reconstruction) -> None:
         """Follow a new reconstruction (built by the controls' form)."""

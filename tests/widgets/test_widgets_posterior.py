@@ -19,13 +19,14 @@ import torch
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 pytest.importorskip("anywidget")
+from cryospin_lab.widgets.ambiguity import AmbiguityPanel  # noqa: E402
 from cryospin_lab.widgets.heads import head_color  # noqa: E402
 from cryospin_lab.widgets.posterior import PosteriorPanel  # noqa: E402
 from cryospin_lab.widgets.specialisation import HeadSpecialisationPanel  # noqa: E402
 from healpy.projector import MollweideProj  # noqa: E402
 
 from cryospin_lab.analysis import metrics
-from cryospin_lab.analysis.pose_posterior import render_image  # noqa: E402
+from cryospin_lab.analysis.pose_posterior import render_image, view_posterior  # noqa: E402
 from cryospin_lab.app.reconstruction import Reconstruction  # noqa: E402
 from cryospin_lab.engine.events import (
     HeadAssignmentEvent,
@@ -323,3 +324,33 @@ def test_specialisation_without_true_views_says_so():
     panel = HeadSpecialisationPanel(nside=4).feed([event])
     assert "unknown" in panel.status.value
     assert len(panel.figure.data[0].z) == 0 and panel.maps is None
+
+
+# ----------------------------------------------------------------------------- the whole set's ambiguity
+
+
+def test_ambiguity_panel_summarises_every_sampled_particle_and_opens_the_most_ambiguous(tiny):
+    rec, truth = tiny
+    opened = []
+    panel = AmbiguityPanel(rec, n_sample=8, nside=4, n_psi=12, on_select=opened.append)
+    assert list(panel.indices) == list(range(8))
+    panel.handle(volume_event(truth))
+    wait_for(panel, lambda: panel.result is not None or panel.error is not None)
+    assert panel.error is None, panel.error
+    found = panel.result
+    # each particle's posterior is the per-particle panel's (the reference path)
+    for i in (0, 5):
+        p = rec.particle(i)
+        ref = view_posterior(truth, p.image, ctf=p.ctf, pixel_size_angstrom=APIX, nside=4, n_psi=12)
+        np.testing.assert_allclose(np.exp(found.log_probabilities[i]), ref.probabilities, atol=1e-4)
+    # the true map at SNR 10: every best grid pose within a few grid spacings of the truth
+    assert panel.errors is not None and float(np.max(panel.errors)) < 30.0
+    np.testing.assert_allclose(panel.histogram.data[0].x, found.entropy_bits)
+    assert list(panel.scatter.data[0].x) == list(panel.errors)
+    assert "8 particles" in panel.status.value
+    # the buttons open the highest-entropy particles, most ambiguous first
+    top = panel.most_ambiguous()
+    assert top[0] == int(np.argmax(found.entropy_bits))
+    panel.buttons.children[1].click()
+    assert opened == [top[0]]
+    panel.close()

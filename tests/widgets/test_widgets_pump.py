@@ -230,6 +230,17 @@ def test_workbench_runs_switches_by_hand_and_closes(tiny_set, tmp_path):
     assert_no_new_threads(threads_before)
 
 
+def test_the_ambiguity_tab_opens_a_particle_in_the_posterior_tab(tiny_set, tmp_path):
+    rec = Reconstruction(tiny_set.star_path, out_dir=tmp_path, n_epochs=1, switch="never", **TINY)
+    bench = Workbench(rec, use_nglview=False, interval_s=0.05)
+    titles = list(bench.panels)
+    assert titles.index("Ambiguity") == titles.index("Pose posterior") + 1
+    bench["Ambiguity"].on_select(3)  # what its "open 3" button does
+    assert bench["Pose posterior"].index == 3
+    assert bench.container.selected_index == titles.index("Pose posterior")
+    bench.close()
+
+
 def show_tab(bench, title: str) -> None:
     """What a click on the tab does: select it; the next pump tick draws its panel."""
     bench.container.selected_index = list(bench.panels).index(title)
