@@ -19,7 +19,8 @@ JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
    changes within a few seconds (to "Switch requested…", then "Switched at
    epoch N (by hand)") and that the status line reports the direct phase;
 3. opens every tab and checks that its figures hold data (plotly's own
-   ``el.data`` in the page), screenshotting each;
+   ``el.data`` in the page; the pose-posterior and ambiguity tabs once their
+   worker has computed), screenshotting each;
 4. clicks **Stop** and checks that the run ends, reloads the page (the views are then rebuilt
    from the kernel's stored widget state) and checks that the loss, FSC and
    pose-error figures still show the run's data, not the empty initial state.
@@ -303,6 +304,11 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
                 checks(
                     f"lab: tab {title!r} shows a computed posterior", ok and any(counts), f"sizes {counts}"
                 )
+            elif "ambiguity" in title.lower():  # a worker scores the sampled particles first
+                ok = wait_until(page, "() => /particles\\/s/.test(document.body.innerText)", 180)
+                figures = [f for f in plots(page) if f["visible"]]
+                counts = [max((t["n"] for t in f["traces"]), default=0) for f in figures]
+                checks(f"lab: tab {title!r} shows the set's posteriors", ok and any(counts), f"{counts}")
             else:
                 checks(f"lab: tab {title!r} shows data", any(counts), f"figure sizes {counts}")
             shot(bench, shots, f"lab_03_tab_{i}_{title.replace(' ', '_').replace('/', '_')}")
