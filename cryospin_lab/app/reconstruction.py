@@ -168,11 +168,13 @@ class Reconstruction:
 
         ``map.mrc`` and ``poses.star`` (per branch after a fork; half maps in
         gold-standard mode), ``metrics.csv`` from the events so far, and
-        ``fsc.png`` or ``loss.png``. A running run is paused between two steps
+        ``fsc.png`` or ``loss.png``, and ``report.html`` (all of it on one page:
+        ``app/report.py``). A running run is paused between two steps
         while its state is read, then resumed (this call waits for the pause,
         up to ``timeout_s``). Returns the paths written.
         """
         from cryospin_lab.app.epoch_records import EpochCollector
+        from cryospin_lab.app.report import write_report
         from cryospin_lab.app.results import ResultWriter
         from cryospin_lab.engine.events import ForkEvent
 
@@ -198,7 +200,13 @@ class Reconstruction:
                     writer.epoch_done(done)
             for done in epochs.flush():
                 writer.epoch_done(done)
-            return writer.write_final()
+            written = writer.write_final()
+            report = write_report(
+                out_dir, config=self.config, particles=str(self.particles_path), n_particles=self.n_particles,
+                box_size=self.box_size, pixel_size_angstrom=self.pixel_size_angstrom, rows=writer.rows,
+                events=self.bus.history(), figures=written,
+            )  # fmt: skip
+            return [*written, report]
         finally:
             if paused_here and self.runner.is_paused:
                 self.resume()

@@ -186,6 +186,12 @@ def _export_while_running(rec, tmp_path):
         assert mrc.data.shape == (BOX, BOX, BOX)
     rows = (tmp_path / "export" / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2 and rows[0].startswith("epoch,")
+    # the one-page report: the switch and why, the changed settings, the figures inside the page
+    report = (tmp_path / "export" / "report.html").read_text()
+    assert "report.html" in names
+    assert "switched to direct optimisation at the set epoch after epoch 1" in report
+    assert "<tr class='changed'><td>n_epochs</td><td>60</td><td>30</td>" in report
+    assert report.count("data:image/png;base64,") == 1  # fsc.png, embedded
 
 
 def test_a_simulated_set_brings_its_true_map(small_set, tmp_path):
