@@ -33,6 +33,7 @@ from tqdm import tqdm  # the terminal bar (tqdm.auto would pick the notebook one
 
 from cryospin_lab.app.epoch_records import EpochCollector, FinishedEpoch
 from cryospin_lab.app.event_file import EventLogWriter
+from cryospin_lab.app.report import write_report
 from cryospin_lab.app.results import ResultWriter
 from cryospin_lab.engine.config import (
     SETTINGS,
@@ -278,9 +279,12 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
     progress = _Progress(trainer, settings.progress)
     # For watching from another process (cryospin_lab.widgets.watch): a resumed run appends.
     log = EventLogWriter(out_dir / "events.jsonl", append=resumed_from is not None)
+    phases = []  # for report.html: the switch and any restart (of this process's part of the run)
     try:
         for event in _events(trainer):
             log.write(event)
+            if isinstance(event, PhaseChangeEvent):
+                phases.append(event)
             if isinstance(event, ForkEvent):
                 writer.add_branches(event.children)
             for done in collector.feed(event):  # before the bar: an epoch's line precedes the next bar
@@ -297,7 +301,15 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
     progress.close()
     for done in collector.flush():
         _epoch_done(done, writer, _last_epoch(trainer))
-    _report(writer.write_final(), writer)
+    written = writer.write_final()
+    written.append(
+        write_report(
+            out_dir, config=trainer.config, particles=str(settings.particles_path), rows=writer.rows,
+            n_particles=len(trainer.stack), box_size=trainer.box_size, events=phases, figures=written,
+            pixel_size_angstrom=trainer.pixel_size_angstrom,
+        )
+    )  # fmt: skip
+    _report(written, writer)
     return 0
 
 

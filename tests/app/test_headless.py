@@ -81,6 +81,8 @@ def test_writes_every_output(finished_run, tiny_set):
     assert {"map.mrc", "poses.star", "metrics.csv", "fsc.png", "checkpoints"} <= names
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert (out / "fsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.html").read_text()  # the one-page summary, the figure inside it
+    assert "data:image/png;base64," in report and str(out / "report.html") in printed
     # One summary line per epoch, with resolution and pose error (the STAR has the true poses).
     epoch_lines = [line for line in printed.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2
