@@ -27,6 +27,7 @@ import torch
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.engine import rescue
+from cryospin_lab.engine.config import parse_switch_rule
 from cryospin_lab.engine.events import LogEvent, ResolutionEvent
 from cryospin_lab.engine.run_state import read_run
 from cryospin_lab.engine.trainer import Trainer
@@ -43,6 +44,7 @@ def main() -> int:
     parser.add_argument("--molecule", default=None, help="bundled molecule (for its symmetry)")
     parser.add_argument("--rescue-every", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--switch", default=None, help="the continued run's switch rule (default: the run's)")
     parser.add_argument(
         "--radius", type=float, default=None, help="the re-search's disc, a fraction of the full radius"
     )
@@ -58,8 +60,13 @@ def main() -> int:
     for every in args.rescue_every:
         torch.manual_seed(0)
         config = dataclasses.replace(saved.config, rescue_every=every, device="cpu", threads=args.threads)
+        if args.switch is not None:  # e.g. continue from an earlier checkpoint and switch there
+            config = dataclasses.replace(config, switch=args.switch)
         trainer = Trainer(stack, config, ground_truth_map=truth_map)
         trainer.restore(saved)
+        if args.switch is not None:  # the branches keep the rule they were saved with; this one replaces it
+            for branch in trainer.branches:
+                branch.switch_rule = parse_switch_rule(args.switch)
         start, moved, events = time.perf_counter(), [], []
         for event in trainer.events():
             events.append(event)
