@@ -142,6 +142,7 @@ def set_ambiguity(
     rotations = healpix_rotations(nside, n_psi, dtype=torch.float32).to(device)  # (npix, n_psi, 3, 3)
     npix = rotations.shape[0]
     slices = grid_slices(fourier.fht_center(volume, ndim=3), rotations, disc)
+    squared = slices * slices  # once for every batch
     slices_s = time.perf_counter() - start
     temperatures = 2.0 * _noise_variances(images.cpu()) / disc.n_freqs  # default_temperature, "l2"
     log_p = np.empty((n, npix), dtype=np.float32)
@@ -152,8 +153,8 @@ def set_ambiguity(
         if ctfs is not None:
             ctf = disc.gather(torch.as_tensor(np.asarray(so3.as_numpy(ctfs[lo : lo + batch]), np.float32)))
             ctf = ctf.to(device)
-        losses = grid_losses(slices, images_to_hartley(chunk, disc), disc, ctf_values=ctf,
-                             pixel_size_angstrom=pixel_size_angstrom, contrast=contrast)  # fmt: skip
+        losses = grid_losses(slices, images_to_hartley(chunk, disc), disc, ctf_values=ctf, contrast=contrast,
+                             pixel_size_angstrom=pixel_size_angstrom, squared_slices=squared)  # fmt: skip
         grid = losses.double().cpu().reshape(len(chunk), npix, n_psi)
         lowest = grid.reshape(len(chunk), -1).min(1)
         weights = torch.logsumexp(

@@ -47,10 +47,12 @@ def grid_losses(
     shifts_angstrom: Tensor | None = None,
     pixel_size_angstrom: float = 1.0,
     contrast: float = -1.0,
+    squared_slices: Tensor | None = None,
 ) -> Tensor:
     """``(N, G)`` "l2" losses of ``N`` images (``(N, M)`` Hartley values on ``disc``) at the ``G`` rotations
     whose slices are ``slices`` (:func:`grid_slices`); ``ctf_values`` ``(N, M)`` and the images' own
-    ``shifts_angstrom`` ``(N, 2)`` as in :func:`~cryospin_lab.physics.render.render_hartley`."""
+    ``shifts_angstrom`` ``(N, 2)`` as in :func:`~cryospin_lab.physics.render.render_hartley`;
+    ``squared_slices`` (``slices ** 2``) saves recomputing it when the same grid scores many batches."""
     y = observed_ht
     if shifts_angstrom is not None:
         y = shift_slices(y, disc, -shifts_angstrom, pixel_size_angstrom)  # move each image back to centre
@@ -59,5 +61,6 @@ def grid_losses(
         weighted, squared_ctf = y, torch.ones_like(y)
     else:
         weighted, squared_ctf = y * ctf_values, ctf_values * ctf_values
-    total = (y * y).sum(-1, keepdim=True) - (2 * contrast) * (weighted @ s.T) + squared_ctf @ (s * s).T
+    s2 = s * s if squared_slices is None else squared_slices.to(y.dtype)
+    total = (y * y).sum(-1, keepdim=True) - (2 * contrast) * (weighted @ s.T) + squared_ctf @ s2.T
     return total / disc.n_freqs
