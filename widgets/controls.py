@@ -319,6 +319,9 @@ class ControlsPanel(Panel):
         if event.level == "warning":
             self.warnings.append(line)
             return
+        if event.message.startswith("re-search:") and self.messages and "re-search:" in self.messages[-1]:
+            self.messages[-1] = line  # one line for the direct stage's per-epoch re-search, the latest
+            return
         self.messages.append(line)
         if event.message == "paused":
             self._event_state = "paused"

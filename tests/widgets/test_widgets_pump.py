@@ -446,6 +446,18 @@ def test_log_event_pause_round_trip_without_reconstruction():
     assert panel.state == "finished" and panel.start_button.description == "New run"
 
 
+def test_the_re_search_keeps_one_log_line_the_latest():
+    stamp = dict(step=1, phase=Phase.DIRECT, time_s=1.0)
+    panel = ControlsPanel().feed([
+        LogEvent(message="forked", epoch=1, **stamp),
+        LogEvent(message="re-search: 40 of 500 images moved to a better pose", epoch=2, **stamp),
+        LogEvent(message="re-search: 3 of 500 images moved to a better pose", epoch=3, **stamp),
+    ])  # fmt: skip
+    assert list(panel.messages) == [
+        "[main, epoch 1] forked", "[main, epoch 3] re-search: 3 of 500 images moved to a better pose"
+    ]  # fmt: skip
+
+
 def test_a_panel_that_fails_to_build_shows_its_error_and_the_rest_works(monkeypatch):
     from cryospin_lab.widgets import workbench
 
