@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from cryospin_lab.engine.config import SETTINGS
+from cryospin_lab.engine.config import SETTINGS, setting_value
 from cryospin_lab.engine.settings import Setting
 from cryospin_lab.simulate.molecules import MOLECULES
 
@@ -120,9 +120,7 @@ class SettingsForm:
         self.dataset.value = str(rec.particles_path)
         self.box_size.value = int(rec.box_size)
         for name, widget in self.fields.items():
-            value = config
-            for part in SETTINGS[name].path:
-                value = getattr(value, part)
+            value = setting_value(config, SETTINGS[name].path)
             if SETTINGS[name].type is tuple:
                 value = ",".join(str(v) for v in value)
             if isinstance(widget, w.Dropdown) and value not in widget.options:  # e.g. device "cuda:1"

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
-from cryospin_lab.analysis.pose_posterior import healpix_rotations, healpix_view_directions
+from cryospin_lab.analysis.pose_posterior import healpix_rotations, healpix_view_directions, noise_variances
 from cryospin_lab.physics import fourier, so3
 from cryospin_lab.physics.projection import FourierDisc
 from cryospin_lab.physics.render import images_to_hartley
@@ -62,14 +62,6 @@ class SetAmbiguity:
     def particles_per_s(self) -> float:
         """Images scored per second, the slices included."""
         return len(self.entropy_bits) / max(self.slices_s + self.scoring_s, 1e-9)
-
-
-def _noise_variances(images: Tensor) -> Tensor:
-    """Per-image variance of the pixels outside the inscribed circle (as ``estimate_noise_variance``)."""
-    d = images.shape[-1]
-    k = torch.arange(d, dtype=torch.float64) - d // 2
-    outside = (k[:, None] ** 2 + k[None, :] ** 2) > (d // 2) ** 2
-    return images.double()[:, outside].var(dim=1, correction=1)
 
 
 def summarise_posteriors(
@@ -144,7 +136,7 @@ def set_ambiguity(
     slices = grid_slices(fourier.fht_center(volume, ndim=3), rotations, disc)
     squared = slices * slices  # once for every batch
     slices_s = time.perf_counter() - start
-    temperatures = 2.0 * _noise_variances(images.cpu()) / disc.n_freqs  # default_temperature, "l2"
+    temperatures = 2.0 * noise_variances(images.cpu()) / disc.n_freqs  # default_temperature, "l2"
     log_p = np.empty((n, npix), dtype=np.float32)
     best = np.empty((n, 3, 3))
     for lo in range(0, n, batch):

@@ -52,6 +52,7 @@ __all__ = [
     "healpix_view_directions",
     "healpix_rotations",
     "estimate_noise_variance",
+    "noise_variances",
     "default_temperature",
     "view_posterior",
     "render_image",
@@ -100,9 +101,15 @@ def estimate_noise_variance(image: np.ndarray | Tensor) -> float:
     d = image.shape[-1]
     if image.ndim != 2 or image.shape[0] != d:
         raise ValueError(f"estimate_noise_variance expects a square (D, D) image, got {tuple(image.shape)}")
+    return float(noise_variances(image[None])[0])
+
+
+def noise_variances(images: Tensor) -> Tensor:
+    """:func:`estimate_noise_variance` of each of ``(N, D, D)`` images, as a float64 ``(N,)`` tensor."""
+    d = images.shape[-1]
     k = torch.arange(d, dtype=torch.float64) - d // 2
     outside = (k[:, None] ** 2 + k[None, :] ** 2) > (d // 2) ** 2
-    return float(image[outside].var(correction=1))
+    return images.double()[:, outside].var(dim=1, correction=1)
 
 
 def default_temperature(noise_variance: float, n_freqs: int, loss: str = "l2") -> float:

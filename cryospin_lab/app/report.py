@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryospin_lab._version import __version__
-from cryospin_lab.engine.config import SETTINGS, TrainingConfig
+from cryospin_lab.engine.config import SETTINGS, TrainingConfig, setting_value
 from cryospin_lab.engine.events import Event, Phase, PhaseChangeEvent
 from cryospin_lab.io.atomic import atomic_path
 
@@ -30,13 +30,6 @@ _STYLE = (
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
     ".changed{background:#fff3cd}img{max-width:100%;border:1px solid #eee}h2{margin-top:1.5em}"
 )
-
-
-def _value(config: TrainingConfig, path: tuple[str, ...]):
-    value = config
-    for part in path:
-        value = getattr(value, part)
-    return value
 
 
 def _switch_lines(events: Iterable[Event]) -> list[str]:
@@ -98,8 +91,10 @@ def write_report(
             out.append(f"<h2>{html.escape(figure.stem)}</h2>{image}")
     out.append("<h2>Settings</h2><p>Highlighted: changed from the default.</p><table>")
     out.append("<tr><th>setting</th><th>value</th><th>default</th><th>meaning</th></tr>")
-    for name, item in sorted(SETTINGS.items(), key=lambda kv: _value(config, kv[1].path) == kv[1].default):
-        value = _value(config, item.path)
+    for name, item in sorted(
+        SETTINGS.items(), key=lambda kv: setting_value(config, kv[1].path) == kv[1].default
+    ):
+        value = setting_value(config, item.path)
         changed = " class='changed'" if value != item.default else ""
         cells = [name, value, item.default, item.help]
         out.append(f"<tr{changed}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -44,6 +44,7 @@ __all__ = [
     "check_resume",
     "parse_switch_rule",
     "resolve_device",
+    "setting_value",
 ]
 
 # Pose heads: the paper uses 7 (synthetic) and 15 (real data). Every head renders every image, so a
@@ -157,7 +158,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for item in SETTINGS.values():
-            value = _get(self, item.path)
+            value = setting_value(self, item.path)
             if not item.check(value):
                 raise ValueError(f"TrainingConfig.{item.where} must be {item.check.what}, got {value!r}")
         if self.encoder.estimate_shifts and not self.encoder.max_shift_angstrom > 0:
@@ -209,7 +210,8 @@ def _setting(name, path, hint, default, spec) -> Setting:
     )
 
 
-def _get(config: TrainingConfig, path: tuple[str, ...]) -> Any:
+def setting_value(config: TrainingConfig, path: tuple[str, ...]) -> Any:
+    """The value at a setting's ``path`` (``Setting.path``, e.g. ``("encoder", "n_heads")``) in ``config``."""
     value: Any = config
     for part in path:
         value = getattr(value, part)
@@ -265,9 +267,9 @@ def check_resume(
         value = item.validate(value)
         if item.on_resume != "keep":
             changes[name] = value
-        elif value != _get(stored, item.path):
+        elif value != (kept := setting_value(stored, item.path)):
             raise ValueError(
-                f"{checkpoint}: {item.flag} {value} differs from the checkpoint's {_get(stored, item.path)}; "
+                f"{checkpoint}: {item.flag} {value} differs from the checkpoint's {kept}; "
                 f"a resumed run keeps its settings (only {', '.join(may_change)} may change)"
             )
     for item in SETTINGS.values():  # a machine setting not given now takes its default, not the stored one
