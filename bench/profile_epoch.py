@@ -43,8 +43,8 @@ from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.simulate import datasets
 
 CATEGORIES = (  # first match wins; names are torch's operator names
-    ("slicing forward", r"grid_sampler_3d$|grid_sampler$"),
-    ("slicing backward", r"grid_sampler_3d_backward|GridSampler"),
+    ("slicing forward", r"grid_sampler_3d$|grid_sampler$|^_SlicePlanes$"),
+    ("slicing backward", r"grid_sampler_3d_backward|GridSampler|_SlicePlanesBackward"),
     ("encoder conv forward", r"mkldnn_convolution$|^aten::_convolution$|thnn_conv|slow_conv"),
     ("encoder conv backward", r"convolution_backward|ConvolutionBackward"),
     ("encoder norm/pool/relu", r"batch_norm|max_pool|relu|threshold_backward|BatchNorm|MaxPool|Relu"),

@@ -12,7 +12,11 @@ parameters and the rotations:
 
 * ours: ``H = m * exp(e)`` on the ``D^3`` grid once, then
   :func:`cryospin_lab.physics.projection.slice_volume` at the frequencies of the
-  default :class:`~cryospin_lab.physics.projection.FourierDisc` (``|k| <= D/2 - 1``);
+  default :class:`~cryospin_lab.physics.projection.FourierDisc` (``|k| <= D/2 - 1``):
+  on the CPU the compiled kernel of :mod:`cryospin_lab.physics.slice_kernel`;
+* previous: the same through
+  :func:`~cryospin_lab.physics.projection.grid_sample_slices` (the slicer
+  before the kernel, and still the GPU's and the fallback's path);
 * baseline (as in the cryoSPIN reference code): trilinear
   ``torch.nn.functional.grid_sample(align_corners=True)`` of a
   ``(2, D+1, D+1, D+1)`` mantissa/exponent volume on the full
@@ -30,8 +34,8 @@ import time
 
 import torch
 
-from cryospin_lab.physics import so3
-from cryospin_lab.physics.projection import FourierDisc, slice_volume
+from cryospin_lab.physics import slice_kernel, so3
+from cryospin_lab.physics.projection import FourierDisc, grid_sample_slices, slice_volume
 
 N_HEADS = 7
 
@@ -60,8 +64,8 @@ def _time_interleaved(steps: dict, device: torch.device, n_repeats: int) -> dict
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def make_ours(d: int, n_images: int, device: torch.device):
-    """A fwd+bwd step of :func:`slice_volume` and its number of samples."""
+def make_ours(d: int, n_images: int, device: torch.device, slicer=slice_volume):
+    """A fwd+bwd step of ``slicer`` (default :func:`slice_volume`) and its number of samples."""
     disc = FourierDisc.make(d, device=device)
     mantissa = torch.randn(d, d, d, device=device, requires_grad=True)
     exponent = (0.1 * torch.randn(d, d, d, device=device)).requires_grad_(True)
@@ -71,7 +75,7 @@ def make_ours(d: int, n_images: int, device: torch.device):
 
     def step():
         volume_ht = mantissa * torch.exp(exponent)
-        slices = slice_volume(volume_ht, rotations, disc.freqs)
+        slices = slicer(volume_ht, rotations, disc.freqs)
         (slices * weights).sum().backward()
 
     return step, n_images * N_HEADS * disc.n_freqs
@@ -116,6 +120,8 @@ def main(argv=None) -> None:
     # Images per step: about 1-2 M samples per step on CPU, more on GPU.
     images_cpu = {32: 64, 64: 32, 128: 16}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {N_HEADS} heads, fwd+bwd")
+    if not slice_kernel.available():
+        print(f"the C kernel is not used ({slice_kernel.unavailable_reason()}): ours = previous")
     for device in devices:
         if device.type == "cuda":
             print(f"cuda device: {torch.cuda.get_device_name(device)}")
@@ -129,6 +135,7 @@ def main(argv=None) -> None:
                 n_images *= 16
             made = {
                 "ours": make_ours(d, n_images, device),
+                "previous": make_ours(d, n_images, device, slicer=grid_sample_slices),
                 "grid_sample": make_grid_sample(d, n_images, device),
             }
             seconds = _time_interleaved({name: m[0] for name, m in made.items()}, device, repeats)
@@ -137,7 +144,10 @@ def main(argv=None) -> None:
                     f"{device.type:6} {d:>4} {n_images:>6} {name:12} {1e3 * seconds[name]:>9.1f} "
                     f"{n_samples / seconds[name] / 1e6:>11.2f} {n_images / seconds[name]:>9.1f}"
                 )
-            print(f"{'':6} {d:>4} speed-up in images/s: {seconds['grid_sample'] / seconds['ours']:.2f}x")
+            print(
+                f"{'':6} {d:>4} speed-up in images/s: {seconds['previous'] / seconds['ours']:.2f}x over "
+                f"previous, {seconds['grid_sample'] / seconds['ours']:.2f}x over grid_sample"
+            )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "cryospin_lab"
 LAYERS = {
     "_lazy": 0,
+    "_cache": 0,
     "_version": 0,
     "physics": 1,
     "io": 2,

@@ -47,7 +47,27 @@ from traitlets import Dict, observe
 
 from ._plotly_module import figure_module
 
-__all__ = ["sync_state", "SyncedFigureWidget", "new_figure", "gaps_as_none", "epoch_ticks"]
+__all__ = [
+    "sync_state",
+    "SyncedFigureWidget",
+    "new_figure",
+    "gaps_as_none",
+    "epoch_ticks",
+    "set_image_format",
+    "IMAGE_FORMATS",
+]
+
+IMAGE_FORMATS = ("png", "svg")
+# The modebar's camera button: PNG at twice the screen size (sharp on a projector) unless set
+# to SVG (vector, for slides) by launch(image_format=...). Read when a figure is first drawn.
+_image_options = {"format": "png", "scale": 2}
+
+
+def set_image_format(image_format: str) -> None:
+    """What the camera button of figures made from now on downloads: ``"png"`` (default) or ``"svg"``."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    _image_options["format"] = image_format
 
 
 def _state_copies(fig: go.FigureWidget) -> tuple[list, dict]:
@@ -166,7 +186,8 @@ def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) ->
     A fixed ``height`` (and ``width`` when given) avoids plotly sizing a figure
     to zero when it is first drawn inside a hidden tab. The legend sits in a row
     under the x-axis title (``LEGEND_MARGIN`` pixels are added to the height for
-    it): above the plot it covered the figure's title.
+    it): above the plot it covered the figure's title. The camera button downloads
+    the format of :func:`set_image_format`, named after the title.
     """
     defaults = dict(
         template="plotly_white",
@@ -177,7 +198,12 @@ def new_figure(*, height: int = 320, width: int | None = None, **layout: Any) ->
     if width is not None:
         defaults["width"] = width
     defaults.update(layout)
-    return SyncedFigureWidget(layout=defaults)
+    fig = SyncedFigureWidget(layout=defaults)
+    title = layout.get("title")
+    title = title.get("text") if isinstance(title, dict) else title
+    name = "-".join("".join(c if c.isalnum() else " " for c in str(title or "figure")).lower().split())
+    fig._config = {"toImageButtonOptions": {**_image_options, "filename": f"cryospin-lab-{name}"[:80]}}
+    return fig
 
 
 def gaps_as_none(values, digits: int | None = 4) -> np.ndarray:

@@ -68,8 +68,8 @@ class AmbiguityPanel(Panel):
         reconstruction: gives the particles (and their true poses when simulated).
         n_sample: particles scored per map (default 500: a few seconds at nside 8 on 2 cores).
         nside, n_psi: the grid (default as the posterior panel).
-        on_select: called with a particle index when one of the "most ambiguous" buttons is pressed
-            (the workbench opens it in the posterior panel).
+        on_select: called with a particle index when a scatter point is clicked or one of the
+            "most ambiguous" buttons is pressed (the workbench opens it in the posterior panel).
     """
 
     def __init__(
@@ -118,6 +118,7 @@ class AmbiguityPanel(Panel):
             go.Scatter(x=[], y=[], mode="markers", marker=dict(size=5, color=[], colorscale="Viridis",
                        colorbar=dict(title="modes", thickness=10)), hovertemplate="%{text}<extra></extra>")
         )  # fmt: skip
+        self.scatter.data[0].on_click(self._on_point_click)
         self.widget = w.VBox(
             [w.HBox([self.branch_select.dropdown, self.status]), w.HBox([self.histogram, self.scatter]),
              self.buttons]
@@ -183,6 +184,11 @@ class AmbiguityPanel(Panel):
     # ------------------------------------------------------------------ drawing (main thread)
     def redraw(self) -> None:
         self.branch_select.apply(list(self.volumes) or ["main"])
+
+    def _on_point_click(self, trace, points, selector) -> None:
+        """A click on a scatter point opens that particle (the point's index into the sample)."""
+        if points.point_inds and self.on_select is not None and self.result is not None:
+            self.on_select(int(self.indices[points.point_inds[0]]))
 
     def most_ambiguous(self, k: int = N_BUTTONS) -> list[int]:
         """The particle indices of the ``k`` highest entropies of the last computation."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from ._plotly import set_image_format
 from .controls import ControlsPanel
 from .curves import FSCPanel, LossPanel, PoseErrorPanel
 from .heads import HeadAssignmentsPanel
@@ -241,6 +242,7 @@ def launch(
     posterior_nside: int = 8,
     specialisation_nside: int = 4,
     keep_previous: bool = False,
+    image_format: str = "png",
     **settings,
 ):
     """Build a reconstruction (default: the embedded HSP90 set) and return its :class:`Workbench`.
@@ -249,6 +251,7 @@ def launch(
     ``n_epochs``, ``switch``, ``box_size``, ``device`` ...); the ones the form does
     not show are kept for the runs the form builds later. ``start=True`` starts it.
     ``posterior_nside`` / ``specialisation_nside``: HEALPix resolution of those panels.
+    ``image_format``: what each figure's camera button downloads, ``"png"`` or ``"svg"`` (slides).
 
     A workbench launched before in this kernel whose run is still going is closed first (its run
     stopped, its pump ended), with a message: re-running the launch cell must not leave a run
@@ -256,6 +259,7 @@ def launch(
     """
     from cryospin_lab.app.reconstruction import Reconstruction
 
+    set_image_format(image_format)
     reconstruction = Reconstruction(particles, **settings)
     if not keep_previous:
         for previous in list(_LAUNCHED):
@@ -288,19 +292,22 @@ def watch(
     n_epochs: int | None = None,
     posterior_nside: int = 8,
     specialisation_nside: int = 4,
+    image_format: str = "png",
 ) -> Workbench:
     """A read-only workbench following a run in another process through its event log.
 
     ``events_path``: the ``events.jsonl`` that ``cryospin-lab reconstruct`` writes in its output
     folder (rank 0 of a ``torchrun`` job, a run on a cluster node with a shared file system). The
     panels show the run as it goes; the buttons and the form are hidden (the run is controlled
-    where it runs). ``n_epochs`` lets the status line show progress out of the total.
+    where it runs). ``n_epochs`` lets the status line show progress out of the total;
+    ``image_format`` as in :func:`launch`.
     """
     from pathlib import Path
 
     from cryospin_lab.app.event_file import EventLogFollower
 
     path = Path(events_path)
+    set_image_format(image_format)
     bench = Workbench(
         None,
         layout=layout,

@@ -1,5 +1,5 @@
-"""The two figures a run writes beside its map: ``fsc.png`` and ``loss.png`` (matplotlib's object API,
-no pyplot state, so it is safe from the engine's thread)."""
+"""The two figures a run writes beside its map: ``fsc.png`` and ``loss.png``, each also as ``.svg``
+for slides (matplotlib's object API, no pyplot state, so it is safe from the engine's thread)."""
 
 from __future__ import annotations
 
@@ -74,5 +74,8 @@ def plot_loss(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def save_figure(fig, path: Path) -> None:
+    """``path`` (PNG) and the same figure as SVG beside it (scales without blur on a slide)."""
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png")
+    with atomic_path(path.with_suffix(".svg"), ".svg") as tmp:
+        fig.savefig(tmp, format="svg")

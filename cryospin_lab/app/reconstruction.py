@@ -168,7 +168,7 @@ class Reconstruction:
 
         ``map.mrc`` and ``poses.star`` (per branch after a fork; half maps in
         gold-standard mode), ``metrics.csv`` from the events so far, and
-        ``fsc.png`` or ``loss.png``, and ``report.html`` (all of it on one page:
+        ``fsc.png`` or ``loss.png`` (and ``.svg``), and ``report.html`` (all of it on one page:
         ``app/report.py``). A running run is paused between two steps
         while its state is read, then resumed (this call waits for the pause,
         up to ``timeout_s``). Returns the paths written.

@@ -157,7 +157,7 @@ class ResultWriter:
         written.append(self.out_dir / "metrics.csv")
         plot = self.write_plot()
         if plot is not None:
-            written.append(plot)
+            written += [plot, plot.with_suffix(".svg")]
         return written
 
     def _write_gold_standard(self) -> list[Path]:

@@ -43,12 +43,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cryospin_lab.physics import fourier
+from cryospin_lab.physics import fourier, slice_kernel
 from cryospin_lab.physics.ctf import CTFParams, compute_ctf
 
 __all__ = [
     "FourierDisc",
     "slice_volume",
+    "grid_sample_slices",
     "shift_slices",
     "project_hartley",
     "project_real",
@@ -191,14 +192,16 @@ def slice_volume(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
         ``(..., M)`` values at ``R^T (kx, ky, 0)`` in the volume's dtype,
         differentiable w.r.t. the volume and the rotations.
 
-    The kernel is ``torch.nn.functional.grid_sample`` (trilinear,
-    ``align_corners=True`` so that index ``i`` maps to ``2 i/(D-1) - 1``): one
-    fused pass per sample forward and backward (volume and coordinate
-    gradients together), where a gather/``index_add_`` autograd Function makes
-    a dozen passes over per-sample temporaries. It is fed one channel (``H``
+    On the CPU (float32/64) the kernel is the compiled one of
+    :mod:`cryospin_lab.physics.slice_kernel` (each image's plane kept in
+    registers, its rotation gradient accumulated in place; about 3x
+    ``grid_sample`` forward + backward, docs/decisions.md#slicer-c-kernel).
+    Elsewhere, or where it cannot be built, it is
+    ``torch.nn.functional.grid_sample`` (trilinear, ``align_corners=True`` so
+    that index ``i`` maps to ``2 i/(D-1) - 1``), fed one channel (``H``
     computed once on the grid, not ``m`` and ``e`` per sample), the samples
     inside the disc only, on all CPU threads (:func:`_n_chunks`;
-    docs/decisions.md#slicer-grid-sample).
+    docs/decisions.md#slicer-grid-sample). Both read zero outside the grid.
     """
     if volume_ht.ndim != 3 or len(set(volume_ht.shape)) != 1:
         raise ValueError(f"slice_volume expects a cubic (D, D, D) volume, got {tuple(volume_ht.shape)}")
@@ -206,6 +209,18 @@ def slice_volume(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
         raise ValueError(f"slice_volume rotations must be (..., 3, 3), got {tuple(rotations.shape)}")
     if freqs.ndim != 2 or freqs.shape[-1] != 2:
         raise ValueError(f"slice_volume freqs must be (M, 2), got {tuple(freqs.shape)}")
+    d = volume_ht.shape[0]
+    batch_shape, n_freqs = rotations.shape[:-2], freqs.shape[0]
+    dtype, device = volume_ht.dtype, volume_ht.device
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and slice_kernel.available():
+        planes = rotations.reshape(-1, 3, 3)[:, :2, :].reshape(-1, 6)
+        samples = slice_kernel.slice_planes(volume_ht, planes, freqs, center=d // 2)
+        return samples.reshape(*batch_shape, n_freqs)
+    return grid_sample_slices(volume_ht, rotations, freqs)
+
+
+def grid_sample_slices(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
+    """:func:`slice_volume` by ``grid_sample`` on any device (the GPU's path, and the CPU's fallback)."""
     d = volume_ht.shape[0]
     batch_shape, n_freqs = rotations.shape[:-2], freqs.shape[0]
     dtype, device = volume_ht.dtype, volume_ht.device

@@ -19,12 +19,12 @@ one whose summary and files are all present).
 from __future__ import annotations
 
 import math
-import os
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from cryospin_lab._cache import default_cache_dir
 from cryospin_lab.simulate.simulator import SimulationResult, simulate_particles
 
 __all__ = ["bundled", "hsp90", "default_cache_dir", "hsp90_cache_key", "HSP90_MODEL"]
@@ -32,14 +32,6 @@ __all__ = ["bundled", "hsp90", "default_cache_dir", "hsp90_cache_key", "HSP90_MO
 HSP90_MODEL = "2cg9.pdb.gz"
 # Bump when the simulation changes in a way that makes old caches wrong.
 _DATASET_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$CRYOSPIN_LAB_CACHE``, else ``$XDG_CACHE_HOME/cryospin-lab``, else ``~/.cache/cryospin-lab``."""
-    if os.environ.get("CRYOSPIN_LAB_CACHE"):
-        return Path(os.environ["CRYOSPIN_LAB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cryospin-lab"
 
 
 def hsp90_cache_key(

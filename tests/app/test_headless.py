@@ -16,6 +16,7 @@ import re
 import signal
 import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mrcfile
@@ -81,6 +82,8 @@ def test_writes_every_output(finished_run, tiny_set):
     assert {"map.mrc", "poses.star", "metrics.csv", "fsc.png", "checkpoints"} <= names
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert (out / "fsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = ET.parse(out / "fsc.svg").getroot()  # the same figure for slides, as valid SVG
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
     report = (out / "report.html").read_text()  # the one-page summary, the figure inside it
     assert "data:image/png;base64," in report and str(out / "report.html") in printed
     # One summary line per epoch, with resolution and pose error (the STAR has the true poses).

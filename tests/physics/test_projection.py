@@ -11,6 +11,9 @@ of each image.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import mrcfile
 import numpy as np
@@ -19,11 +22,12 @@ import scipy.ndimage
 import starfile
 import torch
 
-from cryospin_lab.physics import fourier, so3
+from cryospin_lab.physics import fourier, slice_kernel, so3
 from cryospin_lab.physics import projection as projection_module
 from cryospin_lab.physics.ctf import CTFParams
 from cryospin_lab.physics.projection import (
     FourierDisc,
+    grid_sample_slices,
     max_disc_radius,
     project_hartley,
     project_real,
@@ -111,8 +115,21 @@ def _scipy_slice(volume: torch.Tensor, rotations: torch.Tensor, freqs: torch.Ten
     return values.reshape(coords.shape[:2])
 
 
+@pytest.fixture(params=["c_kernel", "grid_sample"])
+def slicer(request, monkeypatch):
+    """Each CPU slicing path in turn: the compiled kernel, and ``grid_sample`` (its fallback)."""
+    if request.param == "grid_sample":
+        monkeypatch.setattr(slice_kernel, "available", lambda: False)
+    return request.param
+
+
+def test_the_c_kernel_builds_here():
+    """The test machine has a C compiler, so the fast path must be the one that runs."""
+    assert slice_kernel.available(), slice_kernel.unavailable_reason()
+
+
 @pytest.mark.parametrize("box_size", [12, 13])
-def test_slice_volume_matches_scipy_trilinear(box_size):
+def test_slice_volume_matches_scipy_trilinear(box_size, slicer):
     volume = torch.randn(box_size, box_size, box_size, dtype=torch.float64)
     rotations = so3.random_rotations(5, generator=torch.Generator().manual_seed(1))
     disc = FourierDisc.make(box_size)
@@ -121,7 +138,7 @@ def test_slice_volume_matches_scipy_trilinear(box_size):
     np.testing.assert_allclose(ours[:, 0].numpy(), _scipy_slice(volume, rotations, disc.freqs), atol=1e-10)
 
 
-def test_slice_volume_gradcheck_volume_and_rotations():
+def test_slice_volume_gradcheck_volume_and_rotations(slicer):
     """Finite differences, float64, tiny volume, frequencies off the voxel lattice."""
     generator = torch.Generator().manual_seed(2)
     volume = torch.randn(6, 6, 6, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -142,11 +159,52 @@ def test_slice_volume_chunked_cpu_path_is_exact(monkeypatch):
     results = []
     for n_chunks in (1, 3):
         monkeypatch.setattr(projection_module, "_n_chunks", lambda *args, n=n_chunks: n)
-        out = slice_volume(volume, rotations, freqs)
+        out = grid_sample_slices(volume, rotations, freqs)
         grads = torch.autograd.grad((out * weights).sum(), (volume, rotations))
         results.append((out.detach(), *grads))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_c_kernel_split_over_threads_is_exact():
+    """The kernel's parts (one per thread, each with its own volume gradient) change nothing."""
+    volume = torch.randn(10, 10, 10, dtype=torch.float64, requires_grad=True)
+    rotations = so3.random_rotations(70).requires_grad_(True)
+    freqs = torch.rand(11, 2, dtype=torch.float64) * 6 - 3
+    weights = torch.randn(70, 11, dtype=torch.float64)
+    weights[::3] = 0.0  # rows the kernel skips, as for heads that lost the winner-takes-all
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            out = slice_volume(volume, rotations, freqs)
+            grads = torch.autograd.grad((out * weights).sum(), (volume, rotations))
+            results.append((out.detach(), *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert bool((results[0][2][::3] == 0).all())  # no gradient reaches a skipped row's rotation
+
+
+def test_slicer_without_a_compiler_falls_back_and_says_so_once(tmp_path):
+    """No compiler: a RuntimeWarning naming the reason, once, and the grid_sample path's values."""
+    script = (
+        "import warnings, torch\n"
+        "from cryospin_lab.physics import so3\n"
+        "from cryospin_lab.physics.projection import FourierDisc, grid_sample_slices, slice_volume\n"
+        "v, r, f = torch.randn(8, 8, 8), so3.random_rotations(3), FourierDisc.make(8).freqs\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a, b = slice_volume(v, r, f), slice_volume(v, r, f)\n"
+        "assert torch.equal(a, grid_sample_slices(v, r, f)) and torch.equal(a, b)\n"
+        "print(len(caught), caught[0].category.__name__, caught[0].message)\n"
+    )
+    env = {**os.environ, "CC": "no-such-compiler", "CRYOSPIN_LAB_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 RuntimeWarning"), result.stdout
+    assert "no-such-compiler" in result.stdout and "grid_sample" in result.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)

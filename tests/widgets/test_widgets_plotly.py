@@ -191,3 +191,20 @@ def test_without_a_view_the_state_itself_is_sent():
     record_messages(fig, lambda msg: sent.append(set(msg.get("state", {}))))
     fig.add_trace(go.Scatter(x=np.arange(3.0), y=np.zeros(3)))
     assert any("_widget_data" in keys for keys in sent)
+
+
+def test_camera_button_downloads_png_or_svg_named_after_the_title():
+    """The modebar's download reads ``_config`` (synced to the browser) when a figure is drawn."""
+    from cryospin_lab.widgets import _plotly
+
+    fig = new_figure(title=dict(text="FSC vs truth, main"))
+    options = fig.get_state()["_config"]["toImageButtonOptions"]
+    assert options == {"format": "png", "scale": 2, "filename": "cryospin-lab-fsc-vs-truth-main"}
+    try:
+        _plotly.set_image_format("svg")
+        assert new_figure(title="loss")._config["toImageButtonOptions"]["format"] == "svg"
+        assert fig._config["toImageButtonOptions"]["format"] == "png"  # figures already made keep theirs
+        with pytest.raises(ValueError, match="image_format must be one of"):
+            _plotly.set_image_format("jpeg")
+    finally:
+        _plotly.set_image_format("png")
