@@ -6,6 +6,7 @@ Usage::
     python bench/throughput.py --quick          # D = 64 only, fewer repeats
     python bench/throughput.py --threads 1 2    # compare intra-op thread counts
     python bench/throughput.py --breakdown      # also time the parts of each step
+    python bench/throughput.py --quick --slicers c grid_sample   # the C slicer against the previous
 
 It simulates a small CTF-modulated stack (Gaussian blobs, SNR 0.1, ``--images``
 particles) in a temporary folder and times the real engine: one
@@ -56,6 +57,7 @@ from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.model.encoder import EncoderConfig
+from cryospin_lab.physics import slice_kernel
 from cryospin_lab.physics.projection import FourierDisc
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley, winner_losses
 from cryospin_lab.simulate.simulator import simulate_particles
@@ -180,6 +182,33 @@ def stage_steps(trainer: Trainer, batch_size: int, seed: int = 0) -> dict:
     }
 
 
+def with_slicers(stage_fns: dict, slicers: list[str]) -> dict:
+    """Each stage once per slicer (``c``: the compiled kernel; ``grid_sample``: the previous slicer).
+
+    One stage's runs with both slicers take turns in the same timing loop, so that the ratio is
+    measured side by side; a ``grid_sample`` run hides the kernel for the duration of its step.
+    """
+    if slicers == ["c"]:
+        return stage_fns
+
+    def hidden(step):
+        def run():
+            available = slice_kernel.available
+            slice_kernel.available = lambda: False
+            try:
+                return step()
+            finally:
+                slice_kernel.available = available
+
+        return run
+
+    return {
+        f"{stage}/{slicer}": (hidden(step) if slicer == "grid_sample" else step)
+        for stage, step in stage_fns.items()
+        for slicer in slicers
+    }
+
+
 def breakdown_steps(trainer: Trainer, batch_size: int) -> dict:
     """The parts of a step, each with its backward pass, on one fixed batch."""
     branch = trainer.branches[0]
@@ -282,6 +311,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of a step")
     parser.add_argument(
+        "--slicers",
+        nargs="+",
+        default=["c"],
+        choices=["c", "grid_sample"],
+        help="CPU slicers to time side by side (default c; 'c grid_sample' compares with the previous)",
+    )
+    parser.add_argument(
         "--nsides",
         type=int,
         nargs="*",
@@ -301,7 +337,7 @@ def main(argv=None) -> None:
     print(
         f"batch {args.batch}, {N_HEADS} heads, full disc, median (and min-max) of {repeats} steps per stage"
     )
-    header = f"{'device':6} {'preset':6} {'amp':4} {'D':>4} {'thr':>3} {'stage':10} "
+    header = f"{'device':6} {'preset':6} {'amp':4} {'D':>4} {'thr':>3} {'stage':21} "
     print(header + f"{'ms/step':>9} {'min-max ms':>13} {'images/s':>9} {'cpu/wall':>8} {'min/10k':>8}")
     with tempfile.TemporaryDirectory(prefix="cryospin-throughput-") as tmp:
         stacks = {d: synthetic_stack(d, args.images, Path(tmp)) for d in sizes}
@@ -318,11 +354,12 @@ def main(argv=None) -> None:
                     except ValueError as error:
                         print(f"{device.type:6} {preset:6} {d:>4} skipped: {error}")
                         continue
-                    timings = time_interleaved(stage_steps(trainer, args.batch), device, repeats)
+                    stage_fns = with_slicers(stage_steps(trainer, args.batch), args.slicers)
+                    timings = time_interleaved(stage_fns, device, repeats)
                     for stage, t in timings.items():
                         rate = args.batch / t.wall_s
                         print(
-                            f"{device.type:6} {preset:6} {amp:4} {d:>4} {threads:>3} {stage:10} "
+                            f"{device.type:6} {preset:6} {amp:4} {d:>4} {threads:>3} {stage:21} "
                             f"{1e3 * t.wall_s:>9.1f} {f'{1e3 * t.min_s:.0f}-{1e3 * t.max_s:.0f}':>13} "
                             f"{rate:>9.1f} {t.cpu_per_wall:>8.2f} "
                             f"{10_000 / rate / 60:>8.2f}",

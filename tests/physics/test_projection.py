@@ -518,3 +518,11 @@ def test_project_real_is_differentiable_and_batched():
     assert math.isclose(
         float(raw.detach().sum()), 5 * float(volume.detach().sum()), rel_tol=1e-9
     )  # sum_z, no hidden scale
+
+
+def test_c_kernel_a_nan_rotation_gives_nan_samples_not_an_empty_slice():
+    """A diverged pose must show as NaN (the trainer's guard catches it), not as zeros."""
+    rotations = so3.random_rotations(2)
+    rotations[0, 0, 0] = float("nan")
+    out = slice_volume(torch.randn(8, 8, 8), rotations, FourierDisc.make(8).freqs)
+    assert bool(out[0].isnan().all()) and not bool(out[1].isnan().any())
