@@ -13,7 +13,7 @@ DEMO_OUT ?= runs/demo
 LAB_ARGS ?=
 VOILA_ARGS ?=
 
-.PHONY: install demo test lint format clean lab voila dataset chromium
+.PHONY: install demo test lint format clean lab voila dataset chromium recorded-runs
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ demo: $(STAMP)
 # workbench starts at once.
 dataset: $(STAMP)
 	$(BIN)/python -c "from cryospin_lab import datasets; print('default data set:', datasets.hsp90().out_dir)"
+
+# Two finished runs of the default set, switched after epoch 10 and after epoch 25, recorded once
+# (about 15 minutes on 2 cores) into the cache, to replay without training:
+# cryospin_lab.widgets.replay(RUN_A, RUN_B) (README, "Replay").
+RECORDED ?= $(or $(CRYOSPIN_LAB_CACHE),$(HOME)/.cache/cryospin-lab)/recorded
+recorded-runs: dataset
+	@set -e; data=$$($(BIN)/python -c "from cryospin_lab import datasets; print(datasets.hsp90().out_dir)"); \
+	for s in 10 25; do \
+	  if [ -f $(RECORDED)/hsp90_switch$$s/map.mrc ]; then echo "recorded: $(RECORDED)/hsp90_switch$$s"; continue; fi; \
+	  $(BIN)/cryospin-lab reconstruct $$data/particles.star --ground-truth $$data/ground_truth.mrc \
+	    --switch $$s --out $(RECORDED)/hsp90_switch$$s; \
+	done
 
 # JupyterLab on the workbench notebook; the server prints the URL to open. As root (a
 # container), Jupyter refuses to start without --allow-root.

@@ -25,6 +25,8 @@ _EXPORTS = {
     "Workbench": ".workbench",
     "launch": ".workbench",
     "watch": ".workbench",
+    "replay": ".playback",
+    "Replay": ".playback",
     "UIPump": ".pump",
     "Panel": ".pump",
     "ControlsPanel": ".controls",

@@ -12,6 +12,7 @@ _EXPORTS = {
     "EventLogWriter": ".event_file",
     "EventLogFollower": ".event_file",
     "read_events": ".event_file",
+    "RecordedRun": ".recorded",
     "main": ".cli",
 }
 

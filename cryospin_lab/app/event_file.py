@@ -28,7 +28,14 @@ from cryospin_lab.app.bus import EventBus
 from cryospin_lab.engine import events as events_module
 from cryospin_lab.engine.events import Event, Phase
 
-__all__ = ["EventLogWriter", "EventLogFollower", "event_to_line", "event_from_line", "read_events"]
+__all__ = [
+    "EventLogWriter",
+    "EventLogFollower",
+    "event_to_line",
+    "event_from_line",
+    "event_type",
+    "read_events",
+]
 
 _TYPES = {
     name: cls
@@ -64,6 +71,15 @@ def event_to_line(event: Event, log: Path | None = None) -> str:
         os.replace(partial, path)
         fields = {k: ({"__npz__": path.name} if k in arrays else v) for k, v in fields.items()}
     return json.dumps({"type": name, "fields": {k: _plain(v) for k, v in fields.items()}})
+
+
+def event_type(line: str) -> type[Event]:
+    """The event class a line written by :func:`event_to_line` holds (ValueError if unknown)."""
+    name = json.loads(line).get("type")
+    cls = _TYPES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown event type {name!r}")
+    return cls
 
 
 def event_from_line(line: str, log: Path | None = None) -> Event:
