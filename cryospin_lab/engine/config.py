@@ -113,9 +113,10 @@ class TrainingConfig:
     auto_loss_plateau: float = setting(
         0.0, "auto switch: or the loss improved less (relative); 0: off", NON_NEGATIVE
     )
-    # 25, not 20: a late switch is what the ribosome set needs (docs/decisions.md#auto-cap)
+    # 10, not 25: with the direct stage's re-search an early switch ends as well or better on five
+    # molecules of six, two seeds each (docs/decisions.md#early-switch)
     auto_max_epochs: int = setting(
-        25, "auto switch: at the latest after this epoch; 0: never forced", NON_NEGATIVE_INT
+        10, "auto switch: at the latest after this epoch; 0: never forced", NON_NEGATIVE_INT
     )
     # calibrated on the stuck ribosome run and 28 that broke out (docs/decisions.md#stall-warning)
     stall_epochs: int = setting(5, "stall warning: over this many full-disc epochs; 0: off", NON_NEGATIVE_INT)

@@ -22,20 +22,23 @@ def switch_due(branch: Branch, cfg: TrainingConfig, pose_change_deg: float) -> s
     """The switch rule after an amortized epoch: the reason, or None to stay amortized.
 
     ``switch="never"`` never switches; an epoch number switches after that
-    epoch. ``"auto"`` (our criterion; the paper leaves one open) switches once
-    the amortized poses have locked in, and at the latest after
-    ``auto_max_epochs`` (25). After ``auto_min_epochs`` (3) and the end of the
+    epoch. ``"auto"`` (our criterion; the paper leaves one open) switches
+    after ``auto_max_epochs`` (10) epochs of the current attempt (counted
+    again after a restart of a stuck start), or earlier once the amortized
+    poses have locked in: after ``auto_min_epochs`` (3) and the end of the
     disc ramp (the head loss gap, mean minus best head loss, shrinks with
     every added shell), and only while the median change of the images' best
-    poses since the previous epoch is below ``auto_stable_deg`` (10°), it
-    switches when the gap has risen to ``auto_gap_rise`` (1.12) times its
-    lowest value on the full disc: the map gained detail, so the choice of
-    pose matters more.
-    With ``auto_loss_plateau > 0`` (default off) it also switches when the
-    mean epoch loss improved by less than that fraction while the gap is past
-    its minimum. The cap is late because switching early strands poses the
-    direct stage cannot bring back, while a late switch costs little
-    (docs/decisions.md#auto-switch-rule and #auto-cap in the same file).
+    poses since the previous epoch is below ``auto_stable_deg`` (10°), when
+    the gap has risen to ``auto_gap_rise`` (1.12) times its lowest value on
+    the full disc (the map gained detail, so the choice of pose matters
+    more). With the default 12-epoch ramp the cap comes first. With
+    ``auto_loss_plateau > 0`` (default off) it also switches when the mean
+    epoch loss improved by less than that fraction while the gap is past its
+    minimum. The cap is early because the direct stage re-searches every pose
+    after each epoch (engine/rescue.py), so images left in a wrong basin at
+    the switch find theirs, and direct epochs refine poses faster than
+    amortized ones (docs/decisions.md#early-switch; the earlier late cap:
+    #auto-cap).
     """
     rule = branch.switch_rule
     if rule == "never":

@@ -242,7 +242,7 @@ def test_no_ground_truth_writes_loss_plot(tiny_set, tmp_path):
 @pytest.mark.parametrize(
     ("switch", "expected"),
     [
-        ("auto", "--switch auto with --epochs 1: its latest switch (after epoch 25)"),
+        ("auto", "--switch auto with --epochs 1: its latest switch (after epoch 10)"),
         ("1", "--switch 1 is not"),
     ],
 )

@@ -181,7 +181,7 @@ def test_auto_switch_at_the_latest_after_auto_max_epochs(tiny_stack):
     assert trainer._switch_due(branch) is None
     branch.epoch = 9
     assert trainer._switch_due(branch) == "auto"
-    assert TrainingConfig().auto_max_epochs == 25 and TrainingConfig().auto_loss_plateau == 0.0
+    assert TrainingConfig().auto_max_epochs == 10 and TrainingConfig().auto_loss_plateau == 0.0
 
 
 def test_auto_switch_ignores_the_gap_of_the_ramp_epochs(tiny_stack):

@@ -412,3 +412,29 @@ def test_trainer_without_truth_reports_no_pose_error(tiny_simulation, tmp_path):
     events = list(trainer.events())
     assert of_type(events, PoseErrorEvent) == [] and of_type(events, ResolutionEvent) == []
     assert "pose_error_mean_deg" not in events[-1].summary
+
+
+def test_switch_keeps_each_images_lowest_loss_candidate(tiny_stack):
+    """Eq. 6, head by head: every image's pose-table row is the candidate that renders closest to
+    it. The convergence test no longer catches a switch that keeps a random candidate (the direct
+    stage's re-search repairs it, docs/decisions.md#early-switch), so this checks the choice itself."""
+    trainer = Trainer(tiny_stack, tiny_config(switch="never", n_epochs=1))
+    list(trainer.events())
+    branch = trainer.branch()
+    disc = trainer.feed.disc(branch.schedule_epoch)
+    indices = torch.arange(N_PARTICLES)
+    images, observed, ctf = trainer.feed.batch(indices, disc)
+    with torch.no_grad():
+        branch.encoder.eval()
+        candidates = branch.encoder(images).rotations  # (N, H, 3, 3)
+        losses = []
+        for head in range(candidates.shape[1]):  # one head at a time, the plain mean squared misfit
+            predicted = render_hartley(
+                branch.volume.hartley(), candidates[:, head], disc,
+                pixel_size_angstrom=trainer.pixel_size_angstrom, ctf_values=ctf,
+                contrast=trainer.config.contrast,
+            )  # fmt: skip
+            losses.append(((predicted - observed) ** 2).mean(-1))
+        expected = candidates[indices, torch.stack(losses, 1).argmin(1)]
+    list(trainer._switch(branch, "manual"))
+    torch.testing.assert_close(branch.pose_table.rotations.float(), expected.float(), atol=1e-5, rtol=0)
