@@ -108,6 +108,8 @@ class Replay:
                 bench._build_panels(self.reconstruction)
                 bench.controls.widget.layout.display = "none"  # nothing to start or switch in a recording
                 bench.title.value = self.titles[i]
+                if self.reconstruction is None and bench.layout == "tabs" and "FSC" in bench.panels:
+                    bench.container.selected_index = list(bench.panels).index("FSC")  # no images to score
             bus = bench.pump.bus
             for event in run.events_until(target, after=after):
                 bus.publish(event)

