@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cryospin_lab.app.bus import EventBus
+from cryospin_lab.app.event_file import EventLogWriter
 from cryospin_lab.app.runner import Runner
 from cryospin_lab.engine.config import SETTINGS, TrainingConfig, apply_settings
 from cryospin_lab.engine.trainer import Trainer
@@ -132,7 +133,8 @@ class Reconstruction:
         self.out_dir = Path(out_dir)
         self.trainer = Trainer(self.stack, self.config, ground_truth_map=truth, out_dir=self.out_dir)
         self.bus = bus if bus is not None else EventBus()
-        self.runner = Runner(self.trainer, self.bus)
+        # events.jsonl beside the checkpoints, so that widgets.replay(rec.out_dir) can replay the run
+        self.runner = Runner(self.trainer, self.bus, log=EventLogWriter(self.out_dir / "events.jsonl"))
         self._true_rotations = self.trainer.true_rotations  # CPU tensor (N, 3, 3) or None
         self._ground_truth = None if truth is None else _read_only(truth.numpy())
 

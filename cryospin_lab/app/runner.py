@@ -95,7 +95,7 @@ class Runner:
     returned), "stopped" or "failed".
     """
 
-    def __init__(self, trainer: Steppable, bus: EventBus | None = None):
+    def __init__(self, trainer: Steppable, bus: EventBus | None = None, *, log: Any = None):
         missing = [
             name for name in ("events", "apply_command", "save_checkpoint") if not hasattr(trainer, name)
         ]
@@ -111,6 +111,9 @@ class Runner:
         self._start_time = 0.0
         self._stamp: dict[str, Any] = {"step": 0, "epoch": 0, "phase": Phase.AMORTIZED}
         self._finished_published = False
+        # An EventLogWriter (``events.jsonl`` beside the checkpoints, for replay); dropped with a
+        # warning event if writing fails (a full disk must not end the run).
+        self._log = log
 
     # --------------------------------------------------------------- public API
 
@@ -207,6 +210,13 @@ class Runner:
         if isinstance(event, FinishedEvent):
             self._finished_published = True
         self.bus.publish(event)
+        if self._log is not None:
+            try:
+                self._log.write(event)
+            except OSError as err:
+                self._log = None
+                message = f"event log not written any more ({err}): this run cannot be replayed"
+                self.bus.publish(self._runner_event(LogEvent, message=message, level="warning"))
 
     def _runner_event(self, cls: type[E], **fields: Any) -> E:
         """An event stamped like the trainer's last one (a FinishedEvent gets Phase.FINISHED)."""

@@ -93,3 +93,23 @@ def test_replay_slider_shows_each_epoch_forward_and_back(recorded):
             assert view.status.value == f"after epoch {epoch} · after epoch {epoch}"
     finally:
         view.close()
+
+
+def test_a_notebook_run_can_be_replayed_from_its_out_dir(recorded, tmp_path):
+    """A Reconstruction logs its events beside its checkpoints, so replay(rec.out_dir) works."""
+    from cryospin_lab.app.reconstruction import Reconstruction
+
+    sim_dir, _ = recorded
+    rec = Reconstruction(
+        sim_dir / "particles.star", out_dir=tmp_path / "rec", n_epochs=2, switch="1", n_heads=2,
+        device="cpu",
+    )  # fmt: skip
+    rec.start()
+    assert rec.join(timeout=300) and rec.state == "finished"
+    run = RecordedRun(rec.out_dir)
+    assert run.epochs == [1, 2]
+    ends = [e for e in run.events_until(2) if isinstance(e, EpochEvent)]
+    assert [e.epoch for e in ends] == [1, 2]
+    np.testing.assert_allclose(
+        run.volume_events(2)[0].volume, rec.trainer.volume_real("main").numpy(), atol=1e-5
+    )
