@@ -103,13 +103,14 @@ class Replay:
             target = max((e for e in run.epochs if e <= epoch), default=run.epochs[0])
             after = self._shown[i]
             if target < after or after == 0:  # back in time (or the first time): from the start
-                bus, after = EventBus(), 0
-                bench.pump.set_bus(bus)
-                bench._build_panels(self.reconstruction)
+                if after:  # the panels Workbench() built are still empty the first time
+                    bench._build_panels(self.reconstruction)
+                bench.pump.set_bus(EventBus())
                 bench.controls.widget.layout.display = "none"  # nothing to start or switch in a recording
                 bench.title.value = self.titles[i]
                 if self.reconstruction is None and bench.layout == "tabs" and "FSC" in bench.panels:
                     bench.container.selected_index = list(bench.panels).index("FSC")  # no images to score
+                after = 0
             bus = bench.pump.bus
             for event in run.events_until(target, after=after):
                 bus.publish(event)

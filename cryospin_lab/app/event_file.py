@@ -33,6 +33,7 @@ __all__ = [
     "EventLogFollower",
     "event_to_line",
     "event_from_line",
+    "event_from_record",
     "event_type",
     "read_events",
 ]
@@ -73,21 +74,26 @@ def event_to_line(event: Event, log: Path | None = None) -> str:
     return json.dumps({"type": name, "fields": {k: _plain(v) for k, v in fields.items()}})
 
 
-def event_type(line: str) -> type[Event]:
-    """The event class a line written by :func:`event_to_line` holds (ValueError if unknown)."""
-    name = json.loads(line).get("type")
-    cls = _TYPES.get(name)
+def event_type(record: dict) -> type[Event]:
+    """The event class of a parsed line of :func:`event_to_line` (ValueError if unknown)."""
+    cls = _TYPES.get(record.get("type"))
     if cls is None:
-        raise ValueError(f"unknown event type {name!r}")
+        raise ValueError(f"unknown event type {record.get('type')!r}")
     return cls
 
 
 def event_from_line(line: str, log: Path | None = None) -> Event:
     """The event of a line written by :func:`event_to_line` (ValueError naming what is wrong)."""
-    record = json.loads(line)
-    cls = _TYPES.get(record.get("type"))
-    if cls is None:
-        raise ValueError(f"{log or 'event log'}: unknown event type {record.get('type')!r}")
+    return event_from_record(json.loads(line), log)
+
+
+def event_from_record(record: dict, log: Path | None = None) -> Event:
+    """The event of a parsed line (``json.loads``) of :func:`event_to_line`; heavy arrays from ``log``'s
+    sidecars."""
+    try:
+        cls = event_type(record)
+    except ValueError as err:
+        raise ValueError(f"{log or 'event log'}: {err}") from None
     fields = {}
     for key, value in record["fields"].items():
         if isinstance(value, dict) and "__array__" in value:

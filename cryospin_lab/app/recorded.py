@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cryospin_lab.app.event_file import event_from_line, event_type
+from cryospin_lab.app.event_file import event_from_record, event_type
 from cryospin_lab.engine.events import Event, Phase, StepEvent, VolumeEvent
 from cryospin_lab.io.checkpoint import load_checkpoint
 from cryospin_lab.physics import fourier
@@ -50,13 +50,14 @@ class RecordedRun:
                 if not line.strip():
                     continue
                 try:
-                    kind = event_type(line)
+                    record = json.loads(line)
+                    kind = event_type(record)
                     if kind is VolumeEvent and self.pixel_size_angstrom is None:
-                        self.pixel_size_angstrom = float(json.loads(line)["fields"]["voxel_size_angstrom"])
+                        self.pixel_size_angstrom = float(record["fields"]["voxel_size_angstrom"])
                     if kind.heavy:  # only the latest is on disk; the maps come from checkpoints
                         continue
-                    self.events.append(event_from_line(line, log))
-                except (ValueError, json.JSONDecodeError) as err:
+                    self.events.append(event_from_record(record, log))
+                except ValueError as err:  # json.JSONDecodeError is one
                     raise ValueError(f"{log}, line {number}: {err}") from err
         self.checkpoints = {
             int(m.group(1)): path
