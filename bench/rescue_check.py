@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import platform
 import sys
 import time
@@ -36,6 +37,18 @@ from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.simulate import molecule
 
 
+def settings_grid(items: list[str], config) -> list[dict]:
+    """``FIELD=V1,V2`` items as every combination of replaced settings, each parsed as the field's type."""
+    axes = []
+    for item in items:
+        field, _, values = item.partition("=")
+        if not hasattr(config, field) or not values:
+            raise SystemExit(f"--set {item}: expected FIELD=VALUE with FIELD a TrainingConfig setting")
+        kind = type(getattr(config, field))
+        axes.append([(field, kind(v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -48,6 +61,11 @@ def main() -> int:
     parser.add_argument(
         "--radius", type=float, default=None, help="the re-search's disc, a fraction of the full radius"
     )
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE",
+        help="replace settings of the continued run, e.g. decoder_lr_direct=1e-3; several values of one "
+        "field (decoder_lr_direct=2e-3,1e-3) continue once per value",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.radius is not None:
@@ -57,9 +75,11 @@ def main() -> int:
     truth_map = load_ground_truth(args.data_dir / "ground_truth.mrc", stack)
     symmetry = None if args.molecule is None else molecule(args.molecule).symmetry_rotations()
     saved = read_run(args.run_dir / "checkpoints" / f"epoch_{args.epoch:04d}.pt")
-    for every in args.rescue_every:
+    for every, changes in itertools.product(args.rescue_every, settings_grid(args.set, saved.config)):
         torch.manual_seed(0)
-        config = dataclasses.replace(saved.config, rescue_every=every, device="cpu", threads=args.threads)
+        config = dataclasses.replace(
+            saved.config, rescue_every=every, device="cpu", threads=args.threads, **changes
+        )
         if args.switch is not None:  # e.g. continue from an earlier checkpoint and switch there
             config = dataclasses.replace(config, switch=args.switch)
         trainer = Trainer(stack, config, ground_truth_map=truth_map)
@@ -76,12 +96,15 @@ def main() -> int:
         pose = metrics.pose_error(trainer.true_rotations, rotations, symmetry_rotations=symmetry)
         raw = metrics.pose_error(trainer.true_rotations, rotations)
         over = float(np.mean(np.asarray(pose.errors_deg) > 20.0))
-        fsc = [e for e in events if isinstance(e, ResolutionEvent) and e.kind == "ground_truth"][-1]
+        truth = [e for e in events if isinstance(e, ResolutionEvent) and e.kind == "ground_truth"]
+        fsc = [e.resolution_angstrom for e in truth]
+        label = " ".join(f"{k}={v}" for k, v in changes.items())
         print(
-            f"rescue_every {every}: over 20° {100 * over:.1f} %, median {pose.median_deg:.2f}°, mean "
-            f"{pose.mean_deg:.1f}° (raw: {raw.median_deg:.2f}°, {raw.mean_deg:.1f}°), "
-            f"FSC 0.5 {fsc.resolution_angstrom:.2f} Å, images moved per re-search "
-            f"{moved}, {time.perf_counter() - start:.0f} s",
+            f"rescue_every {every}{' ' + label if label else ''}: over 20° {100 * over:.1f} %, median "
+            f"{pose.median_deg:.2f}°, mean {pose.mean_deg:.1f}° (raw: {raw.median_deg:.2f}°, "
+            f"{raw.mean_deg:.1f}°), FSC 0.5 {fsc[-1]:.2f} Å (best {min(fsc):.2f}, mean of the last 5 "
+            f"{np.mean(fsc[-5:]):.2f}), images moved per re-search {moved}, "
+            f"{time.perf_counter() - start:.0f} s",
             flush=True,
         )
     return 0
