@@ -35,7 +35,8 @@ dataset: $(STAMP)
 	$(BIN)/python -c "from cryospin_lab import datasets; print('default data set:', datasets.hsp90().out_dir)"
 
 # Two finished runs of the default set, switched after epoch 10 and after epoch 25, recorded once
-# (about 17 minutes on 2 cores) into the cache, to replay without training:
+# (about 17 minutes on 2 cores) into the cache, each epoch's maps kept compactly (~30 MB a run), to
+# replay without training:
 # cryospin_lab.widgets.replay(RUN_A, RUN_B) (README, "Replay").
 RECORDED ?= $(or $(CRYOSPIN_LAB_CACHE),$(HOME)/.cache/cryospin-lab)/recorded
 recorded-runs: dataset
@@ -44,6 +45,7 @@ recorded-runs: dataset
 	  if [ -f $(RECORDED)/hsp90_switch$$s/map.mrc ]; then echo "recorded: $(RECORDED)/hsp90_switch$$s"; continue; fi; \
 	  $(BIN)/cryospin-lab reconstruct $$data/particles.star --ground-truth $$data/ground_truth.mrc \
 	    --switch $$s --out $(RECORDED)/hsp90_switch$$s; \
+	  $(BIN)/cryospin-lab compact $(RECORDED)/hsp90_switch$$s; \
 	done
 
 # JupyterLab on the workbench notebook; the server prints the URL to open. As root (a

@@ -61,7 +61,7 @@ class Replay:
             from cryospin_lab.app.reconstruction import Reconstruction
             from cryospin_lab.engine.run_state import read_run
 
-            config = read_run(self.runs[0].checkpoints[self.runs[0].epochs[0]]).config
+            config = read_run(self.runs[0].last_checkpoint).config
             self.reconstruction = Reconstruction(particles, ground_truth=ground_truth, config=config)
         self.benches = []
         for _ in self.runs:

@@ -20,6 +20,8 @@ does the work and returns the exit status.
   [--simulate-only]``: the default HSP90 set (``simulate.datasets.hsp90``, simulated
   once and cached), reconstructed into ``--out`` against its ground truth;
   with ``--simulate-only`` the set is only linked into ``--out``.
+* ``cryospin-lab compact RUN_DIR``: each epoch's maps into ``maps.npz``, all but
+  the last checkpoint deleted (``app.recorded.compact_run``): a tenth of the size, still replayable.
 
 Bad input ends with exit status 2 (bad option) or 1 (bad file or value) and a
 single ``cryospin-lab: error: ...`` line on stderr, no traceback. Ctrl-C ends
@@ -210,7 +212,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if "voxel size" in str(exc) and args.map_apix is None:
             raise ValueError(f"{exc} (on the command line: --map-apix)") from exc
         raise
-    _print_result(result, result.seconds)
+    print(result.describe(result.seconds))
     return 0
 
 
@@ -340,7 +342,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"HSP90 (PDB 2CG9) demo set, cached in {cached.out_dir}")
     if args.simulate_only:
         return _link_demo_set(args, cached, start)
-    _print_result(cached, time.perf_counter() - start)
+    print(cached.describe(time.perf_counter() - start))
     from cryospin_lab.app.headless import ReconstructSettings, run_reconstruction, run_settings
 
     settings = ReconstructSettings(
@@ -363,7 +365,7 @@ def _link_demo_set(args: argparse.Namespace, cached, start: float) -> int:
     for path in (cached.particles_path, cached.ground_truth_path, cached.summary_path, cached.star_path):
         _link_or_copy(path, out / path.name)
     result = SimulationResult.load(out)
-    _print_result(result, time.perf_counter() - start)
+    print(result.describe(time.perf_counter() - start))
     return 0
 
 
@@ -378,20 +380,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _print_result(result, seconds: float) -> None:
-    snr = "inf (noiseless)" if math.isinf(result.snr) else f"{result.snr:g}"
-    low, high = result.defocus_min_angstrom / 1e4, result.defocus_max_angstrom / 1e4
-    defocus = f"{low:.2f}-{high:.2f} µm ({result.defocus})" if result.ctf else "no CTF"
-    out = result.outlier_fraction
-    outliers = f" ({100 * out:g} % within {result.outlier_max_shift_angstrom:g} Å)" if out else ""
-    print(f"  particles:    {result.particles_path}")
-    print(f"  metadata:     {result.star_path}")
-    print(f"  ground truth: {result.ground_truth_path}")
-    print(
-        f"  {result.n_particles} images, box {result.box_size}, {result.pixel_size_angstrom:g} Å/px, "
-        f"SNR {snr}, defocus {defocus}, max shift {result.max_shift_angstrom:g} Å{outliers}"
-    )
-    print(f"  time: {seconds:.1f} s")
+def add_compact_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run folder (reconstruct's or demo's --out)")
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from cryospin_lab.app.recorded import compact_run
+
+    result = compact_run(args.run_dir)
+    mb = f"{result.bytes_before / 2**20:.1f} MB -> {result.bytes_after / 2**20:.1f} MB"
+    print(f"{result.maps_path}: epochs {result.epochs[0]}-{result.epochs[-1]}; {mb}, last checkpoint kept")
+    return 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -413,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("reconstruct", add_reconstruct_args, run_reconstruct, "ab-initio reconstruction with cryoSPIN"),
         ("demo", add_demo_args, run_demo, "reconstruct the default HSP90 dataset (simulated once)"),
+        ("compact", add_compact_args, run_compact, "keep a run's maps for replay, only its last checkpoint"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_args(sub)

@@ -136,6 +136,20 @@ class SimulationResult:
     outlier_fraction: float = 0.0
     outlier_max_shift_angstrom: float = 0.0
 
+    def describe(self, seconds: float) -> str:
+        """The files and the set's figures as the CLI prints them (``seconds``: the time to show)."""
+        snr = "inf (noiseless)" if math.isinf(self.snr) else f"{self.snr:g}"
+        low, high = self.defocus_min_angstrom / 1e4, self.defocus_max_angstrom / 1e4
+        defocus = f"{low:.2f}-{high:.2f} µm ({self.defocus})" if self.ctf else "no CTF"
+        out = self.outlier_fraction
+        outliers = f" ({100 * out:g} % within {self.outlier_max_shift_angstrom:g} Å)" if out else ""
+        return (
+            f"  particles:    {self.particles_path}\n  metadata:     {self.star_path}\n"
+            f"  ground truth: {self.ground_truth_path}\n  {self.n_particles} images, box {self.box_size}, "
+            f"{self.pixel_size_angstrom:g} Å/px, SNR {snr}, defocus {defocus}, max shift "
+            f"{self.max_shift_angstrom:g} Å{outliers}\n  time: {seconds:.1f} s"
+        )
+
     def to_json(self) -> str:
         """JSON text (paths relative to ``out_dir``, ``inf`` as the string ``"inf"``)."""
         values = asdict(self)

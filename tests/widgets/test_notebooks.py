@@ -133,3 +133,5 @@ def test_when_to_switch_notebook(tmp_path, kernel_path, monkeypatch):
     text = run_notebook("03_when_to_switch.ipynb", tmp_path, kernel_path, monkeypatch)
     for branch in ("direct", "direct-2", "amortized-2"):
         assert re.search(rf"^\s*{re.escape(branch)}\s", text, flags=re.MULTILINE), branch
+    # the replay cell opens the run it has just watched (no recorded runs in the test), at its last epoch
+    assert "replaying 1 run(s): after epoch 3" in text, text[-2000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import shutil
 
 import mrcfile
 import numpy as np
@@ -113,3 +114,40 @@ def test_a_notebook_run_can_be_replayed_from_its_out_dir(recorded, tmp_path):
     np.testing.assert_allclose(
         run.volume_events(2)[0].volume, rec.trainer.volume_real("main").numpy(), atol=1e-5
     )
+
+
+def test_compact_run_keeps_each_epochs_map_and_only_the_last_checkpoint(recorded, tmp_path):
+    sim_dir, run_dir = recorded
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    from_checkpoints = {epoch: RecordedRun(copy).volume_events(epoch) for epoch in (1, 2, 3)}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert cli.main(["compact", str(copy)]) == 0
+    assert "maps.npz: epochs 1-3" in out.getvalue()
+    assert [p.name for p in (copy / "checkpoints").iterdir()] == ["epoch_0003.pt"]
+    run = RecordedRun(copy)
+    assert run.epochs == [1, 2, 3]
+    for epoch, expected in from_checkpoints.items():
+        (stored,) = run.volume_events(epoch)
+        assert (stored.branch, stored.epoch, stored.step, stored.phase) == (
+            expected[0].branch, expected[0].epoch, expected[0].step, expected[0].phase,
+        )  # fmt: skip
+        peak = float(np.abs(expected[0].volume).max())
+        np.testing.assert_allclose(stored.volume, expected[0].volume, rtol=0, atol=1e-3 * peak)
+    with mrcfile.open(copy / "map.mrc") as mrc:  # the result writer's map, read by mrcfile
+        np.testing.assert_allclose(run.volume_events(3)[0].volume, mrc.data, rtol=0, atol=1e-3 * peak)
+    # a second compaction keeps the stored maps; the replay reads its settings from the last checkpoint
+    assert cli.main(["compact", str(copy)]) == 0 and RecordedRun(copy).epochs == [1, 2, 3]
+    view = replay(copy, particles=sim_dir / "particles.star", use_nglview=False)
+    try:
+        view.slider.value = 1
+        posterior = view.benches[0]["Pose posterior"]
+        np.testing.assert_array_equal(posterior.volumes["main"].volume, run.volume_events(1)[0].volume)
+    finally:
+        view.close()
+    (copy / "maps.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"maps.npz: not a map store"):
+        RecordedRun(copy)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert cli.main(["compact", str(tmp_path / "nothing")]) == 1
+    assert "nothing: no events.jsonl" in err.getvalue()
