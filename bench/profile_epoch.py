@@ -14,7 +14,8 @@ convolutions forward/backward, its other layers, matrix products, FFTs,
 element-wise work such as CTF, shifts and losses, optimiser updates, copies
 and indexing, other). Then one whole epoch end, timed piece by piece
 (pose error, FSC against the truth with its alignment, the tracked
-candidates, head assignments, the map snapshot, the checkpoint). Prints the
+candidates, head assignments, the structure gain, the checkpoint), and one
+direct epoch end (its re-search of every pose too). Prints the
 table with the wall time per step and per 10,000-image epoch, and the
 epoch end as a share of that epoch. CPU time is summed over threads, so the
 shares, not the milliseconds, compare with wall time.
@@ -23,6 +24,7 @@ shares, not the milliseconds, compare with wall time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import platform
 import re
@@ -35,6 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cryospin_lab.engine import epoch_report
+from cryospin_lab.engine import trainer as trainer_module
 from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.events import Phase
 from cryospin_lab.engine.trainer import Trainer
@@ -86,21 +89,29 @@ def timed_steps(trainer: Trainer, branch, n_steps: int) -> tuple[dict[str, float
 
 
 def timed_epoch_end(trainer: Trainer, branch) -> dict[str, float]:
-    """Wall seconds of each piece of one epoch end (the report, the checkpoint)."""
+    """Wall seconds of each piece of one epoch end (the report, the re-search, the checkpoint)."""
     times: dict[str, float] = defaultdict(float)
-    wrapped = {}
-    for name in ("pose_error_event", "resolution_event", "candidates_event", "assignment_event"):
-        original = getattr(epoch_report, name)
+    wrapped = []
+    pieces = [(epoch_report, name) for name in ("pose_error_event", "resolution_event", "candidates_event")]
+    pieces += [(epoch_report, "assignment_event")]
+    pieces += [(trainer_module, name) for name in ("structure_gain", "pose_change", "rescue_events")]
+    for module, name in pieces:
+        original = getattr(module, name)
+        label = "re-search (direct stage)" if name == "rescue_events" else name.removesuffix("_event")
+        label = label.replace("_", " ")
 
-        def timer(*args, _original=original, _name=name, **kwargs):
+        def timer(*args, _original=original, _label=label, **kwargs):
             start = time.perf_counter()
             try:
-                return _original(*args, **kwargs)
+                result = _original(*args, **kwargs)
+                if inspect.isgenerator(result):  # time the generator's work too
+                    result = list(result)
+                return result
             finally:
-                times[_name.removesuffix("_event").replace("_", " ")] += time.perf_counter() - start
+                times[_label] += time.perf_counter() - start
 
-        wrapped[name] = original
-        setattr(epoch_report, name, timer)
+        wrapped.append((module, name, original))
+        setattr(module, name, timer)
     save = trainer.save_checkpoint
 
     def timed_save(*args, **kwargs):
@@ -126,8 +137,8 @@ def timed_epoch_end(trainer: Trainer, branch) -> dict[str, float]:
         list(trainer._end_epoch(branch, 0.0))
         times["whole epoch end"] = time.perf_counter() - start
     finally:
-        for name, original in wrapped.items():
-            setattr(epoch_report, name, original)
+        for module, name, original in wrapped:
+            setattr(module, name, original)
         trainer.save_checkpoint = save
         trainer.reporter._truth_symmetry = symmetry
     return dict(times)
@@ -159,6 +170,7 @@ def main() -> int:
         assert branch.phase is Phase.DIRECT
         direct, wall_d = timed_steps(trainer, branch, args.steps)
         rows["direct"] = (direct, wall_d)
+        end_direct = timed_epoch_end(trainer, branch)
         for stage, (cats, wall) in rows.items():
             total = sum(cats.values())
             epoch_s = wall * steps_per_epoch
@@ -174,6 +186,13 @@ def main() -> int:
         print(f"\nepoch end (amortized branch): {whole - once:.2f} s, {share:.1f} % of an amortized epoch "
               f"(and once per run, the true map's near-symmetry: {once:.2f} s)")  # fmt: skip
         for name, seconds in sorted(end.items(), key=lambda item: -item[1]):
+            print(f"  {name:<38} {seconds:6.2f} s")
+        whole = end_direct.pop("whole epoch end") - end_direct.pop(
+            "true map's near-symmetry (once per run)", 0.0
+        )
+        share = 100 * whole / (wall_d * steps_per_epoch)
+        print(f"\nepoch end (direct branch): {whole:.2f} s, {share:.1f} % of a direct epoch")
+        for name, seconds in sorted(end_direct.items(), key=lambda item: -item[1]):
             print(f"  {name:<38} {seconds:6.2f} s")
     return 0
 

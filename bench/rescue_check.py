@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import platform
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from cryospin_lab.analysis import metrics
-from cryospin_lab.engine import rescue
+from cryospin_lab.engine import rescue, steps
 from cryospin_lab.engine.config import parse_switch_rule
 from cryospin_lab.engine.events import LogEvent, ResolutionEvent
 from cryospin_lab.engine.run_state import read_run
@@ -35,6 +36,12 @@ from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.maps import load_ground_truth
 from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.simulate import molecule
+
+
+def _true_poses(true_rotations, ctx, branch, rows, n_images, disc):
+    """In place of steps.best_candidates: every image's true rotation and a zero shift."""
+    device = ctx.feed.device
+    return true_rotations.to(device).float().clone(), torch.zeros(n_images, 2, device=device)
 
 
 def settings_grid(items: list[str], config) -> list[dict]:
@@ -66,6 +73,12 @@ def main() -> int:
         help="replace settings of the continued run, e.g. decoder_lr_direct=1e-3; several values of one "
         "field (decoder_lr_direct=2e-3,1e-3) continue once per value",
     )  # fmt: skip
+    parser.add_argument(
+        "--true-poses", action="store_true",
+        help="an oracle: at the switch every image takes its true pose (and a zero shift); with "
+        "--set pose_lr=1e-9 --rescue-every 0 only the map is trained, so the ending shows what the "
+        "data allow at the true poses",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.radius is not None:
@@ -84,6 +97,8 @@ def main() -> int:
             config = dataclasses.replace(config, switch=args.switch)
         trainer = Trainer(stack, config, ground_truth_map=truth_map)
         trainer.restore(saved)
+        if args.true_poses:
+            steps.best_candidates = functools.partial(_true_poses, trainer.true_rotations)
         if args.switch is not None:  # the branches keep the rule they were saved with; this one replaces it
             for branch in trainer.branches:
                 branch.switch_rule = parse_switch_rule(args.switch)
