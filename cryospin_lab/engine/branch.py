@@ -81,6 +81,8 @@ class Branch:
         self.batch_iter: Iterator[Tensor] | None = None
         self.gap_history: list[float] = []  # head loss gap per amortized epoch (auto switch rule)
         self.loss_history: list[float] = []  # mean loss per amortized epoch (auto switch rule)
+        # the direct stage's last re-search: its epoch, and whether it moved almost nothing (rescue.py)
+        self.last_rescue_epoch, self.rescue_idle = 0, False
 
     def state_dict(self) -> dict:
         return {
@@ -104,6 +106,8 @@ class Branch:
             "attempt": self.attempt,
             "epoch_offset": self.epoch_offset,
             "seed_offset": self.seed_offset,
+            "last_rescue_epoch": self.last_rescue_epoch,
+            "rescue_idle": self.rescue_idle,
         }
 
     def merge_ranks(self, comm: Comm) -> None:
@@ -176,6 +180,7 @@ class Branch:
         for group in self.decoder_opt.param_groups:
             group["lr"] = config.decoder_lr_direct
         self.pending_switch = None
+        self.last_rescue_epoch, self.rescue_idle = self.epoch, False
 
     @classmethod
     def from_state(
@@ -205,6 +210,8 @@ class Branch:
         branch.loss_history = [float(g) for g in state.get("loss_history", [])]
         branch.pending_switch = state["pending_switch"] or None
         branch.switch_rule = parse_switch_rule(state["switch_rule"])
+        branch.last_rescue_epoch = int(state.get("last_rescue_epoch", 0))
+        branch.rescue_idle = bool(state.get("rescue_idle", False))
         return branch
 
     def fork(self, suffix: str = "") -> tuple[Branch, Branch]:

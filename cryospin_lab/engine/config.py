@@ -136,6 +136,12 @@ class TrainingConfig:
         1, "direct stage: re-search every pose on a grid after this many epochs; 0: off", NON_NEGATIVE_INT
     )
     rescue_nside: int = setting(4, "HEALPix nside of that grid (6 nside in-plane angles)", int_range(1, 16))
+    # a re-search that moves almost nothing is followed by few moves (docs/decisions.md#rescue-idle)
+    rescue_idle_every: int = setting(
+        5,
+        "after a re-search moved under 0.5 % of the images, the next after this many epochs; 0: off",
+        NON_NEGATIVE_INT,
+    )
     volume_init_mantissa: float = setting(
         0.1, "std of the initial mantissa (exponent: data envelope)", POSITIVE
     )

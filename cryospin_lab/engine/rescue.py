@@ -8,7 +8,8 @@ products (:mod:`cryospin_lab.analysis.pose_grid`); an image whose best grid
 rotation fits better there than its own pose, and lies in another basin (more
 than two grid spacings away), restarts from that rotation; the next epochs
 refine it. Nearer grid points are the image's own basin, which local steps
-already explore; so correct images stay put.
+already explore; so correct images stay put. Once a re-search moves almost
+nothing, the next comes ``rescue_idle_every`` epochs later.
 """
 
 from __future__ import annotations
@@ -26,26 +27,38 @@ from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 
-__all__ = ["RESCUE_RADIUS_FRACTION", "rescue_events", "research_poses"]
+__all__ = ["RESCUE_IDLE_SHARE", "RESCUE_RADIUS_FRACTION", "rescue_events", "research_poses"]
 
 RESCUE_RADIUS_FRACTION = 0.4  # the coarse disc: fine enough to tell basins apart, coarse for the grid
+RESCUE_IDLE_SHARE = 0.005  # a re-search moving fewer images finds the poses settled (rescue_idle_every)
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
 
 def rescue_events(ctx: StepContext, branch: Branch, stamp: dict) -> Iterator[Event]:
-    """After a direct epoch, every ``rescue_every`` epochs but the last (no epoch left to refine): the
-    re-search, and its report."""
-    every = ctx.config.rescue_every
-    if (
-        branch.phase is not Phase.DIRECT
-        or not every
-        or branch.epoch % every
-        or branch.finished(ctx.config.n_epochs)
-    ):
+    """After a direct epoch: the re-search and its report, when due.
+
+    Due ``rescue_every`` (1) epochs after the switch or the last re-search; once a re-search
+    moved under ``RESCUE_IDLE_SHARE`` (0.5 %) of the images, ``rescue_idle_every`` (5) epochs
+    after it instead (0: never slower), since the poses have settled and each re-search costs
+    about a second per 10,000 images; never after the last epoch (no epoch left to refine).
+    """
+    cfg = ctx.config
+    if branch.phase is not Phase.DIRECT or not cfg.rescue_every or branch.finished(cfg.n_epochs):
         return
-    moved, checked = research_poses(ctx, branch, ctx.config.rescue_nside)
-    yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose", **stamp)
+    interval = cfg.rescue_every
+    if branch.rescue_idle and cfg.rescue_idle_every:
+        interval = max(interval, cfg.rescue_idle_every)
+    if branch.epoch - branch.last_rescue_epoch < interval:
+        return
+    moved, checked = research_poses(ctx, branch, cfg.rescue_nside)
+    moved_all, checked_all = ctx.comm.sum_floats(moved, checked)
+    branch.last_rescue_epoch = branch.epoch
+    branch.rescue_idle = moved_all < RESCUE_IDLE_SHARE * checked_all
+    later = ""
+    if branch.rescue_idle and cfg.rescue_idle_every > cfg.rescue_every:
+        later = f"; the next in {cfg.rescue_idle_every} epochs"
+    yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose{later}", **stamp)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cryospin_lab.engine.commands import Command
-from cryospin_lab.engine.rescue import research_poses
+from cryospin_lab.engine.rescue import rescue_events, research_poses
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.model.hartley_volume import HartleyVolume
 from cryospin_lab.physics import so3
@@ -25,8 +25,8 @@ from helpers import tiny_config
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth):
-    trainer = Trainer(tiny_stack, tiny_config(switch="never"))
+def direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=2):
+    trainer = Trainer(tiny_stack, tiny_config(switch="never", n_epochs=n_epochs))
     trainer.apply_command(Command.SWITCH_NOW)
     events = trainer.events()
     next(events), next(events)  # the switch's announcement and phase change
@@ -66,3 +66,30 @@ def test_wrong_basins_are_left_and_right_poses_kept(tiny_stack, tiny_ground_trut
     # an image at its true pose is not moved: its own basin holds the best fit
     assert torch.equal(after[~wrong], start[~wrong])
     assert moved == int(wrong.sum())
+
+
+def test_re_search_slows_down_once_it_moves_almost_nothing(tiny_stack, tiny_ground_truth):
+    """Every epoch after the switch; after a re-search that moved nobody, every rescue_idle_every;
+    after one that moved a quarter of the images, every epoch again."""
+    trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=50)
+    cfg = trainer.config
+    assert (cfg.rescue_every, cfg.rescue_idle_every) == (1, 5)  # the shipped defaults
+    truth = trainer.true_rotations.float()
+    branch.pose_table.rotations = truth.clone()
+
+    def searched_after(epoch: int) -> list[str]:
+        branch.epoch = epoch
+        return [
+            event.message for event in rescue_events(trainer.step_context, branch, trainer._stamp(branch))
+        ]
+
+    assert branch.last_rescue_epoch == 0  # the switch came before the first epoch
+    (message,) = searched_after(1)
+    assert message == "re-search: 0 of 64 images moved to a better pose; the next in 5 epochs"
+    assert [searched_after(epoch) for epoch in (2, 3, 4, 5)] == [[], [], [], []]
+    quarter = torch.arange(len(truth)) % 4 == 0
+    turn = so3.exp_so3(torch.tensor([[0.0, 0.0, math.radians(120.0)]])).float()
+    branch.pose_table.rotations = torch.where(quarter[:, None, None], turn @ truth, truth)
+    (message,) = searched_after(6)
+    assert message == "re-search: 16 of 64 images moved to a better pose"
+    assert len(searched_after(7)) == 1  # moved many: due again after one epoch

@@ -42,6 +42,7 @@ OTHER = {
     "stuck_restarts": "1",
     "rescue_every": "2",
     "rescue_nside": "2",
+    "rescue_idle_every": "3",
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",
