@@ -186,7 +186,13 @@ class Branch:
     def from_state(
         cls, state: dict, config: TrainingConfig, feed: ParticleFeed, device: torch.device
     ) -> Branch:
-        """A branch restored from :meth:`state_dict`."""
+        """A branch restored from :meth:`state_dict`, sharing no tensor with ``state``.
+
+        Copied first: torch's optimisers and the pose table load their moments and rows by
+        reference, so training would change ``state``, and a second restore from the same
+        object (a benchmark's A/B continuations) would start from the first one's end.
+        """
+        state = copy.deepcopy(state)
         seed_offset = int(state.get("seed_offset", 0))
         branch = cls(state["name"], config, feed, device, subset=state.get("subset"), seed_offset=seed_offset)
         branch.phase = Phase(state["phase"])

@@ -80,3 +80,21 @@ def test_resume_from_the_switch_epoch_checkpoint_switches_too(tiny_stack, uninte
     events_b = list(trainer_b.events())
     assert len(switches(events_b)) == 1
     assert_same_final_state(trainer_a, trainer_b)
+
+
+def test_one_saved_state_restored_twice_gives_the_same_run_twice(tiny_stack, uninterrupted_run):
+    """Restoring copies the saved tensors: a run restored from a SavedRun does not change it (torch's
+    optimizers and the pose table would otherwise share its Adam moments and rows), so a second
+    trainer restored from the same object replays the first exactly."""
+    from cryospin_lab.engine.run_state import read_run
+
+    trainer_a, _, out_a = uninterrupted_run
+    saved = read_run(out_a / "checkpoints" / "epoch_0002.pt")  # direct branch: a pose table with Adam
+    runs = []
+    for _ in range(2):
+        trainer = Trainer(tiny_stack, tiny_config(n_epochs=3, switch="2"))
+        trainer.restore(saved)
+        runs.append((trainer, [e.loss for e in of_type(list(trainer.events()), StepEvent)]))
+    assert runs[0][1] == runs[1][1]
+    assert_same_final_state(runs[0][0], runs[1][0])
+    assert_same_final_state(trainer_a, runs[1][0])
