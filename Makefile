@@ -35,7 +35,7 @@ dataset: $(STAMP)
 	$(BIN)/python -c "from cryospin_lab import datasets; print('default data set:', datasets.hsp90().out_dir)"
 
 # Two finished runs of the default set, switched after epoch 10 and after epoch 25, recorded once
-# (about 17 minutes on 2 cores) into the cache, each epoch's maps kept compactly (~30 MB a run), to
+# (about 12 minutes on 2 cores) into the cache, each epoch's maps kept compactly (~30 MB a run), to
 # replay without training:
 # cryospin_lab.widgets.replay(RUN_A, RUN_B) (README, "Replay").
 RECORDED ?= $(or $(CRYOSPIN_LAB_CACHE),$(HOME)/.cache/cryospin-lab)/recorded

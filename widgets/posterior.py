@@ -318,7 +318,13 @@ class PosteriorPanel(Panel):
             return
         volume = self.volumes[self.branch_select.value].volume
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posterior")
+            self._executor = (
+                ThreadPoolExecutor(  # one torch thread: no second OpenMP team (decisions.md#one-omp-team)
+                    max_workers=1,
+                    thread_name_prefix="posterior",
+                    initializer=_one_torch_thread,
+                )
+            )
         self._started = time.perf_counter()
         self._future = self._executor.submit(
             _compute, key, volume, self.reconstruction, self.index, self.nside, self.n_psi
@@ -445,3 +451,9 @@ class PosteriorPanel(Panel):
             f"particle {result.index}, nside {post.nside} x {post.n_psi} psi: {post.wall_time_s:.1f} s; "
             f"T = {post.temperature:.3g}{noise}; max p = {post.probabilities.max():.3g}"
         )
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)

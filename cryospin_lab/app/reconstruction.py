@@ -102,6 +102,9 @@ class Reconstruction:
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:  # before the default set is simulated
             raise ValueError(f"Reconstruction: unknown setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        # The run trains on a background thread with the threads this thread has now; this thread
+        # keeps one from here on (docs/decisions.md#one-omp-team).
+        train_threads = _hand_threads_to_the_run()
         if particles is None:
             from cryospin_lab.simulate.datasets import hsp90
 
@@ -134,7 +137,9 @@ class Reconstruction:
         self.trainer = Trainer(self.stack, self.config, ground_truth_map=truth, out_dir=self.out_dir)
         self.bus = bus if bus is not None else EventBus()
         # events.jsonl beside the checkpoints, so that widgets.replay(rec.out_dir) can replay the run
-        self.runner = Runner(self.trainer, self.bus, log=EventLogWriter(self.out_dir / "events.jsonl"))
+        self.runner = Runner(
+            self.trainer, self.bus, log=EventLogWriter(self.out_dir / "events.jsonl"), threads=train_threads
+        )
         self._true_rotations = self.trainer.true_rotations  # CPU tensor (N, 3, 3) or None
         self._ground_truth = None if truth is None else _read_only(truth.numpy())
 
@@ -302,3 +307,22 @@ class Reconstruction:
 
     def __repr__(self) -> str:
         return f"Reconstruction({self.describe()}, state {self.state!r})"
+
+
+def _hand_threads_to_the_run() -> int:
+    """The calling thread's torch intra-op threads, for the run's thread; the caller keeps one.
+
+    Rule: a :class:`Reconstruction` made on the main thread sets it to one torch thread (before
+    it loads anything), and its run's thread takes the count the main thread had. Why: libgomp
+    (torch's OpenMP on Linux) barely spins once more OpenMP threads exist than cores, so a
+    second thread team (the kernel's, beside the run's) made every step of a notebook run 1.6x
+    slower on 2 cores (docs/decisions.md#one-omp-team). Other threads are left alone.
+    """
+    import threading
+
+    import torch
+
+    threads = torch.get_num_threads()
+    if threading.current_thread() is threading.main_thread():
+        torch.set_num_threads(1)
+    return threads

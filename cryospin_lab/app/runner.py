@@ -39,6 +39,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import torch
+
 from cryospin_lab.app.bus import EventBus
 from cryospin_lab.engine.commands import Command, CommandError
 from cryospin_lab.engine.events import Event, FailureEvent, FinishedEvent, LogEvent, Phase
@@ -95,7 +97,7 @@ class Runner:
     returned), "stopped" or "failed".
     """
 
-    def __init__(self, trainer: Steppable, bus: EventBus | None = None, *, log: Any = None):
+    def __init__(self, trainer: Steppable, bus: EventBus | None = None, *, log: Any = None, threads: int = 0):
         missing = [
             name for name in ("events", "apply_command", "save_checkpoint") if not hasattr(trainer, name)
         ]
@@ -103,6 +105,7 @@ class Runner:
             raise TypeError(f"Runner: {type(trainer).__name__} lacks {missing} (see runner.Steppable)")
         self.trainer = trainer
         self.bus = bus if bus is not None else EventBus()
+        self.threads = threads  # torch intra-op threads of the training thread; 0: as it inherits
         self._commands: queue.Queue[tuple[Command, dict[str, Any]]] = queue.Queue()
         self._state = "created"
         self._state_lock = threading.Lock()
@@ -258,6 +261,8 @@ class Runner:
 
     def _run(self) -> None:
         generator = None
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
         try:
             generator = iter(self.trainer.events())
             while True:

@@ -92,8 +92,6 @@ class Trainer:
         self.config = config
         self.stack = stack
         self.device = resolve_device(config.device)
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
         self.box_size = stack.box_size
         self.pixel_size_angstrom = float(stack.pixel_size_angstrom)
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -153,7 +151,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def events(self) -> Iterator[Event]:
-        """Run to the end, yielding after each step (and at epoch ends, switches, forks)."""
+        """Run to the end, yielding after each step (and at epoch ends, switches, forks).
+
+        ``config.threads`` (> 0) is applied here, in the thread that trains: torch's intra-op
+        thread count belongs to the calling thread (docs/decisions.md#one-omp-team).
+        """
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
         self._t0 = time.perf_counter() - self._elapsed_before_resume
         epoch_start = {b.name: time.perf_counter() for b in self.branches}
         for branch in [b for b in self.branches if b.finished(self.config.n_epochs)]:

@@ -485,3 +485,39 @@ def test_failure_mid_run_surfaces_and_keeps_last_good_checkpoint(tiny_stack, tmp
     assert (good["epoch"], good["step"]) == (1, STEPS_PER_EPOCH)
     failed = load_checkpoint(interrupted)["branches"][0]
     assert (failed["epoch"], failed["step"]) == (1, fail_at)
+
+
+def test_the_training_thread_takes_the_runners_torch_threads_and_the_caller_keeps_its_own():
+    """torch's intra-op thread count belongs to each thread (OpenMP): the runner sets its own."""
+    import torch
+
+    class CountingTrainer(FakeTrainer):
+        def events(self):
+            self.threads_seen = torch.get_num_threads()
+            yield from super().events()
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        trainer = CountingTrainer(n_steps=3)
+        runner = Runner(trainer, threads=2).start()
+        assert runner.join(timeout=5) is True
+        assert trainer.threads_seen == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_a_reconstruction_hands_the_main_threads_torch_threads_to_its_run(tiny_simulation):
+    """Made on the main thread, a Reconstruction leaves it one torch thread and gives its run the rest
+    (two OpenMP teams on two cores made a notebook run 1.6x slower: docs/decisions.md#one-omp-team)."""
+    import torch
+
+    from cryospin_lab.app.reconstruction import Reconstruction
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rec = Reconstruction(tiny_simulation.star_path, n_epochs=1, n_heads=2, device="cpu")
+        assert torch.get_num_threads() == 1 and rec.runner.threads == 2
+    finally:
+        torch.set_num_threads(previous)
