@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.ambiguity import SetAmbiguity, set_ambiguity
 from cryospin_lab.analysis.symmetry import find_near_symmetry
+from cryospin_lab.app.runner import one_torch_thread
 from cryospin_lab.engine.events import ForkEvent, VolumeEvent
 
 from ._plotly import new_figure
@@ -165,13 +166,7 @@ class AmbiguityPanel(Panel):
         if same_branch and time.perf_counter() - self._started < self.volume_refresh_s:
             return
         if self._executor is None:
-            self._executor = (
-                ThreadPoolExecutor(  # one torch thread: no second OpenMP team (decisions.md#one-omp-team)
-                    max_workers=1,
-                    thread_name_prefix="ambiguity",
-                    initializer=_one_torch_thread,
-                )
-            )
+            self._executor = ThreadPoolExecutor(1, "ambiguity", one_torch_thread)  # decisions.md#one-omp-team
         self._started, self._key = time.perf_counter(), key
         self._future = self._executor.submit(
             compute_ambiguity, volume.volume, self.reconstruction, self.indices, self.nside, self.n_psi
@@ -233,9 +228,3 @@ class AmbiguityPanel(Panel):
             button.on_click(lambda _, i=index: self.on_select(i) if self.on_select is not None else None)
             buttons.append(button)
         self.buttons.children = [w.HTML("most ambiguous: "), *buttons]
-
-
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)

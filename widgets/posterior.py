@@ -45,6 +45,7 @@ from cryospin_lab.analysis.pose_posterior import (
     render_image,
     view_posterior,
 )
+from cryospin_lab.app.runner import one_torch_thread
 from cryospin_lab.engine.events import ForkEvent, PoseCandidatesEvent, PoseErrorEvent, VolumeEvent
 
 from ._plotly import LEGEND_MARGIN, SyncedFigureWidget, gaps_as_none, new_figure
@@ -318,13 +319,7 @@ class PosteriorPanel(Panel):
             return
         volume = self.volumes[self.branch_select.value].volume
         if self._executor is None:
-            self._executor = (
-                ThreadPoolExecutor(  # one torch thread: no second OpenMP team (decisions.md#one-omp-team)
-                    max_workers=1,
-                    thread_name_prefix="posterior",
-                    initializer=_one_torch_thread,
-                )
-            )
+            self._executor = ThreadPoolExecutor(1, "posterior", one_torch_thread)  # decisions.md#one-omp-team
         self._started = time.perf_counter()
         self._future = self._executor.submit(
             _compute, key, volume, self.reconstruction, self.index, self.nside, self.n_psi
@@ -451,9 +446,3 @@ class PosteriorPanel(Panel):
             f"particle {result.index}, nside {post.nside} x {post.n_psi} psi: {post.wall_time_s:.1f} s; "
             f"T = {post.temperature:.3g}{noise}; max p = {post.probabilities.max():.3g}"
         )
-
-
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)

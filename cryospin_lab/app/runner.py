@@ -45,7 +45,7 @@ from cryospin_lab.app.bus import EventBus
 from cryospin_lab.engine.commands import Command, CommandError
 from cryospin_lab.engine.events import Event, FailureEvent, FinishedEvent, LogEvent, Phase
 
-__all__ = ["Runner", "Steppable"]
+__all__ = ["Runner", "Steppable", "one_torch_thread"]
 
 E = TypeVar("E", bound=Event)
 
@@ -318,3 +318,9 @@ class Runner:
                 self._commands.get_nowait()
             except queue.Empty:
                 return
+
+
+def one_torch_thread() -> None:
+    """Set the calling thread to one torch intra-op thread (a worker beside a run: no second
+    OpenMP team, docs/decisions.md#one-omp-team)."""
+    torch.set_num_threads(1)

@@ -149,13 +149,9 @@ class Trainer:
         t = time.perf_counter() - self._t0
         return dict(step=branch.step, epoch=branch.epoch, phase=branch.phase, branch=branch.name, time_s=t)
 
-    # ------------------------------------------------------------------ the loop
     def events(self) -> Iterator[Event]:
-        """Run to the end, yielding after each step (and at epoch ends, switches, forks).
-
-        ``config.threads`` (> 0) is applied here, in the thread that trains: torch's intra-op
-        thread count belongs to the calling thread (docs/decisions.md#one-omp-team).
-        """
+        """Run to the end, yielding after each step (and epoch ends, switches, forks); ``config.threads``
+        applies here, in the training thread (counts are per thread: decisions.md#one-omp-team)."""
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
         self._t0 = time.perf_counter() - self._elapsed_before_resume
