@@ -16,7 +16,10 @@ and compared epoch by epoch.
 
 Prints the latencies and the throughput ratio; with ``--assert`` exits 1 when the
 label took more than 1 s or the workbench kept under 90 % of the headless
-throughput (issue "The workbench in a class hour", point 1). About 3 minutes on
+throughput (issue "The workbench in a class hour", point 1); with
+``--assert-latency`` only for the label (what the test suite asserts:
+``tests/widgets/test_browser.py``; the throughput is printed, not asserted,
+since the suite's other worker shares the cores). About 3 minutes on
 2 cores (the default set must be simulated already: ``make dataset``).
 """
 
@@ -130,6 +133,9 @@ def main() -> int:
     parser.add_argument("shots", type=Path, help="folder for screenshots and the server log (created)")
     parser.add_argument("--epochs-before-switch", type=int, default=2)
     parser.add_argument("--assert", dest="check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--assert-latency", action="store_true", help="exit 1 only if the label took more than 1 s"
+    )
     args = parser.parse_args()
     if not Path(CHROMIUM).is_file():
         print(f"{CHROMIUM} is missing: apt-get install -y chromium", file=sys.stderr)
@@ -175,6 +181,8 @@ def main() -> int:
     if total < 0.9:
         missed.append(f"throughput {100 * total:.0f} % of headless (target 90 %)")
     print("targets met" if not missed else "missed: " + "; ".join(missed))
+    if args.assert_latency and measured["label_s"] > 1.0:
+        return 1
     return 1 if (missed and args.check) else 0
 
 
