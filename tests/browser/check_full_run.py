@@ -43,7 +43,7 @@ from check_workbench import (
     SWITCH_LABEL,
     button_label,
     dismiss_news,
-    quiet_settings,
+    lab_argv,
     shot,
     start_server,
     status_text,
@@ -71,14 +71,7 @@ def epoch_rates(events_path: Path, phase: str = "amortized") -> dict[int, float]
 def browser_run(workdir: Path, shots: Path, env: dict, epochs_before: int) -> dict:
     """The full run in JupyterLab: Switch after ``epochs_before`` epochs, then Stop; what was measured."""
     port = free_port()
-    argv = [
-        str(Path(sys.executable).with_name("jupyter-lab")), "--no-browser", "--allow-root",
-        "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", "--IdentityProvider.token=",
-        "--ServerApp.password=", f"--ServerApp.root_dir={workdir}", "--LabApp.expose_app_in_browser=True",
-        f"--LabApp.workspaces_dir={tempfile.mkdtemp(prefix='lab-workspaces-')}",
-        f"--LabApp.user_settings_dir={quiet_settings()}",
-    ]  # fmt: skip
-    server = start_server(argv, shots / "full_run_jupyterlab.log", env)
+    server = start_server(lab_argv(port, workdir), shots / "full_run_jupyterlab.log", env)
     measured: dict = {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

@@ -204,9 +204,9 @@ def has_data(figures: list[dict], title_part: str, min_points: int = 1) -> tuple
 # ----------------------------------------------------------------------------- JupyterLab
 
 
-def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
-    port = free_port()
-    argv = [
+def lab_argv(port: int, workdir: Path) -> list[str]:
+    """A token-free JupyterLab on 127.0.0.1:port serving ``workdir`` (fresh workspaces, quiet settings)."""
+    return [
         str(Path(sys.executable).with_name("jupyter-lab")),
         "--no-browser",
         "--allow-root",
@@ -220,7 +220,11 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         f"--LabApp.workspaces_dir={tempfile.mkdtemp(prefix='lab-workspaces-')}",
         f"--LabApp.user_settings_dir={quiet_settings()}",
     ]
-    server = start_server(argv, shots / "jupyterlab.log", env)
+
+
+def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
+    port = free_port()
+    server = start_server(lab_argv(port, workdir), shots / "jupyterlab.log", env)
     browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/status", 90)
