@@ -92,6 +92,7 @@ class ParticleFeed:
             None if meta.shifts_angstrom is None else torch.as_tensor(meta.shifts_angstrom).float()
         )
         self._discs: dict[float, FourierDisc] = {}
+        self._ctf32 = None if meta.ctf is None else meta.ctf.to(dtype=torch.float32)
         self.images = self._preload() if preload else None
         self.signal_envelope = self._signal_envelope()
 
@@ -151,9 +152,10 @@ class ParticleFeed:
             images = self.stack.get_batch(indices.numpy()).images
         images = images.to(self.device)
         ctf = None
-        if self.stack.metadata.ctf is not None:
-            params = self.stack.metadata.ctf[indices.numpy()].to(self.device)
-            ctf = compute_ctf(params, disc.freqs_per_angstrom(self.pixel_size_angstrom)).float()
+        if self._ctf32 is not None:
+            # In float32: the phase is off by ~1e-5 rad at most, and float64 took 2.5x as long.
+            params = self._ctf32[indices.numpy()].to(self.device)
+            ctf = compute_ctf(params, disc.freqs_per_angstrom(self.pixel_size_angstrom, torch.float32))
         return images, images_to_hartley(images, disc), ctf
 
     def disc(self, epoch: int) -> FourierDisc:
