@@ -30,7 +30,7 @@ from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.distributed import Comm
 from cryospin_lab.engine.feed import ParticleFeed
 from cryospin_lab.physics.projection import FourierDisc
-from cryospin_lab.physics.render import LossKind, image_losses, render_hartley, winner_losses
+from cryospin_lab.physics.render import LossKind, image_losses, pose_losses, render_hartley, winner_losses
 
 __all__ = [
     "NanGuard",
@@ -168,15 +168,16 @@ def direct_step(ctx: StepContext, branch: Branch, indices: Tensor) -> float:
     # Shifts that are not estimated are all zero: rendering them would only cost time.
     use_shifts = table.estimate_shifts
     for _ in range(ctx.config.n_pose_steps):
-        predicted = render_hartley(
+        # Sum, not mean: each image's gradient is then independent of the batch size.
+        pose_loss = pose_losses(
             volume_fixed,
             table.compose(rows, omega),
             disc,
+            observed,
+            ctx.loss_kind,
             shifts_angstrom=shifts if use_shifts else None,
             **render_kwargs,
-        )
-        # Sum, not mean: each image's gradient is then independent of the batch size.
-        pose_loss = image_losses(predicted, observed, disc, ctx.loss_kind).sum()
+        ).sum()
         if not ctx.guard.check(branch, ctx.comm.sum_(pose_loss.detach().clone())):
             return math.nan  # before any change to the table: omega is folded in only below
         pose_loss.backward()

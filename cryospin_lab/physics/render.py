@@ -24,10 +24,10 @@ import enum
 import torch
 from torch import Tensor
 
-from cryospin_lab.physics import fourier
+from cryospin_lab.physics import fourier, slice_kernel
 from cryospin_lab.physics.projection import FourierDisc, project_hartley
 
-__all__ = ["LossKind", "images_to_hartley", "render_hartley", "image_losses", "winner_losses"]
+__all__ = ["LossKind", "images_to_hartley", "render_hartley", "image_losses", "pose_losses", "winner_losses"]
 
 
 class LossKind(str, enum.Enum):
@@ -95,6 +95,47 @@ def image_losses(predicted_ht: Tensor, observed_ht: Tensor, disc: FourierDisc, k
     # |F(k)|^2 = (H(k)^2 + H(-k)^2) / 2 for the complex difference of real images.
     diff_minus = diff.index_select(-1, disc.minus_index.to(diff.device))
     return torch.sqrt((diff * diff + diff_minus * diff_minus) / 2 + 1e-12).mean(-1)
+
+
+def pose_losses(
+    volume_ht: Tensor,
+    rotations: Tensor,
+    disc: FourierDisc,
+    observed_ht: Tensor,
+    kind: LossKind,
+    *,
+    pixel_size_angstrom: float,
+    ctf_values: Tensor | None = None,
+    shifts_angstrom: Tensor | None = None,
+    contrast: float = -1.0,
+) -> Tensor:
+    """``(B,)`` losses of images at ``(B, 3, 3)`` rotations under a fixed volume, differentiable w.r.t.
+    the rotations (and shifts): ``image_losses(render_hartley(...))``.
+
+    With the "l2" loss, no shifts, and the CPU slicer's kernel, the loss and its gradient are the
+    kernel's (:func:`~cryospin_lab.physics.slice_kernel.plane_l2_losses`: no autograd graph over
+    the samples, a fifth less time per pose step); otherwise the generic path.
+    """
+    fused = (
+        LossKind(kind) is LossKind.L2
+        and shifts_angstrom is None
+        and not volume_ht.requires_grad
+        and volume_ht.device.type == "cpu"
+        and volume_ht.dtype in (torch.float32, torch.float64)
+        and rotations.ndim == 3
+        and slice_kernel.available()
+    )
+    if not fused:
+        predicted = render_hartley(
+            volume_ht, rotations, disc, pixel_size_angstrom=pixel_size_angstrom, ctf_values=ctf_values,
+            shifts_angstrom=shifts_angstrom, contrast=contrast,
+        )  # fmt: skip
+        return image_losses(predicted, observed_ht, disc, kind)
+    weights = torch.full_like(observed_ht, contrast) if ctf_values is None else contrast * ctf_values
+    planes = rotations[:, :2, :].reshape(-1, 6)
+    return slice_kernel.plane_l2_losses(
+        volume_ht, planes, disc.freqs, volume_ht.shape[0] // 2, weights, observed_ht
+    )
 
 
 def winner_losses(

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cryospin_lab._cache import default_cache_dir
 
-__all__ = ["available", "slice_planes", "unavailable_reason"]
+__all__ = ["available", "plane_l2_losses", "slice_planes", "unavailable_reason"]
 
 # Reassociation (no finite-math assumption: NaNs must still show) lets the compiler vectorise the
 # rotation gradient's sums; -march=native gives it the gather instructions (AVX2/AVX-512), 2-3x
@@ -164,44 +164,86 @@ def _run_split(n: int, job) -> None:
         future.result()
 
 
+def _padded(volume: Tensor) -> Tensor:
+    """``volume`` with the kernel's border of zeros."""
+    return torch.nn.functional.pad(volume, (1, 1, 1, 1, 1, 1))
+
+
+def _forward(padded: Tensor, planes: Tensor, freqs: Tensor, center: float) -> Tensor:
+    """``(N, M)`` samples of a padded ``(D + 2)^3`` volume (see :func:`slice_planes`), no autograd."""
+    suffix, real = _TYPES[padded.dtype]
+    lib, d, m, n = _library(), padded.shape[0] - 2, freqs.shape[0], planes.shape[0]
+    out = padded.new_empty(n, m)
+    forward = getattr(lib, f"slice_forward_{suffix}")
+
+    def job(part: int, n0: int, n1: int) -> None:
+        forward(_ptr(padded), d, _ptr(planes), _ptr(freqs), m, real(center), _ptr(out), n0, n1)
+
+    _run_split(n, job)
+    return out
+
+
+def _backward(
+    padded: Tensor, planes: Tensor, freqs: Tensor, center: float, grad_out: Tensor, need_volume: bool,
+    need_planes: bool,
+) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    """The gradients of ``sum(grad_out * samples)`` w.r.t. the unpadded volume and the planes."""
+    suffix, real = _TYPES[padded.dtype]
+    lib, d, m, n = _library(), padded.shape[0] - 2, freqs.shape[0], planes.shape[0]
+    grad_out = grad_out.contiguous()
+    grad_volumes = padded.new_zeros(_n_parts(n), d + 2, d + 2, d + 2) if need_volume else None
+    grad_planes = torch.empty_like(planes) if need_planes else None
+    backward = getattr(lib, f"slice_backward_{suffix}")
+
+    def job(part: int, n0: int, n1: int) -> None:
+        own = None if grad_volumes is None else grad_volumes[part]  # summed below
+        args = (_ptr(grad_out), _ptr(own), _ptr(grad_planes), n0, n1)
+        backward(_ptr(padded), d, _ptr(planes), _ptr(freqs), m, real(center), *args)
+
+    _run_split(n, job)
+    grad_volume = None if grad_volumes is None else grad_volumes.sum(0)[1:-1, 1:-1, 1:-1]
+    return grad_volume, grad_planes
+
+
 class _SlicePlanes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, volume: Tensor, planes: Tensor, freqs: Tensor, center: float) -> Tensor:
-        suffix, real = _TYPES[volume.dtype]
-        lib, d, m, n = _library(), volume.shape[0], freqs.shape[0], planes.shape[0]
-        volume = torch.nn.functional.pad(volume, (1, 1, 1, 1, 1, 1))  # the kernel's zero border
-        out = volume.new_empty(n, m)
-        forward = getattr(lib, f"slice_forward_{suffix}")
-
-        def job(part: int, n0: int, n1: int) -> None:
-            forward(_ptr(volume), d, _ptr(planes), _ptr(freqs), m, real(center), _ptr(out), n0, n1)
-
-        _run_split(n, job)
-        ctx.save_for_backward(volume, planes, freqs)
+        padded = _padded(volume)
+        ctx.save_for_backward(padded, planes, freqs)
         ctx.center = center
-        return out
+        return _forward(padded, planes, freqs, center)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        volume, planes, freqs = ctx.saved_tensors
+        padded, planes, freqs = ctx.saved_tensors
         need_volume, need_planes = ctx.needs_input_grad[:2]
-        suffix, real = _TYPES[volume.dtype]
-        lib, d, m, n = _library(), volume.shape[0] - 2, freqs.shape[0], planes.shape[0]
-        grad_out = grad_out.contiguous()
-        grad_volumes = volume.new_zeros(_n_parts(n), d + 2, d + 2, d + 2) if need_volume else None
-        grad_planes = torch.empty_like(planes) if need_planes else None
-        backward = getattr(lib, f"slice_backward_{suffix}")
-        center = real(ctx.center)
-
-        def job(part: int, n0: int, n1: int) -> None:
-            own = None if grad_volumes is None else grad_volumes[part]  # summed below
-            args = (_ptr(grad_out), _ptr(own), _ptr(grad_planes), n0, n1)
-            backward(_ptr(volume), d, _ptr(planes), _ptr(freqs), m, center, *args)
-
-        _run_split(n, job)
-        grad_volume = None if grad_volumes is None else grad_volumes.sum(0)[1:-1, 1:-1, 1:-1]
+        grad_volume, grad_planes = _backward(
+            padded, planes, freqs, ctx.center, grad_out, need_volume, need_planes
+        )
         return grad_volume, grad_planes, None, None
+
+
+class _PlaneL2Losses(torch.autograd.Function):
+    """Per-slice ``mean_k (w[n, k] * sample[n, k] - y[n, k])^2``, differentiable w.r.t. the planes only."""
+
+    @staticmethod
+    def forward(ctx, volume: Tensor, planes: Tensor, freqs: Tensor, center: float, weights, observed):
+        padded = _padded(volume)
+        residual = _forward(padded, planes, freqs, center).mul_(weights).sub_(observed)
+        losses = (residual * residual).mean(-1)
+        ctx.save_for_backward(padded, planes, freqs, residual, weights)
+        ctx.center = center
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses: Tensor):
+        padded, planes, freqs, residual, weights = ctx.saved_tensors
+        # d loss_n / d sample[n, k] = 2 w[n, k] r[n, k] / M
+        grad_samples = residual.mul(weights).mul_(grad_losses[:, None] * (2.0 / residual.shape[-1]))
+        _, grad_planes = _backward(padded, planes, freqs, ctx.center, grad_samples, False, True)
+        return None, grad_planes, None, None, None, None
 
 
 def slice_planes(volume: Tensor, planes: Tensor, freqs: Tensor, center: float) -> Tensor:
@@ -216,3 +258,23 @@ def slice_planes(volume: Tensor, planes: Tensor, freqs: Tensor, center: float) -
     return _SlicePlanes.apply(
         volume.contiguous(), planes.to(dtype).contiguous(), freqs.to(dtype).contiguous(), float(center)
     )
+
+
+def plane_l2_losses(
+    volume: Tensor, planes: Tensor, freqs: Tensor, center: float, weights: Tensor, observed: Tensor
+) -> Tensor:
+    """``(N,)`` losses ``mean_k (weights * slice_planes(...) - observed)^2``, with a hand-written backward
+    to the planes (not the volume, which must not need a gradient).
+
+    ``weights`` and ``observed`` are ``(N, M)``. The same values and plane gradients as autograd
+    through :func:`slice_planes` and the element-wise loss, in two kernel calls and three passes
+    over the samples: the direct stage's pose steps, where the volume is fixed
+    (docs/decisions.md#fused-pose-loss).
+    """
+    if volume.requires_grad:
+        raise ValueError("plane_l2_losses gives no volume gradient: pass a detached volume")
+    dtype = volume.dtype
+    return _PlaneL2Losses.apply(
+        volume.contiguous(), planes.to(dtype).contiguous(), freqs.to(dtype).contiguous(), float(center),
+        weights.to(dtype).contiguous(), observed.to(dtype).contiguous(),
+    )  # fmt: skip

@@ -258,16 +258,20 @@ def test_direct_pose_steps_lower_the_loss_and_keep_rotations_orthonormal(
     start = perturbed(truth, 25.0, seed=1).float()
     branch.pose_table.rotations = start.clone()
     recorded: list[float] = []
-    original = _steps.image_losses
 
-    def recording(predicted, observed_ht, disc_, kind):
-        out = original(predicted, observed_ht, disc_, kind)
-        recorded.append(float(out.detach().sum()))
-        return out
+    def recording(original):
+        def record(*args, **kwargs):
+            out = original(*args, **kwargs)
+            recorded.append(float(out.detach().sum()))
+            return out
 
-    monkeypatch.setattr(_steps, "image_losses", recording)
+        return record
+
+    # the pose steps' losses (pose_losses), then the volume step's (image_losses)
+    monkeypatch.setattr(_steps, "pose_losses", recording(_steps.pose_losses))
+    monkeypatch.setattr(_steps, "image_losses", recording(_steps.image_losses))
     _steps.direct_step(trainer.step_context, branch, rows)
-    monkeypatch.setattr(_steps, "image_losses", original)
+    monkeypatch.undo()
 
     n_pose_steps = trainer.config.n_pose_steps
     assert len(recorded) == n_pose_steps + 1
