@@ -105,7 +105,7 @@ def main() -> int:
         start, moved, events = time.perf_counter(), [], []
         for event in trainer.events():
             events.append(event)
-            if isinstance(event, LogEvent) and event.message.startswith("re-search"):
+            if isinstance(event, LogEvent) and event.message.startswith("re-search: "):
                 moved.append(int(event.message.split()[1]))
         rotations = trainer.branch().current_rotations()
         pose = metrics.pose_error(trainer.true_rotations, rotations, symmetry_rotations=symmetry)
@@ -118,7 +118,8 @@ def main() -> int:
             f"rescue_every {every}{' ' + label if label else ''}: over 20° {100 * over:.1f} %, median "
             f"{pose.median_deg:.2f}°, mean {pose.mean_deg:.1f}° (raw: {raw.median_deg:.2f}°, "
             f"{raw.mean_deg:.1f}°), FSC 0.5 {fsc[-1]:.2f} Å (best {min(fsc):.2f}, mean of the last 5 "
-            f"{np.mean(fsc[-5:]):.2f}), images moved per re-search {moved}, "
+            f"{np.mean(fsc[-5:]):.2f}), images moved per re-search {moved}, last epoch "
+            f"{trainer.branch().epoch}, "
             f"{time.perf_counter() - start:.0f} s",
             flush=True,
         )

@@ -398,7 +398,10 @@ class ControlsPanel(Panel):
             parts.append(", ".join(f"{html.escape(b)}: {p.value}" for b, p in self.phases.items()))
         if self.last_epoch or self.last_step is not None:
             parts.append(
-                f"epoch {self.last_epoch}" + (f"/{self.n_epochs}" if self.n_epochs else "") + " done"
+                # past n_epochs while the re-search still moves images (engine/rescue.py)
+                f"epoch {self.last_epoch}"
+                + (f"/{max(self.n_epochs, self.last_epoch)}" if self.n_epochs else "")
+                + " done"
             )
         if self.last_step is not None:
             parts.append(f"step {self.last_step.step}")

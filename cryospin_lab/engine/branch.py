@@ -81,6 +81,7 @@ class Branch:
         self.loss_history: list[float] = []  # mean loss per amortized epoch (auto switch rule)
         # the direct stage's last re-search: its epoch, and whether it moved almost nothing (rescue.py)
         self.last_rescue_epoch, self.rescue_idle = 0, False
+        self.extra_epochs = 0  # epochs added past n_epochs while the re-search moved images (rescue.py)
 
     def state_dict(self) -> dict:
         return {
@@ -106,6 +107,7 @@ class Branch:
             "seed_offset": self.seed_offset,
             "last_rescue_epoch": self.last_rescue_epoch,
             "rescue_idle": self.rescue_idle,
+            "extra_epochs": self.extra_epochs,
         }
 
     def merge_ranks(self, comm: Comm) -> None:
@@ -130,8 +132,9 @@ class Branch:
         return self.epoch - self.epoch_offset
 
     def finished(self, n_epochs: int) -> bool:
-        """Whether the branch has run its ``n_epochs`` (counted from its current attempt)."""
-        return self.schedule_epoch >= n_epochs
+        """Whether the branch has run its ``n_epochs`` (counted from its current attempt) and the
+        epochs its re-search added (``extra_epochs``)."""
+        return self.schedule_epoch >= n_epochs + self.extra_epochs
 
     def restart(self, config: TrainingConfig, feed: ParticleFeed, device: torch.device) -> None:
         """A new amortized start: encoder, volume and optimisers from a new seed, epochs and steps
@@ -216,6 +219,7 @@ class Branch:
         branch.switch_rule = parse_switch_rule(state["switch_rule"])
         branch.last_rescue_epoch = int(state.get("last_rescue_epoch", 0))
         branch.rescue_idle = bool(state.get("rescue_idle", False))
+        branch.extra_epochs = int(state.get("extra_epochs", 0))
         return branch
 
     def fork(self, suffix: str = "") -> tuple[Branch, Branch]:

@@ -9,7 +9,9 @@ rotation fits better there than its own pose, and lies in another basin (more
 than two grid spacings away), restarts from that rotation; the next epochs
 refine it. Nearer grid points are the image's own basin, which local steps
 already explore; so correct images stay put. Once a re-search moves almost
-nothing, the next comes ``rescue_idle_every`` epochs later.
+nothing, the next comes ``rescue_idle_every`` epochs later. A run whose
+re-search still moves images after its last epoch has not settled: it goes on
+one epoch at a time (``rescue_extra_epochs``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
 
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
@@ -27,44 +30,87 @@ from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 
-__all__ = ["RESCUE_IDLE_SHARE", "RESCUE_RADIUS_FRACTION", "rescue_events", "research_poses"]
+__all__ = [
+    "RESCUE_EXTEND_MIN_IMAGES",
+    "RESCUE_IDLE_SHARE",
+    "RESCUE_RADIUS_FRACTION",
+    "better_poses",
+    "rescue_events",
+    "research_poses",
+]
 
 RESCUE_RADIUS_FRACTION = 0.4  # the coarse disc: fine enough to tell basins apart, coarse for the grid
 RESCUE_IDLE_SHARE = 0.005  # a re-search moving fewer images finds the poses settled (rescue_idle_every)
+RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a small set's noise moves some)
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
 
-def rescue_events(ctx: StepContext, branch: Branch, stamp: dict) -> Iterator[Event]:
+def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool = True) -> Iterator[Event]:
     """After a direct epoch: the re-search and its report, when due.
 
     Due ``rescue_every`` (1) epochs after the switch or the last re-search; once a re-search
     moved under ``RESCUE_IDLE_SHARE`` (0.5 %) of the images, ``rescue_idle_every`` (5) epochs
     after it instead (0: never slower), since the poses have settled and each re-search costs
-    about a second per 10,000 images; never after the last epoch (no epoch left to refine).
+    about a second per 10,000 images. After the last epoch only while the last re-search was
+    not idle, ``extend`` is true and fewer than ``rescue_extra_epochs`` (0: off) epochs were added:
+    if it would move 0.5 % of the images and ``RESCUE_EXTEND_MIN_IMAGES`` (50) or more, they move
+    and the run gets one more epoch to refine them, else nobody moves (an unrefined grid pose
+    would end in the results). Gold-standard halves pass ``extend=False``: their epochs must stay
+    in step.
     """
     cfg = ctx.config
-    if branch.phase is not Phase.DIRECT or not cfg.rescue_every or branch.finished(cfg.n_epochs):
+    if branch.phase is not Phase.DIRECT or not cfg.rescue_every:
         return
-    interval = cfg.rescue_every
-    if branch.rescue_idle and cfg.rescue_idle_every:
-        interval = max(interval, cfg.rescue_idle_every)
-    if branch.epoch - branch.last_rescue_epoch < interval:
-        return
-    moved, checked = research_poses(ctx, branch, cfg.rescue_nside)
-    moved_all, checked_all = ctx.comm.sum_floats(moved, checked)
+    last = branch.finished(cfg.n_epochs)
+    if last:
+        if not extend or branch.rescue_idle or branch.extra_epochs >= cfg.rescue_extra_epochs:
+            return
+    else:
+        interval = cfg.rescue_every
+        if branch.rescue_idle and cfg.rescue_idle_every:
+            interval = max(interval, cfg.rescue_idle_every)
+        if branch.epoch - branch.last_rescue_epoch < interval:
+            return
+    rows, rotations = better_poses(ctx, branch, cfg.rescue_nside)
+    checked = len(ctx.comm.local(branch.rows(torch.arange(len(branch.pose_table)))))
+    moved_all, checked_all = ctx.comm.sum_floats(len(rows), checked)
     branch.last_rescue_epoch = branch.epoch
     branch.rescue_idle = moved_all < RESCUE_IDLE_SHARE * checked_all
+    if last and (branch.rescue_idle or moved_all < RESCUE_EXTEND_MIN_IMAGES):
+        message = (
+            f"re-search after the last epoch: {len(rows)} of {checked} images would move (under "
+            f"{100 * RESCUE_IDLE_SHARE:.1f} % or {RESCUE_EXTEND_MIN_IMAGES}); the run ends"
+        )
+        yield LogEvent(message=message, **stamp)
+        return
+    branch.pose_table.reset_rows(rows, rotations)
     later = ""
-    if branch.rescue_idle and cfg.rescue_idle_every > cfg.rescue_every:
+    if last:
+        branch.extra_epochs += 1
+        end = cfg.n_epochs + branch.epoch_offset + branch.extra_epochs
+        later = (
+            f"; still moving after the last epoch, so the run goes on to epoch {end} "
+            f"({branch.extra_epochs} of at most {cfg.rescue_extra_epochs} extra)"
+        )
+    elif branch.rescue_idle and cfg.rescue_idle_every > cfg.rescue_every:
         later = f"; the next in {cfg.rescue_idle_every} epochs"
-    yield LogEvent(message=f"re-search: {moved} of {checked} images moved to a better pose{later}", **stamp)
+    message = f"re-search: {len(rows)} of {checked} images moved to a better pose{later}"
+    yield LogEvent(message=message, **stamp)
 
 
-@torch.no_grad()
 def research_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[int, int]:
     """Move each of this rank's images whose best grid rotation beats its pose on the coarse disc;
     returns ``(moved, checked)``."""
+    rows, rotations = better_poses(ctx, branch, nside)
+    branch.pose_table.reset_rows(rows, rotations)
+    return len(rows), len(ctx.comm.local(branch.rows(torch.arange(len(branch.pose_table)))))
+
+
+@torch.no_grad()
+def better_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[Tensor, Tensor]:
+    """The rows (on the device) of this rank's images whose best grid rotation beats their pose on the
+    coarse disc and lies in another basin, and those rotations ``(n, 3, 3)``; nothing is changed."""
     table, feed = branch.pose_table, ctx.feed
     radius = max(2.0, RESCUE_RADIUS_FRACTION * max_disc_radius(feed.box_size))
     disc = FourierDisc.make(feed.box_size, radius, device=feed.device)
@@ -74,7 +120,7 @@ def research_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[int, i
     rows = ctx.comm.local(branch.rows(torch.arange(len(table))))
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
     min_jump_deg = 2 * _HEALPIX_SPACING_DEG / nside
-    moved = 0
+    found_rows, found_rotations = [], []
     for start in range(0, len(rows), _CHUNK):
         idx = rows[start : start + _CHUNK]
         _, observed, ctf = feed.batch(idx, disc)
@@ -88,6 +134,8 @@ def research_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[int, i
         )
         jump = so3.geodesic_angle_deg(grid[best_at], table.rotations[on_device])
         better = (best < image_losses(own, observed, disc, LossKind.L2)) & (jump > min_jump_deg)
-        table.reset_rows(on_device[better], grid[best_at[better]])
-        moved += int(better.sum())
-    return moved, len(rows)
+        found_rows.append(on_device[better])
+        found_rotations.append(grid[best_at[better]])
+    if not found_rows:
+        return torch.zeros(0, dtype=torch.long, device=feed.device), grid[:0]
+    return torch.cat(found_rows), torch.cat(found_rotations)

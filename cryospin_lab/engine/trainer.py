@@ -286,7 +286,7 @@ class Trainer:
             yield from restart(
                 branch, why, stamp, self.step_context, self.device, self.gold_standard is not None
             )
-        yield from rescue_events(self.step_context, branch, stamp)
+        yield from rescue_events(self.step_context, branch, stamp, extend=self.gold_standard is None)
         if self.gold_standard is not None:
             halves = [self.branch(name) for name in HALF_NAMES]
             yield from self.gold_standard.epoch_events(*halves, self._stamp(halves[0]))

@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
+from cryospin_lab.engine import rescue
 from cryospin_lab.engine.commands import Command
+from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.rescue import rescue_events, research_poses
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.model.hartley_volume import HartleyVolume
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=2):
-    trainer = Trainer(tiny_stack, tiny_config(switch="never", n_epochs=n_epochs))
+    trainer = Trainer(tiny_stack, tiny_config(switch="never", n_epochs=n_epochs, rescue_extra_epochs=10))
     trainer.apply_command(Command.SWITCH_NOW)
     events = trainer.events()
     next(events), next(events)  # the switch's announcement and phase change
@@ -93,3 +95,57 @@ def test_re_search_slows_down_once_it_moves_almost_nothing(tiny_stack, tiny_grou
     (message,) = searched_after(6)
     assert message == "re-search: 16 of 64 images moved to a better pose"
     assert len(searched_after(7)) == 1  # moved many: due again after one epoch
+
+
+def test_a_re_search_still_moving_after_the_last_epoch_adds_one(tiny_stack, tiny_ground_truth, monkeypatch):
+    """After the last epoch: images in a wrong basin move and the run gets one more epoch; once
+    nobody would move (or fewer than the floor, or the extra epochs are spent, or in gold-standard
+    mode) the run ends."""
+    trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=2)
+    cfg = trainer.config
+    assert TrainingConfig().rescue_extra_epochs == 0  # off unless asked for
+    truth = trainer.true_rotations.float()
+    quarter = torch.arange(len(truth)) % 4 == 0
+    turn = so3.exp_so3(torch.tensor([[0.0, 0.0, math.radians(120.0)]])).float()
+    wrong = torch.where(quarter[:, None, None], turn @ truth, truth)
+
+    def after_epoch(epoch: int, extend: bool = True) -> list[str]:
+        branch.epoch = epoch
+        events = rescue_events(trainer.step_context, branch, trainer._stamp(branch), extend=extend)
+        return [event.message for event in events]
+
+    branch.pose_table.rotations, branch.epoch = wrong.clone(), 2
+    assert branch.finished(cfg.n_epochs)
+    assert after_epoch(2, extend=False) == []  # gold-standard halves stay in step
+    assert torch.equal(branch.pose_table.rotations, wrong)
+    assert rescue.RESCUE_EXTEND_MIN_IMAGES == 50  # 16 of 64 images are not enough on their own
+    (message,) = after_epoch(2)
+    assert (
+        message
+        == "re-search after the last epoch: 16 of 64 images would move (under 0.5 % or 50); the run ends"
+    )
+    assert torch.equal(branch.pose_table.rotations, wrong) and branch.finished(cfg.n_epochs)
+    monkeypatch.setattr(rescue, "RESCUE_EXTEND_MIN_IMAGES", 10)
+    branch.rescue_idle = False
+    (message,) = after_epoch(2)
+    assert message.endswith(
+        "; still moving after the last epoch, so the run goes on to epoch 3 (1 of at most 10 extra)"
+    )
+    assert branch.extra_epochs == 1 and not branch.finished(cfg.n_epochs)
+    assert message.startswith("re-search: 16 of 64 images moved")
+    changed = (branch.pose_table.rotations != wrong).flatten(1).any(1)
+    assert torch.equal(changed, quarter)  # exactly the images in a wrong basin moved
+
+    branch.pose_table.rotations, branch.epoch = truth.clone(), 3
+    assert branch.finished(cfg.n_epochs)
+    (message,) = after_epoch(3)
+    assert (
+        message
+        == "re-search after the last epoch: 0 of 64 images would move (under 0.5 % or 10); the run ends"
+    )
+    assert branch.extra_epochs == 1 and branch.finished(cfg.n_epochs)
+
+    branch.pose_table.rotations, branch.rescue_idle = wrong.clone(), False
+    branch.extra_epochs = cfg.rescue_extra_epochs
+    assert after_epoch(2 + cfg.rescue_extra_epochs) == []  # the extra epochs are spent
+    assert torch.equal(branch.pose_table.rotations, wrong)

@@ -43,6 +43,7 @@ OTHER = {
     "rescue_every": "2",
     "rescue_nside": "2",
     "rescue_idle_every": "3",
+    "rescue_extra_epochs": "4",
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",
