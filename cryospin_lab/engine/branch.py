@@ -250,10 +250,9 @@ class Branch:
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
-    """torch's Adam, fused (one pass over each tensor per step) where all parameters are on the CPU or a
-    CUDA device, else its default. Why: the volume's two 64^3 tensors took ~10 passes each per step
-    with the default, a tenth of a direct step on a CPU (docs/decisions.md#fused-adam); the update is
-    the same up to round-off."""
+    """torch's Adam, fused where all parameters are on the CPU or a CUDA device, else its default.
+    Why: one pass over each tensor per step instead of about ten (docs/decisions.md#fused-adam);
+    the update is the same up to round-off."""
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     return torch.optim.Adam(params, lr=lr, fused=fused)

@@ -114,7 +114,7 @@ def pose_losses(
 
     With the "l2" loss, no shifts, and the CPU slicer's kernel, the loss and its gradient are the
     kernel's (:func:`~cryospin_lab.physics.slice_kernel.plane_l2_losses`: no autograd graph over
-    the samples, a fifth less time per pose step); otherwise the generic path.
+    the samples; docs/decisions.md#fused-pose-loss); otherwise the generic path.
     """
     fused = (
         LossKind(kind) is LossKind.L2
