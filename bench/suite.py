@@ -14,9 +14,10 @@ box), cached under ``--out``; with ``--shifted``, particles off-centre
 uniformly within 3 pixels (the simulator draws in a disc), a tenth of them
 within 6 pixels instead, and reconstructed with ``--estimate-shifts``. Then
 ``cryospin-lab reconstruct`` with the shipped defaults and only ``--seed``
-(and ``--threads``) set, one process per run, ``--parallel`` at a time. Per
-molecule and seed: the epoch it left the plateau (its map first reached 3x
-Nyquist, FSC 0.5 against the truth), the final FSC 0.5 in Å and as a multiple
+(and ``--threads``, and ``--reconstruct-args`` for a setting under trial)
+set, one process per run, ``--parallel`` at a time. Per molecule and seed:
+the epoch it left the plateau (its map first reached 3x Nyquist, FSC 0.5
+against the truth), the final FSC 0.5 in Å and as a multiple
 of Nyquist, the pose error mean/median raw and modulo the molecule's symmetry,
 the share of images more than 20° off (modulo symmetry), the switch epoch,
 wall time, and whether it got stuck (never left the plateau). Writes
@@ -83,6 +84,7 @@ def reconstruct(name: str, seed: int, folder: Path, args, out: Path) -> dict:
         argv += ["--epochs", str(args.epochs)]
     if args.shifted:
         argv.append("--estimate-shifts")
+    argv += shlex.split(args.reconstruct_args)  # e.g. a setting under trial
     start = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
     wall = time.perf_counter() - start
@@ -202,6 +204,9 @@ def main() -> int:
     parser.add_argument("--snr", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=None, help="default: the shipped default")
     parser.add_argument("--shifted", action="store_true", help="particles off-centre; --estimate-shifts")
+    parser.add_argument(
+        "--reconstruct-args", default="", help="more reconstruct options, e.g. '--rescue-extra-epochs 10'"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cryospin-suite"))
