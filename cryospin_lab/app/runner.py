@@ -268,6 +268,9 @@ class Runner:
             while True:
                 if self._handle_commands():
                     generator.close()  # raises GeneratorExit at the yield: the finally blocks run
+                    if self._finished_published:  # the Stop came after the run's own last event
+                        self._set_state("finished")
+                        return
                     self._publish(self._runner_event(FinishedEvent, reason="stopped", summary={}))
                     self._set_state("stopped")  # after the last event: not running => all events published
                     return

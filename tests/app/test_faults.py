@@ -351,3 +351,32 @@ def test_a_kernel_that_exits_mid_run_leaves_no_thread_behind(tiny_simulation):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "exiting while running" in run.stdout and "terminate called" not in run.stderr
     assert time.monotonic() - started < 60
+
+
+class LastWordTrainer:
+    """Yields only its FinishedEvent, with a Stop queued just before: the Stop reaches the runner
+    after the run's own last event and before its generator ends (the race behind two
+    FinishedEvents once seen under load in the test above)."""
+
+    runner: Runner
+
+    def events(self):
+        self.runner.stop()
+        yield FinishedEvent(reason="completed", summary={}, step=3, epoch=1, phase=Phase.FINISHED, time_s=0.1)
+
+    def apply_command(self, command, **kwargs):
+        raise AssertionError(f"the runner passed {command} to the trainer")
+
+    def save_checkpoint(self, name: str = "interrupted.pt"):
+        return None
+
+
+def test_a_stop_after_the_runs_last_event_publishes_no_second_finished_event():
+    trainer = LastWordTrainer()
+    runner = trainer.runner = Runner(trainer)
+    subscription = runner.bus.subscribe()
+    runner.start()
+    assert runner.join(timeout=30)
+    finished = [e for e in subscription.drain() if isinstance(e, FinishedEvent)]
+    assert [e.reason for e in finished] == ["completed"]
+    assert runner.state == "finished"  # it had finished: the late Stop changed nothing
