@@ -211,8 +211,7 @@ def slice_volume(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
         raise ValueError(f"slice_volume freqs must be (M, 2), got {tuple(freqs.shape)}")
     d = volume_ht.shape[0]
     batch_shape, n_freqs = rotations.shape[:-2], freqs.shape[0]
-    dtype, device = volume_ht.dtype, volume_ht.device
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and slice_kernel.available():
+    if slice_kernel.serves(volume_ht):
         planes = rotations.reshape(-1, 3, 3)[:, :2, :].reshape(-1, 6)
         samples = slice_kernel.slice_planes(volume_ht, planes, freqs, center=d // 2)
         return samples.reshape(*batch_shape, n_freqs)

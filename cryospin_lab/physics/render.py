@@ -120,10 +120,8 @@ def pose_losses(
         LossKind(kind) is LossKind.L2
         and shifts_angstrom is None
         and not volume_ht.requires_grad
-        and volume_ht.device.type == "cpu"
-        and volume_ht.dtype in (torch.float32, torch.float64)
         and rotations.ndim == 3
-        and slice_kernel.available()
+        and slice_kernel.serves(volume_ht)
     )
     if not fused:
         predicted = render_hartley(

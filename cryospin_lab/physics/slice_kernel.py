@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cryospin_lab._cache import default_cache_dir
 
-__all__ = ["available", "plane_l2_losses", "slice_planes", "unavailable_reason"]
+__all__ = ["available", "plane_l2_losses", "serves", "slice_planes", "unavailable_reason"]
 
 # Reassociation (no finite-math assumption: NaNs must still show) lets the compiler vectorise the
 # rotation gradient's sums; -march=native gives it the gather instructions (AVX2/AVX-512), 2-3x
@@ -125,6 +125,11 @@ def _library() -> ctypes.CDLL | None:
                         stacklevel=3,
                     )
         return _state.get("lib")
+
+
+def serves(volume: Tensor) -> bool:
+    """Whether the kernel slices ``volume``: a CPU float32/float64 tensor, and the kernel built."""
+    return volume.device.type == "cpu" and volume.dtype in (torch.float32, torch.float64) and available()
 
 
 def available() -> bool:
