@@ -142,12 +142,13 @@ class TrainingConfig:
         "after a re-search moved under 0.5 % of the images, the next after this many epochs; 0: off",
         NON_NEGATIVE_INT,
     )
-    # off by default until it is judged on small sets too; 10 finished a stranded 1S3X run
-    # (docs/decisions.md#rescue-extend)
+    # a run cut short while its re-search still moves images finishes instead; idle runs end as
+    # before, and sets under 1,000 images never extend (docs/decisions.md#rescue-extend)
     rescue_extra_epochs: int = setting(
-        0,
+        10,
         "direct stage: go on one epoch at a time, at most this many past n_epochs, while the "
-        "re-search after the last epoch moves 0.5 % of the images and 50 or more; 0: never",
+        "re-search after the last epoch moves 0.5 % of the images and 50 or more (sets of "
+        "1,000 images or more); 0: never",
         NON_NEGATIVE_INT,
     )
     volume_init_mantissa: float = setting(

@@ -32,6 +32,7 @@ from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 
 __all__ = [
     "RESCUE_EXTEND_MIN_IMAGES",
+    "RESCUE_EXTEND_MIN_SET",
     "RESCUE_IDLE_SHARE",
     "RESCUE_RADIUS_FRACTION",
     "better_poses",
@@ -42,6 +43,7 @@ __all__ = [
 RESCUE_RADIUS_FRACTION = 0.4  # the coarse disc: fine enough to tell basins apart, coarse for the grid
 RESCUE_IDLE_SHARE = 0.005  # a re-search moving fewer images finds the poses settled (rescue_idle_every)
 RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a small set's noise moves some)
+RESCUE_EXTEND_MIN_SET = 1000  # smaller sets are demos and tests: their runs keep the length asked for
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
@@ -53,11 +55,11 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
     moved under ``RESCUE_IDLE_SHARE`` (0.5 %) of the images, ``rescue_idle_every`` (5) epochs
     after it instead (0: never slower), since the poses have settled and each re-search costs
     about a second per 10,000 images. After the last epoch only while the last re-search was
-    not idle, ``extend`` is true and fewer than ``rescue_extra_epochs`` (0: off) epochs were added:
-    if it would move 0.5 % of the images and ``RESCUE_EXTEND_MIN_IMAGES`` (50) or more, they move
-    and the run gets one more epoch to refine them, else nobody moves (an unrefined grid pose
-    would end in the results). Gold-standard halves pass ``extend=False``: their epochs must stay
-    in step.
+    not idle, ``extend`` is true, the set holds ``RESCUE_EXTEND_MIN_SET`` (1,000) images or more
+    and fewer than ``rescue_extra_epochs`` (10; 0: off) epochs were added: if it would move 0.5 %
+    of the images and ``RESCUE_EXTEND_MIN_IMAGES`` (50) or more, they move and the run gets one
+    more epoch to refine them, else nobody moves (an unrefined grid pose would end in the
+    results). Gold-standard halves pass ``extend=False``: their epochs must stay in step.
     """
     cfg = ctx.config
     if branch.phase is not Phase.DIRECT or not cfg.rescue_every:
@@ -65,6 +67,8 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
     last = branch.finished(cfg.n_epochs)
     if last:
         if not extend or branch.rescue_idle or branch.extra_epochs >= cfg.rescue_extra_epochs:
+            return
+        if len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
             return
     else:
         interval = cfg.rescue_every

@@ -103,7 +103,7 @@ def test_a_re_search_still_moving_after_the_last_epoch_adds_one(tiny_stack, tiny
     mode) the run ends."""
     trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=2)
     cfg = trainer.config
-    assert TrainingConfig().rescue_extra_epochs == 0  # off unless asked for
+    assert TrainingConfig().rescue_extra_epochs == 10
     truth = trainer.true_rotations.float()
     quarter = torch.arange(len(truth)) % 4 == 0
     turn = so3.exp_so3(torch.tensor([[0.0, 0.0, math.radians(120.0)]])).float()
@@ -118,6 +118,10 @@ def test_a_re_search_still_moving_after_the_last_epoch_adds_one(tiny_stack, tiny
     assert branch.finished(cfg.n_epochs)
     assert after_epoch(2, extend=False) == []  # gold-standard halves stay in step
     assert torch.equal(branch.pose_table.rotations, wrong)
+    assert rescue.RESCUE_EXTEND_MIN_SET == 1000
+    assert after_epoch(2) == []  # 64 images: a set too small to be extended
+    assert torch.equal(branch.pose_table.rotations, wrong)
+    monkeypatch.setattr(rescue, "RESCUE_EXTEND_MIN_SET", 64)
     assert rescue.RESCUE_EXTEND_MIN_IMAGES == 50  # 16 of 64 images are not enough on their own
     (message,) = after_epoch(2)
     assert (
