@@ -8,6 +8,7 @@ real subprocesses (a checkpoint writer; the ``cryospin-lab reconstruct`` command
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import mrcfile
 import numpy as np
@@ -108,6 +110,24 @@ def test_nan_guard_skips_bad_batches_in_both_stages_and_the_map_stays_finite(tin
     assert len([e for e in events if isinstance(e, StepEvent)]) == 2 * STEPS - 2
     branch = trainer.finished[0]
     assert branch.phase is Phase.DIRECT and finite_state(branch)
+
+
+def test_nan_guard_finds_one_non_finite_gradient_element_behind_a_finite_loss():
+    """A single NaN or inf among a parameter's gradient elements is caught although the loss is finite;
+    huge but finite gradients pass, as do optimizers without gradients."""
+    small, big = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(64, 64))
+    optimizer = torch.optim.SGD([small, big], lr=0.1)
+    guard, branch = steps.NanGuard(limit=5), SimpleNamespace(name="main", step=0, epoch=0)
+    loss = torch.tensor(1.0)
+    assert guard.check(branch, loss, (optimizer,))  # no gradients yet
+    small.grad, big.grad = torch.full((3,), 1e30), torch.ones(64, 64)
+    assert guard.check(branch, loss, (optimizer,))
+    for bad in (math.nan, math.inf, -math.inf):
+        small.grad, big.grad = torch.ones(3), torch.ones(64, 64)
+        big.grad[17, 40] = bad
+        assert not guard.check(branch, loss, (optimizer,)) and guard.skipped
+        assert small.grad is None and big.grad is None  # dropped: nothing of this batch is applied
+    assert not guard.check(branch, torch.tensor(math.nan))
 
 
 def test_nan_guard_gives_up_after_too_many_in_a_row(tiny_stack):

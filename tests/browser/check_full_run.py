@@ -10,16 +10,18 @@ time until the button's label changes (polled every 50 ms), and until the engine
 has switched. Then Stop. The run logs its events beside its checkpoints (in the
 server's ``TMPDIR``, a folder of this check), so the images per second of each
 amortized epoch with the workbench open come from the run's own ``EpochEvent``
-(``n_images_seen / epoch_time_s``). The same epochs are then run headless
+(``n_images_seen / epoch_time_s``). The same epochs are run headless
 (``cryospin-lab reconstruct`` on the same set, same seed, nothing else running)
-and compared epoch by epoch.
+before and after the browser run, and the browser's rate is compared epoch by
+epoch with the mean of the two (this VM's speed drifts within minutes).
 
 Prints the latencies and the throughput ratio; with ``--assert`` exits 1 when the
 label took more than 1 s or the workbench kept under 90 % of the headless
 throughput (issue "The workbench in a class hour", point 1); with
-``--assert-latency`` only for the label (what the test suite asserts:
-``tests/widgets/test_browser.py``; the throughput is printed, not asserted,
-since the suite's other worker shares the cores). About 3 minutes on
+``--assert-latency`` only for the label. Not part of the test suite: under
+its other worker's load the run is too slow for the check's time limits and
+the throughput ratio means nothing (the suite's browser check,
+``tests/widgets/test_browser.py``, asserts the latency on quick settings). About 5 minutes on
 2 cores (the default set must be simulated already: ``make dataset``).
 """
 
@@ -141,33 +143,37 @@ def main() -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(workdir / "tmp"))
     env.pop("CRYOSPIN_LAB_QUICK", None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    run = [sys.executable, "-m", "cryospin_lab", "reconstruct", str(sim.star_path), "--no-progress"]
+    run += ["--ground-truth", str(sim.ground_truth_path), "--epochs", str(args.epochs_before_switch)]
+
+    def headless_rates(name: str) -> dict[int, float]:
+        subprocess.run([*run, "--out", str(workdir / name)], check=True, env=env, capture_output=True)
+        return epoch_rates(workdir / name / "events.jsonl")
+
+    # Headless before and after the browser run, compared with their mean: this VM's speed drifts
+    # by up to 10-20 % within minutes, and a single headless run after the browser's would carry that.
+    before = headless_rates("headless_before")
     measured = browser_run(workdir, args.shots, env, args.epochs_before_switch)
     (log,) = (workdir / "tmp").glob("cryospin-lab-*/events.jsonl")
     with_ui = epoch_rates(log)
-    headless_dir = workdir / "headless"
-    run = [
-        sys.executable,
-        "-m",
-        "cryospin_lab",
-        "reconstruct",
-        str(sim.star_path),
-        "--out",
-        str(headless_dir),
-    ]
-    run += ["--ground-truth", str(sim.ground_truth_path), "--epochs", str(args.epochs_before_switch)]
-    subprocess.run([*run, "--no-progress"], check=True, env=env, capture_output=True)
-    headless = epoch_rates(headless_dir / "events.jsonl")
-    epochs = sorted(set(with_ui) & set(headless))
+    after = headless_rates("headless_after")
+    epochs = sorted(set(with_ui) & set(before) & set(after))
+    headless = {e: (before[e] + after[e]) / 2 for e in epochs}
     print(f"# {' '.join(sys.argv)}; full default run, {len(epochs)} amortized epoch(s) compared")
     print(f"Switch label changed {measured['label_s']:.2f} s after the click; "
           f"switched ({measured['label']!r}) after {measured['switched_s']:.1f} s")  # fmt: skip
-    ratios = []
     for epoch in epochs:
-        ratios.append(with_ui[epoch] / headless[epoch])
         print(f"epoch {epoch}: {with_ui[epoch]:.0f} images/s with the workbench open, "
-              f"{headless[epoch]:.0f} headless ({100 * ratios[-1]:.0f} %)")  # fmt: skip
-    total = sum(with_ui[e] for e in epochs) / sum(headless[e] for e in epochs) if epochs else 0.0
+              f"{headless[epoch]:.0f} headless (mean of {before[epoch]:.0f} before and {after[epoch]:.0f} "
+              f"after; {100 * with_ui[epoch] / headless[epoch]:.0f} %)")  # fmt: skip
+
+    def ratio(chosen: list[int]) -> float:
+        return sum(with_ui[e] for e in chosen) / sum(headless[e] for e in chosen) if chosen else 0.0
+
+    total = ratio(epochs)
     print(f"throughput with the workbench open: {100 * total:.0f} % of headless")
+    if len(epochs) > 1:  # the first epoch also carries the page's start (every panel's first draw)
+        print(f"from epoch 2 on: {100 * ratio(epochs[1:]):.0f} % of headless")
     missed = []
     if measured["label_s"] > 1.0:
         missed.append(f"label after {measured['label_s']:.2f} s (target 1 s)")
