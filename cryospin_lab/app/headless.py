@@ -316,8 +316,7 @@ def _run_main(settings: ReconstructSettings, trainer: Trainer, resumed_from: Pat
 def _last_epoch(trainer: Trainer) -> int:
     """The run's last epoch: ``n_epochs``, moved on by a restarted stuck start (engine/stuck.py) and by
     the epochs a still-moving re-search added (engine/rescue.py)."""
-    branches = trainer.branches + trainer.finished
-    return max(trainer.config.n_epochs + b.epoch_offset + b.extra_epochs for b in branches)
+    return max(b.last_epoch(trainer.config.n_epochs) for b in trainer.branches + trainer.finished)
 
 
 def _epoch_done(done: FinishedEpoch, writer: ResultWriter, n_epochs: int) -> None:

@@ -131,10 +131,14 @@ class Branch:
         """Epochs completed by the current attempt: what the disc ramp and the switch rule count."""
         return self.epoch - self.epoch_offset
 
-    def finished(self, n_epochs: int) -> bool:
-        """Whether the branch has run its ``n_epochs`` (counted from its current attempt) and the
+    def last_epoch(self, n_epochs: int) -> int:
+        """The epoch the branch ends after: ``n_epochs`` counted from its current attempt, plus the
         epochs its re-search added (``extra_epochs``)."""
-        return self.schedule_epoch >= n_epochs + self.extra_epochs
+        return n_epochs + self.epoch_offset + self.extra_epochs
+
+    def finished(self, n_epochs: int) -> bool:
+        """Whether the branch has run to :meth:`last_epoch`."""
+        return self.epoch >= self.last_epoch(n_epochs)
 
     def restart(self, config: TrainingConfig, feed: ParticleFeed, device: torch.device) -> None:
         """A new amortized start: encoder, volume and optimisers from a new seed, epochs and steps

@@ -66,9 +66,8 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         return
     last = branch.finished(cfg.n_epochs)
     if last:
-        if not extend or branch.rescue_idle or branch.extra_epochs >= cfg.rescue_extra_epochs:
-            return
-        if len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
+        spent = branch.extra_epochs >= cfg.rescue_extra_epochs
+        if not extend or branch.rescue_idle or spent or len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
             return
     else:
         interval = cfg.rescue_every
@@ -77,7 +76,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         if branch.epoch - branch.last_rescue_epoch < interval:
             return
     rows, rotations = better_poses(ctx, branch, cfg.rescue_nside)
-    checked = len(ctx.comm.local(branch.rows(torch.arange(len(branch.pose_table)))))
+    checked = len(_checked_rows(ctx, branch))
     moved_all, checked_all = ctx.comm.sum_floats(len(rows), checked)
     branch.last_rescue_epoch = branch.epoch
     branch.rescue_idle = moved_all < RESCUE_IDLE_SHARE * checked_all
@@ -92,7 +91,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
     later = ""
     if last:
         branch.extra_epochs += 1
-        end = cfg.n_epochs + branch.epoch_offset + branch.extra_epochs
+        end = branch.last_epoch(cfg.n_epochs)
         later = (
             f"; still moving after the last epoch, so the run goes on to epoch {end} "
             f"({branch.extra_epochs} of at most {cfg.rescue_extra_epochs} extra)"
@@ -108,7 +107,12 @@ def research_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[int, i
     returns ``(moved, checked)``."""
     rows, rotations = better_poses(ctx, branch, nside)
     branch.pose_table.reset_rows(rows, rotations)
-    return len(rows), len(ctx.comm.local(branch.rows(torch.arange(len(branch.pose_table)))))
+    return len(rows), len(_checked_rows(ctx, branch))
+
+
+def _checked_rows(ctx: StepContext, branch: Branch) -> Tensor:
+    """The pose-table rows a re-search checks: the branch's images (a gold-standard half's) on this rank."""
+    return ctx.comm.local(branch.rows(torch.arange(len(branch.pose_table))))
 
 
 @torch.no_grad()
@@ -121,7 +125,7 @@ def better_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[Tensor, 
     grid = healpix_rotations(nside, 6 * nside, dtype=torch.float32).reshape(-1, 3, 3).to(feed.device)
     volume_ht = branch.volume.hartley().detach()
     slices = grid_slices(volume_ht, grid, disc)
-    rows = ctx.comm.local(branch.rows(torch.arange(len(table))))
+    rows = _checked_rows(ctx, branch)
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
     min_jump_deg = 2 * _HEALPIX_SPACING_DEG / nside
     found_rows, found_rotations = [], []

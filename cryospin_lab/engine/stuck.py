@@ -99,7 +99,7 @@ def restart(
         return
     branch.restart(cfg, ctx.feed, device)
     convert_batchnorm(branch.encoder, ctx.comm)
-    end = cfg.n_epochs + branch.epoch_offset
+    end = branch.last_epoch(cfg.n_epochs)
     message = f"{why}: attempt {branch.attempt} starts from a new seed; the run now ends after epoch {end}"
     yield LogEvent(message=message, level="warning", **stamp)
     detail = f"attempt {branch.attempt}: {why}"
