@@ -151,6 +151,14 @@ class TrainingConfig:
         "1,000 images or more); 0: never",
         NON_NEGATIVE_INT,
     )
+    # judge the re-search under the other half's map: tried, not yet the default
+    # (docs/decisions.md#rescue-variants)
+    rescue_halfmap_steps: int = setting(
+        0,
+        "re-search under the map of the other half of the set (back-projected), own pose and "
+        "candidate each refined by this many pose steps; 0: under the run's map",
+        NON_NEGATIVE_INT,
+    )
     volume_init_mantissa: float = setting(
         0.1, "std of the initial mantissa (exponent: data envelope)", POSITIVE
     )

@@ -12,10 +12,19 @@ already explore; so correct images stay put. Once a re-search moves almost
 nothing, the next comes ``rescue_idle_every`` epochs later. A run whose
 re-search still moves images after its last epoch has not settled: it goes on
 one epoch at a time (``rescue_extra_epochs``).
+
+With ``rescue_halfmap_steps`` > 0 an image is judged instead under the map of
+the other half of the set (even against odd images, each half's map one
+back-projection of its current poses): the run's own map has co-adapted to
+every image's current pose, so under it a wrong pose fits about as well as the
+true one; under a map the image did not train, the true one wins. The image's
+own pose and its best grid rotation in another basin are each refined by that
+many pose steps there, and the better is kept (docs/decisions.md#rescue-variants).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -26,15 +35,23 @@ from cryospin_lab.analysis.pose_posterior import healpix_rotations
 from cryospin_lab.engine.branch import Branch
 from cryospin_lab.engine.events import Event, LogEvent, Phase
 from cryospin_lab.engine.steps import StepContext
+from cryospin_lab.model.pose_table import RowAdam
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
-from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
+from cryospin_lab.physics.render import (
+    LossKind,
+    backproject_hartley,
+    image_losses,
+    pose_losses,
+    render_hartley,
+)
 
 __all__ = [
     "RESCUE_EXTEND_MIN_IMAGES",
     "RESCUE_EXTEND_MIN_SET",
     "RESCUE_IDLE_SHARE",
     "RESCUE_RADIUS_FRACTION",
+    "HALF_MAP_REGULARISER",
     "better_poses",
     "rescue_events",
     "research_poses",
@@ -44,6 +61,7 @@ RESCUE_RADIUS_FRACTION = 0.4  # the coarse disc: fine enough to tell basins apar
 RESCUE_IDLE_SHARE = 0.005  # a re-search moving fewer images finds the poses settled (rescue_idle_every)
 RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a small set's noise moves some)
 RESCUE_EXTEND_MIN_SET = 1000  # smaller sets are demos and tests: their runs keep the length asked for
+HALF_MAP_REGULARISER = 0.1  # Wiener term of a half map, a share of its mean weight
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
@@ -118,14 +136,17 @@ def _checked_rows(ctx: StepContext, branch: Branch) -> Tensor:
 @torch.no_grad()
 def better_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[Tensor, Tensor]:
     """The rows (on the device) of this rank's images whose best grid rotation beats their pose on the
-    coarse disc and lies in another basin, and those rotations ``(n, 3, 3)``; nothing is changed."""
+    coarse disc and lies in another basin, and those rotations ``(n, 3, 3)``; nothing is changed.
+    With ``rescue_halfmap_steps`` > 0, judged under the other half's map (:func:`_cross_checked`)."""
     table, feed = branch.pose_table, ctx.feed
     radius = max(2.0, RESCUE_RADIUS_FRACTION * max_disc_radius(feed.box_size))
     disc = FourierDisc.make(feed.box_size, radius, device=feed.device)
     grid = healpix_rotations(nside, 6 * nside, dtype=torch.float32).reshape(-1, 3, 3).to(feed.device)
+    if ctx.config.rescue_halfmap_steps:
+        return _cross_checked(ctx, branch, grid, disc)
     volume_ht = branch.volume.hartley().detach()
     slices = grid_slices(volume_ht, grid, disc)
-    rows = _checked_rows(ctx, branch)
+    rows = ctx.comm.local(branch.rows(torch.arange(len(table))))
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
     min_jump_deg = 2 * _HEALPIX_SPACING_DEG / nside
     found_rows, found_rotations = [], []
@@ -147,3 +168,103 @@ def better_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[Tensor, 
     if not found_rows:
         return torch.zeros(0, dtype=torch.long, device=feed.device), grid[:0]
     return torch.cat(found_rows), torch.cat(found_rotations)
+
+
+def _halves(ctx: StepContext, branch: Branch) -> list[Tensor]:
+    """This rank's rows of the branch's two halves: every other image of the branch."""
+    rows = branch.rows(torch.arange(len(branch.pose_table)))
+    half = torch.arange(len(rows)) % 2
+    return [ctx.comm.local(rows[half == h]) for h in (0, 1)]
+
+
+def half_maps(ctx: StepContext, branch: Branch, disc: FourierDisc) -> list[Tensor]:
+    """Each half's Hartley map from its images at their current poses: the CTF-weighted
+    back-projection ``sum A^T y / (sum A^T CTF + HALF_MAP_REGULARISER x its mean)``, summed over
+    ranks."""
+    table, feed = branch.pose_table, ctx.feed
+    shape = branch.volume.hartley().shape
+    render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
+    maps = []
+    for rows in _halves(ctx, branch):
+        sums = torch.zeros(2, *shape, device=feed.device)
+        for start in range(0, len(rows), _CHUNK):
+            idx = rows[start : start + _CHUNK]
+            _, observed, ctf = feed.batch(idx, disc)
+            on_device = idx.to(feed.device)
+            shifts = table.shifts_angstrom[on_device] if table.estimate_shifts else None
+            data, weights = backproject_hartley(
+                shape, table.rotations[on_device], disc, observed, ctf_values=ctf, shifts_angstrom=shifts,
+                **render,
+            )  # fmt: skip
+            sums[0] += data
+            sums[1] += weights
+        ctx.comm.sum_(sums)
+        numerator, weights = sums
+        floor = HALF_MAP_REGULARISER * weights[weights > 0].mean() if bool((weights > 0).any()) else 1.0
+        maps.append(numerator / (weights + floor))
+    return maps
+
+
+def _cross_checked(
+    ctx: StepContext, branch: Branch, grid: Tensor, coarse: FourierDisc
+) -> tuple[Tensor, Tensor]:
+    """:func:`better_poses` under the other half's map: the best grid rotation in another basin
+    (coarse disc) and the image's own pose, each refined by ``rescue_halfmap_steps`` pose steps on
+    the run's current disc; the rows whose refined candidate fits better, and those rotations."""
+    table, feed, cfg = branch.pose_table, ctx.feed, ctx.config
+    fine = feed.disc(branch.schedule_epoch)
+    maps = half_maps(ctx, branch, fine)
+    render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=cfg.contrast)
+    min_jump = math.cos(math.radians(2 * _HEALPIX_SPACING_DEG / cfg.rescue_nside))
+    found_rows, found_rotations = [], []
+    for rows, other in zip(_halves(ctx, branch), reversed(maps), strict=True):
+        slices = grid_slices(other, grid, coarse)
+        for start in range(0, len(rows), _CHUNK):
+            idx = rows[start : start + _CHUNK]
+            on_device = idx.to(feed.device)
+            own = table.rotations[on_device]
+            shifts = table.shifts_angstrom[on_device] if table.estimate_shifts else None
+            _, observed, ctf = feed.batch(idx, coarse)
+            losses = grid_losses(slices, observed, coarse, ctf_values=ctf, shifts_angstrom=shifts, **render)
+            cos = ((own.reshape(-1, 9) @ grid.reshape(-1, 9).T) - 1) / 2  # cos of the angle to each
+            candidate = grid[losses.masked_fill(cos >= min_jump, math.inf).argmin(1)]
+            _, observed, ctf = feed.batch(idx, fine)
+            pair = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+            refined, final = _refine(
+                other, torch.cat([own, candidate]), fine, pair(observed), pair(ctf), pair(shifts),
+                cfg.rescue_halfmap_steps, cfg.pose_lr, render,
+            )  # fmt: skip
+            n = len(idx)
+            better = final[n:] < final[:n]
+            found_rows.append(on_device[better])
+            found_rotations.append(refined[n:][better])
+    return torch.cat(found_rows), torch.cat(found_rotations)
+
+
+def _refine(
+    volume, rotations, disc, observed, ctf, shifts, steps: int, lr: float, render
+) -> tuple[Tensor, Tensor]:
+    """Each rotation's best pose along ``steps`` row-wise Adam steps under ``volume`` (the rate
+    decaying from ``lr`` to a twentieth, so the last steps settle), and its loss."""
+    n = len(rotations)
+    adam = RowAdam(n, 3, lr, (0.9, 0.9), device=rotations.device)
+    rows = torch.arange(n, device=rotations.device)
+    omega = torch.zeros(n, 3, device=rotations.device)
+    best_loss = torch.full((n,), math.inf, device=rotations.device)
+    best_omega = torch.zeros_like(omega)
+    decay = (1 / 20) ** (1 / max(1, steps - 1))
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            omega.requires_grad_(True)
+            losses = pose_losses(volume, so3.exp_so3(omega) @ rotations, disc, observed, LossKind.L2,
+                                 ctf_values=ctf, shifts_angstrom=shifts, **render)  # fmt: skip
+            if step < steps:
+                losses.sum().backward()
+        improved = losses.detach() < best_loss
+        best_loss = torch.where(improved, losses.detach(), best_loss)
+        best_omega[improved] = omega.detach()[improved]
+        if step < steps:
+            adam.lr = lr * decay**step
+            omega = adam.step(rows, omega.detach(), omega.grad)
+    u, _, vt = torch.linalg.svd(so3.exp_so3(best_omega) @ rotations)
+    return u @ vt, best_loss

@@ -27,7 +27,15 @@ from torch import Tensor
 from cryospin_lab.physics import fourier, slice_kernel
 from cryospin_lab.physics.projection import FourierDisc, project_hartley
 
-__all__ = ["LossKind", "images_to_hartley", "render_hartley", "image_losses", "pose_losses", "winner_losses"]
+__all__ = [
+    "LossKind",
+    "backproject_hartley",
+    "images_to_hartley",
+    "render_hartley",
+    "image_losses",
+    "pose_losses",
+    "winner_losses",
+]
 
 
 class LossKind(str, enum.Enum):
@@ -193,3 +201,34 @@ def winner_losses(
         **render_kwargs,
     )
     return image_losses(predicted, observed_ht, disc, kind), best_heads, losses
+
+
+def backproject_hartley(
+    shape: torch.Size | tuple[int, int, int],
+    rotations: Tensor,
+    disc: FourierDisc,
+    observed_ht: Tensor,
+    *,
+    pixel_size_angstrom: float,
+    ctf_values: Tensor | None = None,
+    shifts_angstrom: Tensor | None = None,
+    contrast: float = -1.0,
+) -> tuple[Tensor, Tensor]:
+    """The adjoint of :func:`render_hartley` applied to images, and to their CTF: ``(sum A^T y,
+    sum B^T (c CTF))`` with ``A = c CTF shift(slice)`` and ``B = c CTF slice``, two ``shape``
+    volumes.
+
+    ``sum A^T y / sum A^T (c CTF)`` is the CTF-weighted back-projection of the images (the usual
+    gridding estimate of the least-squares volume): a map in one pass, without training. The
+    adjoint comes from autograd through the renderer, so it matches :func:`render_hartley`
+    exactly, slicer and shifts included.
+    """
+    device = observed_ht.device
+    with torch.enable_grad():
+        sums = torch.zeros(2, *shape, device=device, requires_grad=True)
+        kwargs = dict(pixel_size_angstrom=pixel_size_angstrom, ctf_values=ctf_values, contrast=contrast)
+        weights = torch.full_like(observed_ht, contrast) if ctf_values is None else contrast * ctf_values
+        data = render_hartley(sums[0], rotations, disc, shifts_angstrom=shifts_angstrom, **kwargs)
+        unit = render_hartley(sums[1], rotations, disc, **kwargs)  # a shift changes no weight
+        ((data * observed_ht).sum() + (unit * weights).sum()).backward()
+    return sums.grad[0], sums.grad[1]

@@ -44,6 +44,7 @@ OTHER = {
     "rescue_nside": "2",
     "rescue_idle_every": "3",
     "rescue_extra_epochs": "4",
+    "rescue_halfmap_steps": "3",
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",
