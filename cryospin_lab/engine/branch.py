@@ -81,6 +81,7 @@ class Branch:
         self.loss_history: list[float] = []  # mean loss per amortized epoch (auto switch rule)
         # the direct stage's last re-search: its epoch, and whether it moved almost nothing (rescue.py)
         self.last_rescue_epoch, self.rescue_idle = 0, False
+        self.last_halfmap_epoch = 0  # the last re-search under the half maps (rescue.py)
         self.extra_epochs = 0  # epochs added past n_epochs while the re-search moved images (rescue.py)
 
     def state_dict(self) -> dict:
@@ -107,6 +108,7 @@ class Branch:
             "seed_offset": self.seed_offset,
             "last_rescue_epoch": self.last_rescue_epoch,
             "rescue_idle": self.rescue_idle,
+            "last_halfmap_epoch": self.last_halfmap_epoch,
             "extra_epochs": self.extra_epochs,
         }
 
@@ -186,6 +188,7 @@ class Branch:
             group["lr"] = config.decoder_lr_direct
         self.pending_switch = None
         self.last_rescue_epoch, self.rescue_idle = self.epoch, False
+        self.last_halfmap_epoch = self.epoch
 
     @classmethod
     def from_state(
@@ -223,6 +226,7 @@ class Branch:
         branch.switch_rule = parse_switch_rule(state["switch_rule"])
         branch.last_rescue_epoch = int(state.get("last_rescue_epoch", 0))
         branch.rescue_idle = bool(state.get("rescue_idle", False))
+        branch.last_halfmap_epoch = int(state.get("last_halfmap_epoch", branch.last_rescue_epoch))
         branch.extra_epochs = int(state.get("extra_epochs", 0))
         return branch
 

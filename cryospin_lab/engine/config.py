@@ -155,8 +155,8 @@ class TrainingConfig:
     # (docs/decisions.md#rescue-variants)
     rescue_halfmap_steps: int = setting(
         0,
-        "re-search under the map of the other half of the set (back-projected), own pose and "
-        "candidate each refined by this many pose steps; 0: under the run's map",
+        "every 5 epochs and after an idle one, the re-search under the map of the other half of "
+        "the set (back-projected), own pose and candidate each refined by this many pose steps; 0: off",
         NON_NEGATIVE_INT,
     )
     volume_init_mantissa: float = setting(

@@ -13,13 +13,16 @@ nothing, the next comes ``rescue_idle_every`` epochs later. A run whose
 re-search still moves images after its last epoch has not settled: it goes on
 one epoch at a time (``rescue_extra_epochs``).
 
-With ``rescue_halfmap_steps`` > 0 an image is judged instead under the map of
-the other half of the set (even against odd images, each half's map one
+With ``rescue_halfmap_steps`` > 0, every ``HALF_MAP_EVERY`` (5) epochs and
+after an idle re-search, the re-search judges each image under the map of the
+other half of the set (even against odd images, each half's map one
 back-projection of its current poses): the run's own map has co-adapted to
 every image's current pose, so under it a wrong pose fits about as well as the
 true one; under a map the image did not train, the true one wins. The image's
 own pose and its best grid rotation in another basin are each refined by that
-many pose steps there, and the better is kept (docs/decisions.md#rescue-variants).
+many pose steps there, and the better is kept. Not at every re-search: where
+the halves cannot tell a pose from its mate, a few per cent of the images move
+at every one, so the run would never settle (docs/decisions.md#rescue-variants).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ __all__ = [
     "RESCUE_EXTEND_MIN_SET",
     "RESCUE_IDLE_SHARE",
     "RESCUE_RADIUS_FRACTION",
+    "HALF_MAP_EVERY",
     "HALF_MAP_REGULARISER",
     "better_poses",
     "rescue_events",
@@ -62,6 +66,7 @@ RESCUE_IDLE_SHARE = 0.005  # a re-search moving fewer images finds the poses set
 RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a small set's noise moves some)
 RESCUE_EXTEND_MIN_SET = 1000  # smaller sets are demos and tests: their runs keep the length asked for
 HALF_MAP_REGULARISER = 0.1  # Wiener term of a half map, a share of its mean weight
+HALF_MAP_EVERY = 5  # epochs between re-searches under the half maps (each costs about two direct epochs)
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
@@ -83,9 +88,12 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
     if branch.phase is not Phase.DIRECT or not cfg.rescue_every:
         return
     last = branch.finished(cfg.n_epochs)
+    since_halfmaps = branch.epoch - branch.last_halfmap_epoch
+    halfmaps = bool(cfg.rescue_halfmap_steps) and (branch.rescue_idle or since_halfmaps >= HALF_MAP_EVERY)
     if last:
         spent = branch.extra_epochs >= cfg.rescue_extra_epochs
-        if not extend or branch.rescue_idle or spent or len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
+        settled = branch.rescue_idle and not halfmaps
+        if not extend or settled or spent or len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
             return
     else:
         interval = cfg.rescue_every
@@ -93,14 +101,17 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
             interval = max(interval, cfg.rescue_idle_every)
         if branch.epoch - branch.last_rescue_epoch < interval:
             return
-    rows, rotations = better_poses(ctx, branch, cfg.rescue_nside)
+    rows, rotations = better_poses(ctx, branch, cfg.rescue_nside, halfmaps=halfmaps)
     checked = len(_checked_rows(ctx, branch))
+    kind = "re-search under the half maps" if halfmaps else "re-search"
     moved_all, checked_all = ctx.comm.sum_floats(len(rows), checked)
     branch.last_rescue_epoch = branch.epoch
+    if halfmaps:
+        branch.last_halfmap_epoch = branch.epoch
     branch.rescue_idle = moved_all < RESCUE_IDLE_SHARE * checked_all
     if last and (branch.rescue_idle or moved_all < RESCUE_EXTEND_MIN_IMAGES):
         message = (
-            f"re-search after the last epoch: {len(rows)} of {checked} images would move (under "
+            f"{kind} after the last epoch: {len(rows)} of {checked} images would move (under "
             f"{100 * RESCUE_IDLE_SHARE:.1f} % or {RESCUE_EXTEND_MIN_IMAGES}); the run ends"
         )
         yield LogEvent(message=message, **stamp)
@@ -116,14 +127,16 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         )
     elif branch.rescue_idle and cfg.rescue_idle_every > cfg.rescue_every:
         later = f"; the next in {cfg.rescue_idle_every} epochs"
-    message = f"re-search: {len(rows)} of {checked} images moved to a better pose{later}"
+    message = f"{kind}: {len(rows)} of {checked} images moved to a better pose{later}"
     yield LogEvent(message=message, **stamp)
 
 
-def research_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[int, int]:
-    """Move each of this rank's images whose best grid rotation beats its pose on the coarse disc;
-    returns ``(moved, checked)``."""
-    rows, rotations = better_poses(ctx, branch, nside)
+def research_poses(
+    ctx: StepContext, branch: Branch, nside: int, *, halfmaps: bool = False
+) -> tuple[int, int]:
+    """Move each of this rank's images whose best grid rotation beats its pose on the coarse disc
+    (under the other half's map with ``halfmaps``); returns ``(moved, checked)``."""
+    rows, rotations = better_poses(ctx, branch, nside, halfmaps=halfmaps)
     branch.pose_table.reset_rows(rows, rotations)
     return len(rows), len(_checked_rows(ctx, branch))
 
@@ -134,15 +147,17 @@ def _checked_rows(ctx: StepContext, branch: Branch) -> Tensor:
 
 
 @torch.no_grad()
-def better_poses(ctx: StepContext, branch: Branch, nside: int) -> tuple[Tensor, Tensor]:
+def better_poses(
+    ctx: StepContext, branch: Branch, nside: int, *, halfmaps: bool = False
+) -> tuple[Tensor, Tensor]:
     """The rows (on the device) of this rank's images whose best grid rotation beats their pose on the
     coarse disc and lies in another basin, and those rotations ``(n, 3, 3)``; nothing is changed.
-    With ``rescue_halfmap_steps`` > 0, judged under the other half's map (:func:`_cross_checked`)."""
+    With ``halfmaps``, judged under the other half's map instead (:func:`_cross_checked`)."""
     table, feed = branch.pose_table, ctx.feed
     radius = max(2.0, RESCUE_RADIUS_FRACTION * max_disc_radius(feed.box_size))
     disc = FourierDisc.make(feed.box_size, radius, device=feed.device)
     grid = healpix_rotations(nside, 6 * nside, dtype=torch.float32).reshape(-1, 3, 3).to(feed.device)
-    if ctx.config.rescue_halfmap_steps:
+    if halfmaps:
         return _cross_checked(ctx, branch, grid, disc)
     volume_ht = branch.volume.hartley().detach()
     slices = grid_slices(volume_ht, grid, disc)

@@ -102,7 +102,7 @@ def test_under_the_other_half_s_map_wrong_basins_are_left_too(set_of_1000):
     start = torch.where(wrong[:, None, None], so3.exp_so3(axes * math.radians(120.0)).float() @ truth, truth)
     branch.pose_table.rotations = start.clone()
 
-    moved, checked = research_poses(trainer.step_context, branch, nside=4)
+    moved, checked = research_poses(trainer.step_context, branch, nside=4, halfmaps=True)
 
     assert checked == n
     after = branch.pose_table.rotations
@@ -198,3 +198,60 @@ def test_a_re_search_still_moving_after_the_last_epoch_adds_one(tiny_stack, tiny
     branch.extra_epochs = cfg.rescue_extra_epochs
     assert after_epoch(2 + cfg.rescue_extra_epochs) == []  # the extra epochs are spent
     assert torch.equal(branch.pose_table.rotations, wrong)
+
+
+def test_half_maps_judge_only_the_re_search_after_an_idle_one(tiny_stack, tiny_ground_truth, monkeypatch):
+    """With ``rescue_halfmap_steps``: the re-searches run under the run's map while they move
+    images; the one after an idle re-search (5 epochs later), and the one after the last epoch
+    when the last was idle, under the half maps."""
+    trainer, branch = direct_branch_with_the_true_map(
+        tiny_stack, tiny_ground_truth, n_epochs=12, rescue_halfmap_steps=2
+    )
+    branch.pose_table.rotations = trainer.true_rotations.float().clone()
+    kinds = []
+    real = rescue.better_poses
+
+    def spy(ctx, branch, nside, *, halfmaps=False):
+        kinds.append(halfmaps)
+        rows, rotations = real(ctx, branch, nside, halfmaps=halfmaps)
+        return rows[:0], rotations[:0]  # nobody moves: every re-search is idle
+
+    monkeypatch.setattr(rescue, "better_poses", spy)
+    monkeypatch.setattr(rescue, "RESCUE_EXTEND_MIN_SET", 64)
+
+    def searched_after(epoch: int) -> list[str]:
+        branch.epoch = epoch
+        return [e.message for e in rescue_events(trainer.step_context, branch, trainer._stamp(branch))]
+
+    (first,) = searched_after(1)
+    assert first.startswith("re-search: 0 of 64") and kinds == [False]
+    assert [searched_after(epoch) for epoch in (2, 3, 4, 5)] == [[], [], [], []]
+    (second,) = searched_after(6)
+    assert second.startswith("re-search under the half maps: 0 of 64") and kinds == [False, True]
+    assert branch.finished(trainer.config.n_epochs) is False
+    branch.epoch = 12
+    (last,) = searched_after(12)
+    assert last.startswith("re-search under the half maps after the last epoch: 0 of 64")
+    assert kinds == [False, True, True]
+
+
+def test_half_maps_judge_every_fifth_re_search_while_images_still_move(
+    tiny_stack, tiny_ground_truth, monkeypatch
+):
+    """A run whose re-search never goes idle still gets the half maps every HALF_MAP_EVERY epochs."""
+    trainer, branch = direct_branch_with_the_true_map(
+        tiny_stack, tiny_ground_truth, n_epochs=20, rescue_halfmap_steps=2
+    )
+    kinds = []
+
+    def spy(ctx, branch, nside, *, halfmaps=False):
+        kinds.append(halfmaps)
+        rows = torch.arange(20)  # a third of the images "move" (to where they are): never idle
+        return rows, branch.pose_table.rotations[rows].clone()
+
+    monkeypatch.setattr(rescue, "better_poses", spy)
+    assert rescue.HALF_MAP_EVERY == 5
+    for epoch in range(1, 12):
+        branch.epoch = epoch
+        list(rescue_events(trainer.step_context, branch, trainer._stamp(branch)))
+    assert kinds == [False] * 4 + [True] + [False] * 4 + [True] + [False]
