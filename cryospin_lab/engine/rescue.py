@@ -192,15 +192,15 @@ def _halves(ctx: StepContext, branch: Branch) -> list[Tensor]:
     return [ctx.comm.local(rows[half == h]) for h in (0, 1)]
 
 
-def half_maps(ctx: StepContext, branch: Branch, disc: FourierDisc) -> list[Tensor]:
+def half_maps(ctx: StepContext, branch: Branch, disc: FourierDisc, halves: list[Tensor]) -> list[Tensor]:
     """Each half's Hartley map from its images at their current poses: the CTF-weighted
     back-projection ``sum A^T y / (sum A^T CTF + HALF_MAP_REGULARISER x its mean)``, summed over
-    ranks."""
+    ranks; ``halves`` are this rank's rows of each half (:func:`_halves`)."""
     table, feed = branch.pose_table, ctx.feed
     shape = branch.volume.hartley().shape
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
     maps = []
-    for rows in _halves(ctx, branch):
+    for rows in halves:
         sums = torch.zeros(2, *shape, device=feed.device)
         for start in range(0, len(rows), _CHUNK):
             idx = rows[start : start + _CHUNK]
@@ -228,11 +228,12 @@ def _cross_checked(
     the run's current disc; the rows whose refined candidate fits better, and those rotations."""
     table, feed, cfg = branch.pose_table, ctx.feed, ctx.config
     fine = feed.disc(branch.schedule_epoch)
-    maps = half_maps(ctx, branch, fine)
+    halves = _halves(ctx, branch)
+    maps = half_maps(ctx, branch, fine, halves)
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=cfg.contrast)
     min_jump = math.cos(math.radians(2 * _HEALPIX_SPACING_DEG / cfg.rescue_nside))
     found_rows, found_rotations = [], []
-    for rows, other in zip(_halves(ctx, branch), reversed(maps), strict=True):
+    for rows, other in zip(halves, reversed(maps), strict=True):
         slices = grid_slices(other, grid, coarse)
         for start in range(0, len(rows), _CHUNK):
             idx = rows[start : start + _CHUNK]
