@@ -17,21 +17,18 @@ in the engine). One thread.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _checkpoint import restored_trainer
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.symmetry import find_near_symmetry
 from cryospin_lab.engine.events import LogEvent
-from cryospin_lab.engine.run_state import read_run
-from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.maps import load_ground_truth
-from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.model.hartley_volume import HartleyVolume
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
@@ -105,11 +102,8 @@ def main() -> int:
     run_dir, data_dir, epoch, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
     print(f"# {' '.join(sys.argv)}")
-    stack = ParticleStack(data_dir / "particles.star")
+    trainer, stack = restored_trainer(run_dir, data_dir, epoch, threads=1, ground_truth=False)
     truth_map = load_ground_truth(data_dir / "ground_truth.mrc", stack)
-    saved = read_run(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    trainer = Trainer(stack, dataclasses.replace(saved.config, device="cpu", threads=1))
-    trainer.restore(saved)
     if mode == "separability":
         separability(trainer, truth_map)
         return 0

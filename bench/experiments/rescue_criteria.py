@@ -16,20 +16,16 @@ images (> 20° off) each frees and the share of the others each sends astray. Tw
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from _checkpoint import restored_trainer
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
-from cryospin_lab.engine.run_state import read_run
-from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.maps import load_ground_truth
-from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 from cryospin_lab.simulate import molecule
@@ -41,12 +37,9 @@ def main() -> int:
     nside = int(sys.argv[6]) if len(sys.argv) > 6 else 4
     print(f"# {' '.join(sys.argv)}")
     torch.set_num_threads(2)
-    stack = ParticleStack(data / "particles.star")
     symmetry = molecule(name).symmetry_rotations()
-    saved = read_run(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    config = dataclasses.replace(saved.config, device="cpu", threads=2)
-    trainer = Trainer(stack, config, ground_truth_map=load_ground_truth(data / "ground_truth.mrc", stack))
-    trainer.restore(saved)
+    trainer, stack = restored_trainer(run, data, epoch, threads=2)
+    config = trainer.config
     branch, feed = trainer.branch(), trainer.feed
     table, truth = branch.pose_table, trainer.true_rotations
     rotations, shifts = table.rotations.clone(), table.shifts_angstrom.clone()

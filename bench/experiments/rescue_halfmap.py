@@ -22,72 +22,36 @@ stranded one under the other half's map. Two threads.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _checkpoint import restored_trainer
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
-from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION
-from cryospin_lab.engine.run_state import read_run
-from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.maps import load_ground_truth
-from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.model.pose_table import RowAdam
+from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_rotations
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
-from cryospin_lab.physics.render import LossKind, pose_losses, render_hartley
-from cryospin_lab.physics.so3 import exp_so3
+from cryospin_lab.physics.render import backproject_hartley
 from cryospin_lab.simulate import molecule
 
 _CHUNK = 512
 
 
-def refine(volume, rotations, disc, observed, ctf, render, steps, lr):
-    """Each row's best pose along ``steps`` Adam steps (rate decaying to lr / 20), and its loss."""
-    adam = RowAdam(len(rotations), 3, lr, (0.9, 0.9))
-    rows = torch.arange(len(rotations))
-    omega = torch.zeros(len(rotations), 3, requires_grad=True)
-    best_loss = torch.full((len(rotations),), float("inf"))
-    best_omega = torch.zeros(len(rotations), 3)
-    decay = (1 / 20) ** (1 / max(1, steps - 1))
-    for step in range(steps + 1):
-        losses = pose_losses(volume, exp_so3(omega) @ rotations, disc, observed, LossKind.L2,
-                             ctf_values=ctf, **render)  # fmt: skip
-        with torch.no_grad():
-            improved = losses < best_loss
-            best_loss = torch.where(improved, losses, best_loss)
-            best_omega[improved] = omega[improved]
-        if step == steps:
-            break
-        losses.sum().backward()
-        adam.lr = lr * decay**step
-        with torch.no_grad():
-            omega = adam.step(rows, omega, omega.grad).requires_grad_(True)
-    with torch.no_grad():
-        u, _, vt = torch.linalg.svd(exp_so3(best_omega) @ rotations)
-    return u @ vt, best_loss.detach()
-
-
 def backproject(shape, feed, rows, rotations, disc, render, lam):
     """The half map from ``rows`` at ``rotations``: CTF-weighted back-projection, Wiener-regularised."""
-    numerator = torch.zeros(shape, requires_grad=True)
-    weights = torch.zeros(shape, requires_grad=True)
+    numerator, weights = torch.zeros(shape), torch.zeros(shape)
     for lo in range(0, len(rows), _CHUNK):
         idx = rows[lo : lo + _CHUNK]
         _, observed, ctf = feed.batch(idx, disc)
-        ones = torch.ones_like(observed)
-        predicted = render_hartley(numerator, rotations[idx], disc, ctf_values=ctf, **render)
-        (predicted * observed).sum().backward()
-        predicted = render_hartley(weights, rotations[idx], disc, ctf_values=ctf, **render)
-        (predicted * ctf * render["contrast"] * ones).sum().backward()
-    num, den = numerator.grad, weights.grad
-    return num / (den + lam * den[den > 0].mean())
+        data, weight = backproject_hartley(shape, rotations[idx], disc, observed, ctf_values=ctf, **render)
+        numerator += data
+        weights += weight
+    return numerator / (weights + lam * weights[weights > 0].mean())
 
 
 def main() -> int:
@@ -98,12 +62,9 @@ def main() -> int:
     top_k = int(sys.argv[8]) if len(sys.argv) > 8 else 3
     print(f"# {' '.join(sys.argv)}")
     torch.set_num_threads(2)
-    stack = ParticleStack(data / "particles.star")
     symmetry = molecule(name).symmetry_rotations()
-    saved = read_run(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    config = dataclasses.replace(saved.config, device="cpu", threads=2)
-    trainer = Trainer(stack, config, ground_truth_map=load_ground_truth(data / "ground_truth.mrc", stack))
-    trainer.restore(saved)
+    trainer, stack = restored_trainer(run, data, epoch, threads=2)
+    config = trainer.config
     branch, feed = trainer.branch(), trainer.feed
     if branch.pose_table.estimate_shifts:
         raise SystemExit("shifts are not handled here")
@@ -152,8 +113,10 @@ def main() -> int:
                 _, observed, ctf = feed.batch(idx, fine)
                 starts = torch.cat([rotations[idx], *candidates, oracle[idx]])
                 k = len(starts) // len(idx)
-                refined, final = refine(other_map, starts, fine, observed.repeat(k, 1), ctf.repeat(k, 1),
-                                        render, n_steps, config.pose_lr)  # fmt: skip
+                refined, final = refine_rotations(
+                    other_map, starts, fine, observed.repeat(k, 1), ctf_values=ctf.repeat(k, 1),
+                    shifts_angstrom=None, steps=n_steps, lr=config.pose_lr, render=render,
+                )  # fmt: skip
                 final, refined = final.reshape(k, -1), refined.reshape(k, -1, 3, 3)
                 truth_wins[idx.numpy()] = (final[-1] < final[0]).numpy()
                 best, which = final[1:-1].min(0)

@@ -20,56 +20,22 @@ the share of the others it sends astray, and the refined rule's cost. Two thread
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _checkpoint import restored_trainer
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
-from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION
-from cryospin_lab.engine.run_state import read_run
-from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.maps import load_ground_truth
-from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.model.pose_table import RowAdam
+from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_rotations
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
-from cryospin_lab.physics.render import LossKind, image_losses, pose_losses, render_hartley
-from cryospin_lab.physics.so3 import exp_so3
+from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
 from cryospin_lab.simulate import molecule
-
-
-def refine(volume, rotations, disc, observed, ctf, shifts, render, steps, lr, betas):
-    """``steps`` Adam steps on each row's axis-angle correction, the rate decaying geometrically from
-    ``lr`` to ``lr / 20``; each row's best pose along the way and its loss."""
-    adam = RowAdam(len(rotations), 3, lr, betas)
-    rows = torch.arange(len(rotations))
-    omega = torch.zeros(len(rotations), 3, requires_grad=True)
-    best_loss = torch.full((len(rotations),), float("inf"))
-    best_omega = torch.zeros(len(rotations), 3)
-    decay = (1 / 20) ** (1 / max(1, steps - 1))
-    for step in range(steps + 1):
-        losses = pose_losses(volume, exp_so3(omega) @ rotations, disc, observed, LossKind.L2,
-                             ctf_values=ctf, shifts_angstrom=shifts, **render)  # fmt: skip
-        with torch.no_grad():
-            improved = losses < best_loss
-            best_loss = torch.where(improved, losses, best_loss)
-            best_omega[improved] = omega[improved]
-        if step == steps:
-            break
-        losses.sum().backward()
-        adam.lr = lr * decay**step
-        with torch.no_grad():
-            omega = adam.step(rows, omega, omega.grad).requires_grad_(True)
-    with torch.no_grad():
-        refined = exp_so3(best_omega) @ rotations
-        u, _, vt = torch.linalg.svd(refined)
-    return u @ vt, best_loss.detach()
 
 
 def main() -> int:
@@ -78,12 +44,9 @@ def main() -> int:
     top_k = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     print(f"# {' '.join(sys.argv)}")
     torch.set_num_threads(2)
-    stack = ParticleStack(data / "particles.star")
     symmetry = molecule(name).symmetry_rotations()
-    saved = read_run(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    config = dataclasses.replace(saved.config, device="cpu", threads=2)
-    trainer = Trainer(stack, config, ground_truth_map=load_ground_truth(data / "ground_truth.mrc", stack))
-    trainer.restore(saved)
+    trainer, stack = restored_trainer(run, data, epoch, threads=2)
+    config = trainer.config
     branch, feed = trainer.branch(), trainer.feed
     table, truth = branch.pose_table, trainer.true_rotations
     rotations = table.rotations.clone()
@@ -145,8 +108,10 @@ def main() -> int:
         repeat = 2 + top_k
         ctf_r = ctf.repeat(repeat, *([1] * (ctf.ndim - 1))) if ctf is not None else None
         sh_r = own_shifts.repeat(repeat, 1) if own_shifts is not None else None
-        refined, final = refine(volume, starts, fine, observed.repeat(repeat, *([1] * (observed.ndim - 1))),
-                                ctf_r, sh_r, render, n_steps, config.pose_lr, (0.9, 0.9))  # fmt: skip
+        refined, final = refine_rotations(
+            volume, starts, fine, observed.repeat(repeat, *([1] * (observed.ndim - 1))), ctf_values=ctf_r,
+            shifts_angstrom=sh_r, steps=n_steps, lr=config.pose_lr, render=render,
+        )  # fmt: skip
         final = final.reshape(repeat, n)
         refined = refined.reshape(repeat, n, 3, 3)
         oracle_gain[idx.numpy()] = (final[0] - final[-1]).numpy()

@@ -57,6 +57,8 @@ __all__ = [
     "HALF_MAP_EVERY",
     "HALF_MAP_REGULARISER",
     "better_poses",
+    "half_maps",
+    "refine_rotations",
     "rescue_events",
     "research_poses",
 ]
@@ -246,9 +248,9 @@ def _cross_checked(
             candidate = grid[losses.masked_fill(cos >= min_jump, math.inf).argmin(1)]
             _, observed, ctf = feed.batch(idx, fine)
             pair = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-            refined, final = _refine(
-                other, torch.cat([own, candidate]), fine, pair(observed), pair(ctf), pair(shifts),
-                cfg.rescue_halfmap_steps, cfg.pose_lr, render,
+            refined, final = refine_rotations(
+                other, torch.cat([own, candidate]), fine, pair(observed), ctf_values=pair(ctf),
+                shifts_angstrom=pair(shifts), steps=cfg.rescue_halfmap_steps, lr=cfg.pose_lr, render=render,
             )  # fmt: skip
             n = len(idx)
             better = final[n:] < final[:n]
@@ -257,13 +259,24 @@ def _cross_checked(
     return torch.cat(found_rows), torch.cat(found_rotations)
 
 
-def _refine(
-    volume, rotations, disc, observed, ctf, shifts, steps: int, lr: float, render
+def refine_rotations(
+    volume: Tensor,
+    rotations: Tensor,
+    disc: FourierDisc,
+    observed: Tensor,
+    *,
+    ctf_values: Tensor | None,
+    shifts_angstrom: Tensor | None,
+    steps: int,
+    lr: float,
+    render: dict,
+    betas: tuple[float, float] = (0.9, 0.9),
 ) -> tuple[Tensor, Tensor]:
     """Each rotation's best pose along ``steps`` row-wise Adam steps under ``volume`` (the rate
-    decaying from ``lr`` to a twentieth, so the last steps settle), and its loss."""
+    decaying geometrically from ``lr`` to a twentieth, so the last steps settle), and its L2 loss;
+    ``render`` holds ``pixel_size_angstrom`` and ``contrast``."""
     n = len(rotations)
-    adam = RowAdam(n, 3, lr, (0.9, 0.9), device=rotations.device)
+    adam = RowAdam(n, 3, lr, betas, device=rotations.device)
     rows = torch.arange(n, device=rotations.device)
     omega = torch.zeros(n, 3, device=rotations.device)
     best_loss = torch.full((n,), math.inf, device=rotations.device)
@@ -272,8 +285,11 @@ def _refine(
     for step in range(steps + 1):
         with torch.enable_grad():
             omega.requires_grad_(True)
-            losses = pose_losses(volume, so3.exp_so3(omega) @ rotations, disc, observed, LossKind.L2,
-                                 ctf_values=ctf, shifts_angstrom=shifts, **render)  # fmt: skip
+            posed = so3.exp_so3(omega) @ rotations
+            losses = pose_losses(
+                volume, posed, disc, observed, LossKind.L2, ctf_values=ctf_values,
+                shifts_angstrom=shifts_angstrom, **render,
+            )  # fmt: skip
             if step < steps:
                 losses.sum().backward()
         improved = losses.detach() < best_loss
