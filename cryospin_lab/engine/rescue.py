@@ -13,8 +13,9 @@ nothing, the next comes ``rescue_idle_every`` epochs later. A run whose
 re-search still moves images after its last epoch has not settled: it goes on
 one epoch at a time (``rescue_extra_epochs``).
 
-With ``rescue_halfmap_steps`` > 0, every ``HALF_MAP_EVERY`` (5) epochs and
-after an idle re-search, the re-search judges each image under the map of the
+With ``rescue_halfmap_steps`` > 0 (5 by default), on sets of ``HALF_MAP_MIN_SET``
+(1,000) images or more, every ``HALF_MAP_EVERY`` (5) epochs and after an idle
+re-search, the re-search judges each image under the map of the
 other half of the set (even against odd images, each half's map one
 back-projection of its current poses): the run's own map has co-adapted to
 every image's current pose, so under it a wrong pose fits about as well as the
@@ -55,6 +56,7 @@ __all__ = [
     "RESCUE_IDLE_SHARE",
     "RESCUE_RADIUS_FRACTION",
     "HALF_MAP_EVERY",
+    "HALF_MAP_MIN_SET",
     "HALF_MAP_REGULARISER",
     "better_poses",
     "half_maps",
@@ -69,6 +71,7 @@ RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a sm
 RESCUE_EXTEND_MIN_SET = 1000  # smaller sets are demos and tests: their runs keep the length asked for
 HALF_MAP_REGULARISER = 0.1  # Wiener term of a half map, a share of its mean weight
 HALF_MAP_EVERY = 5  # epochs between re-searches under the half maps (each costs about two direct epochs)
+HALF_MAP_MIN_SET = 1000  # smaller sets never: a half of 32 images back-projects no usable map
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
@@ -91,7 +94,11 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         return
     last = branch.finished(cfg.n_epochs)
     since_halfmaps = branch.epoch - branch.last_halfmap_epoch
-    halfmaps = bool(cfg.rescue_halfmap_steps) and (branch.rescue_idle or since_halfmaps >= HALF_MAP_EVERY)
+    halfmaps = (
+        bool(cfg.rescue_halfmap_steps)
+        and len(branch.pose_table) >= HALF_MAP_MIN_SET
+        and (branch.rescue_idle or since_halfmaps >= HALF_MAP_EVERY)
+    )
     if last:
         spent = branch.extra_epochs >= cfg.rescue_extra_epochs
         settled = branch.rescue_idle and not halfmaps

@@ -117,10 +117,12 @@ def test_under_the_other_half_s_map_wrong_basins_are_left_too(set_of_1000):
 
 def test_re_search_slows_down_once_it_moves_almost_nothing(tiny_stack, tiny_ground_truth):
     """Every epoch after the switch; after a re-search that moved nobody, every rescue_idle_every;
-    after one that moved a quarter of the images, every epoch again."""
+    after one that moved a quarter of the images, every epoch again. The set's 64 images are too
+    few for the half maps (HALF_MAP_MIN_SET), so every re-search is under the run's map."""
     trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=50)
     cfg = trainer.config
     assert (cfg.rescue_every, cfg.rescue_idle_every) == (1, 5)  # the shipped defaults
+    assert cfg.rescue_halfmap_steps == 5 and rescue.HALF_MAP_MIN_SET == 1000
     truth = trainer.true_rotations.float()
     branch.pose_table.rotations = truth.clone()
 
@@ -218,6 +220,7 @@ def test_half_maps_judge_only_the_re_search_after_an_idle_one(tiny_stack, tiny_g
 
     monkeypatch.setattr(rescue, "better_poses", spy)
     monkeypatch.setattr(rescue, "RESCUE_EXTEND_MIN_SET", 64)
+    monkeypatch.setattr(rescue, "HALF_MAP_MIN_SET", 64)
 
     def searched_after(epoch: int) -> list[str]:
         branch.epoch = epoch
@@ -250,6 +253,7 @@ def test_half_maps_judge_every_fifth_re_search_while_images_still_move(
         return rows, branch.pose_table.rotations[rows].clone()
 
     monkeypatch.setattr(rescue, "better_poses", spy)
+    monkeypatch.setattr(rescue, "HALF_MAP_MIN_SET", 64)
     assert rescue.HALF_MAP_EVERY == 5
     for epoch in range(1, 12):
         branch.epoch = epoch
