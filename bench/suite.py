@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def summarise(name: str, seed: int, folder: Path, run_dir: Path, wall: float) ->
 
 def write_results(records: list[dict], args, label: str) -> Path:
     today = datetime.date.today().isoformat()
-    stem = Path(args.results) / f"suite_{label}_{today}"
+    dated = label if re.search(r"\d{4}-\d{2}-\d{2}$", label) else f"{label}_{today}"  # one date, not two
+    stem = Path(args.results) / f"suite_{dated}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     with open(stem.with_suffix(".jsonl"), "w") as file:
         for record in records:
@@ -180,12 +182,14 @@ def plot(records: list[dict], path: Path) -> None:
     fig = Figure(figsize=(4 * len(names), 3.2))
     for i, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), i + 1)
+        nyquist = None  # stays None where every run of the molecule failed
         for r in records:
             if r["molecule"] == name and "curve" in r:
                 epochs, res = zip(*r["curve"], strict=True)
                 ax.plot(epochs, res, label=f"seed {r['seed']}")
                 nyquist = 2 * r["pixel_size_angstrom"]
-        ax.axhline(nyquist, color="grey", lw=0.8, ls="--")
+        if nyquist is not None:
+            ax.axhline(nyquist, color="grey", lw=0.8, ls="--")
         ax.set(title=name, xlabel="epoch", ylabel="FSC 0.5 vs truth (Å)", yscale="log")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -211,7 +215,11 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cryospin-suite"))
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--label", default=None, help="name in the result files (default: quick/full)")
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="name in the result files, dated unless it ends with a date (default: quick/full)",
+    )
     args = parser.parse_args()
     args.n = args.n or (5000 if args.quick else 10000)
     args.seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
