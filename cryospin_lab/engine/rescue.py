@@ -71,7 +71,7 @@ RESCUE_EXTEND_MIN_IMAGES = 50  # and fewer than this does not extend a run (a sm
 RESCUE_EXTEND_MIN_SET = 1000  # smaller sets are demos and tests: their runs keep the length asked for
 HALF_MAP_REGULARISER = 0.1  # Wiener term of a half map, a share of its mean weight
 HALF_MAP_EVERY = 5  # epochs between re-searches under the half maps (each costs about two direct epochs)
-HALF_MAP_MIN_SET = 1000  # smaller sets never: a half of 32 images back-projects no usable map
+HALF_MAP_MIN_SET = 1000  # smaller sets never: halves of a few hundred images back-project too noisy a map
 _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
