@@ -51,7 +51,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from cryospin_lab.engine.distributed import free_port
 
@@ -135,12 +137,39 @@ KERNEL_IDLE_JS = """() => { const w = window.jupyterapp && window.jupyterapp.she
 
 
 def wait_until(page: Page, js: str, timeout_s: float, arg=None) -> bool:
-    """Poll a JS predicate; True when it held within the timeout."""
+    """Poll a JS predicate; True when it held within the timeout.
+
+    A navigation while polling (JupyterLab may move a reloaded page to another workspace URL)
+    destroys the page's JS context; the poll starts again in the new page until the deadline,
+    so only the timeout makes it False.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            page.wait_for_function(js, arg=arg, timeout=left * 1000, polling=500)
+            return True
+        except PlaywrightTimeout:
+            return False
+        except PlaywrightError:  # context destroyed by a navigation: poll the new page
+            time.sleep(0.5)
+    return False
+
+
+def page_state(page: Page) -> str:
+    """What the page shows, for a failed check's detail: URL, widget views, errors, dialogs."""
     try:
-        page.wait_for_function(js, arg=arg, timeout=timeout_s * 1000, polling=500)
-        return True
-    except Exception:
-        return False
+        return page.evaluate(
+            """() => { const n = sel => document.querySelectorAll(sel).length;
+            const text = document.body.innerText.replace(/\\s+/g, ' ');
+            const errors = text.match(/(Error displaying widget[^.]*|Model not found[^.]*)/g) || [];
+            return `url ${location.pathname}; ${n('.jp-Notebook')} notebook(s), `
+                + `${n('.jupyter-widgets')} widget view(s), ${n('.lm-TabBar-tab')} tab(s), `
+                + `${n('.jp-Dialog')} dialog(s); widget errors: ${errors.slice(0, 3).join(' | ') || 'none'}; `
+                + `status bar: ${(document.querySelector('#jp-main-statusbar')?.innerText || '?')
+                    .replace(/\\s+/g, ' ')}`; }"""
+        )
+    except PlaywrightError as err:
+        return f"page not readable: {str(err).splitlines()[0]}"
 
 
 def status_text(page: Page) -> str:
@@ -351,10 +380,17 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
         page.wait_for_timeout(2000)
         page.reload()
+        reloaded = time.monotonic()
         ok = wait_until(
-            page, "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6", 180
+            page, "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6", 240
         )
-        checks("lab: after a reload, the workbench is rebuilt from the kernel's widget state", ok)
+        checks(
+            "lab: after a reload, the workbench is rebuilt from the kernel's widget state",
+            ok,
+            f"{time.monotonic() - reloaded:.1f} s after the reload; {page_state(page)}",
+        )
+        if not ok:
+            shot(page, shots, "lab_04_reload_failed")
         dismiss_news(page)
         page.wait_for_timeout(3000)
         tabs = page.locator(".jupyter-widgets .lm-TabBar-tab")
