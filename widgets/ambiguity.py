@@ -104,7 +104,17 @@ class AmbiguityPanel(Panel):
         self._closed = False
         self.branch_select = BranchSelector(self.redraw)
         self.status = w.HTML("<i>waiting for the first map</i>")
-        self.buttons = w.HBox([])
+        # made once and relabelled at each result: new buttons per result would leave the old ones'
+        # models in the kernel, which a reloaded page must fetch all of
+        self._targets: list[int] = []
+        self._open_buttons = [
+            w.Button(layout=w.Layout(width="auto", display="none")) for _ in range(N_BUTTONS)
+        ]
+        for k, button in enumerate(self._open_buttons):
+            button.on_click(lambda _, k=k: self._open_target(k))
+        self.buttons = w.HBox(
+            [w.HTML("most ambiguous: ", layout=w.Layout(display="none")), *self._open_buttons]
+        )
         self.histogram = new_figure(
             height=260, width=420, title=dict(text="posterior entropy", font=dict(size=13)),
             xaxis=dict(title="entropy (bits)"), yaxis=dict(title="particles"), showlegend=False,
@@ -222,9 +232,14 @@ class AmbiguityPanel(Panel):
             parts.append(f"mean mass on the mate {100 * np.mean(found.mate_mass):.0f} %")
         parts.append(f"{found.particles_per_s:.0f} particles/s")
         self.status.value = "; ".join(parts)
-        buttons = []
-        for index in self.most_ambiguous():
-            button = w.Button(description=f"open {index}", layout=w.Layout(width="auto"))
-            button.on_click(lambda _, i=index: self.on_select(i) if self.on_select is not None else None)
-            buttons.append(button)
-        self.buttons.children = [w.HTML("most ambiguous: "), *buttons]
+        self._targets = self.most_ambiguous()
+        self.buttons.children[0].layout.display = None if self._targets else "none"
+        for k, button in enumerate(self._open_buttons):
+            shown = k < len(self._targets)
+            button.description = f"open {self._targets[k]}" if shown else ""
+            button.layout.display = None if shown else "none"
+
+    def _open_target(self, k: int) -> None:
+        """The ``k``-th "open" button: that particle of the last result, in the posterior panel."""
+        if k < len(self._targets) and self.on_select is not None:
+            self.on_select(self._targets[k])

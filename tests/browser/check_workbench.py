@@ -22,7 +22,8 @@ JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
    ``el.data`` in the page; the pose-posterior and ambiguity tabs once their
    worker has computed), screenshotting each;
 4. clicks **Stop** and checks that the run ends, reloads the page (the views are then rebuilt
-   from the kernel's stored widget state) and checks that the loss, FSC and
+   from the kernel's stored widget state; once more if the first shows "model not found", said
+   with a ``[WARN]`` line) and checks that the loss, FSC and
    pose-error figures still show the run's data, not the empty initial state;
 5. opens a notebook that replays a recorded 2-epoch run twice side by side
    (``replay(run, run)``), checks both show epoch 2, then moves the slider with
@@ -155,6 +156,9 @@ def wait_until(page: Page, js: str, timeout_s: float, arg=None) -> bool:
     return False
 
 
+NOT_FOUND_JS = "/Error displaying widget: model not found/.test(document.body.innerText)"
+
+
 def page_state(page: Page) -> str:
     """What the page shows, for a failed check's detail: URL, widget views, errors, dialogs."""
     try:
@@ -260,6 +264,9 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         page = browser.new_page(viewport={"width": 1400, "height": 1500})
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        console: list[str] = []  # every message, timed: a failed check's log to read
+        t0 = time.monotonic()
+        page.on("console", lambda m: console.append(f"{time.monotonic() - t0:6.1f} s {m.type}: {m.text}"))
         page.goto(f"http://127.0.0.1:{port}/lab/tree/workbench.ipynb?reset", timeout=120_000)
         ok = wait_until(page, KERNEL_IDLE_JS, 120)
         checks("lab: notebook open, kernel idle", ok)
@@ -379,15 +386,24 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
         # widget views) there is nothing to rebuild (JupyterLab's autosave runs every 2 minutes).
         page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
         page.wait_for_timeout(2000)
-        page.reload()
-        reloaded = time.monotonic()
-        ok = wait_until(
-            page, "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6", 240
-        )
+        rebuilt_js = "() => document.querySelectorAll('.jupyter-widgets .lm-TabBar-tab').length >= 6"
+        for attempt in (1, 2):
+            page.reload()
+            reloaded = time.monotonic()
+            console.append(f"{reloaded - t0:6.1f} s: page reloaded")
+            wait_until(page, f"() => ({rebuilt_js})() || {NOT_FOUND_JS}", 240)
+            ok = page.evaluate(rebuilt_js)
+            detail = f"{time.monotonic() - reloaded:.1f} s after the reload; {page_state(page)}"
+            if ok or attempt == 2 or not page.evaluate(f"() => {NOT_FOUND_JS}"):
+                break
+            # Under the whole suite's load a reloaded page has shown "model not found" with the kernel
+            # still holding the model; a second reload rebuilds it (tests/browser/README.md).
+            print(f"[WARN] lab: the first reload showed 'model not found' ({detail}); reloading again")
+            shot(page, shots, "lab_04_reload_model_not_found")
         checks(
             "lab: after a reload, the workbench is rebuilt from the kernel's widget state",
             ok,
-            f"{time.monotonic() - reloaded:.1f} s after the reload; {page_state(page)}",
+            detail + ("; on the second reload" if attempt == 2 else ""),
         )
         if not ok:
             shot(page, shots, "lab_04_reload_failed")
@@ -418,6 +434,7 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
             + (f", first: {errors[0][:300]}" if errors else "")
         )
         (shots / "lab_console_errors.json").write_text(json.dumps(errors, indent=1))
+        (shots / "lab_console.log").write_text("\n".join(console) + "\n")
         # Stop the kernel (and its run) before the server.
         page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
         page.wait_for_timeout(1500)
