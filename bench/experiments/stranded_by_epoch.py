@@ -9,8 +9,10 @@ the pose error of every image against the truth in ``DATA_DIR/particles.star``, 
 molecule's symmetry (its near-symmetries included where the suite lists them, as
 ``bench/suite.py`` does), and the share more than 20° off; with the images that became wrong
 and those that became right since the previous checkpoint, and the re-search lines of
-``events.jsonl`` logged at that epoch. Shows how a run's stranded images are rescued (or sent
-astray) epoch by epoch, which the suite's end-of-run figure hides. One thread.
+``events.jsonl`` logged at that epoch; with estimated shifts, the median shift error (the map's
+translation removed) of the stranded images and of the others. Shows how a run's stranded
+images are rescued (or sent astray) epoch by epoch, which the suite's end-of-run figure hides.
+One thread.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def main() -> int:
     run, data, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     print(f"# {' '.join(sys.argv)}")
     torch.set_num_threads(1)
-    truth = torch.as_tensor(ParticleStack(data / "particles.star").metadata.rotations, dtype=torch.float64)
+    metadata = ParticleStack(data / "particles.star").metadata
+    truth = torch.as_tensor(metadata.rotations, dtype=torch.float64)
+    true_shifts = torch.as_tensor(metadata.shifts_angstrom, dtype=torch.float64)
     symmetry = molecule(name).symmetry_rotations()
     messages = research_messages(run / "events.jsonl")
     previous = None
@@ -65,6 +69,13 @@ def main() -> int:
         if previous is not None:
             worse, better = int((stranded & ~previous).sum()), int((~stranded & previous).sum())
             change = f"; newly stranded {worse}, rescued {better}"
+        shifts = state["pose_table"]["shifts_angstrom"].double()
+        if bool(shifts.abs().max() > 0):  # estimated: their error (the map's translation removed)
+            off = np.asarray(metrics.shift_error_angstrom(true_shifts, shifts, rotations).errors_angstrom)
+            change += (
+                f"; shift error median {np.median(off[stranded]):.2f} Å stranded, "
+                f"{np.median(off[~stranded]):.2f} Å others"
+            )
         said = " | ".join(messages.get(epoch, []))
         print(
             f"epoch {epoch}: {100 * stranded.mean():.1f} % > {STRANDED_DEG:.0f}°{change}"
