@@ -39,14 +39,14 @@ def main() -> int:
     truth = trainer.true_rotations
     current = branch.pose_table.rotations.clone()
     calls = []
-    real = rescue.refine_rotations
+    real = rescue.refine_poses
 
     def recording(*args, **kwargs):
-        refined, final = real(*args, **kwargs)
+        refined, shifts, final = real(*args, **kwargs)
         calls.append((refined, final))
-        return refined, final
+        return refined, shifts, final
 
-    rescue.refine_rotations = recording
+    rescue.refine_poses = recording
     rescue.better_poses(ctx, branch, trainer.config.rescue_nside, halfmaps=True)
     rows = torch.cat([chunk for half in rescue._halves(ctx, branch) for chunk in half.split(rescue._CHUNK)])
     own = torch.cat([final[: len(final) // 2] for _, final in calls])

@@ -21,7 +21,8 @@ back-projection of its current poses): the run's own map has co-adapted to
 every image's current pose, so under it a wrong pose fits about as well as the
 true one; under a map the image did not train, the true one wins. The image's
 own pose and its best grid rotation in another basin are each refined by that
-many pose steps there, and the better is kept. Not at every re-search: where
+many pose steps there (with their shifts, when shifts are estimated: a stranded
+image's shift was fitted to its wrong pose), and the better is kept. Not at every re-search: where
 the halves cannot tell a pose from its mate, a few per cent of the images move
 at every one, so the run would never settle (docs/decisions.md#rescue-variants).
 """
@@ -60,6 +61,7 @@ __all__ = [
     "HALF_MAP_REGULARISER",
     "better_poses",
     "half_maps",
+    "refine_poses",
     "refine_rotations",
     "rescue_events",
     "research_poses",
@@ -110,7 +112,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
             interval = max(interval, cfg.rescue_idle_every)
         if branch.epoch - branch.last_rescue_epoch < interval:
             return
-    rows, rotations = better_poses(ctx, branch, cfg.rescue_nside, halfmaps=halfmaps)
+    rows, rotations, shifts = better_poses(ctx, branch, cfg.rescue_nside, halfmaps=halfmaps)
     checked = len(_checked_rows(ctx, branch))
     kind = "re-search under the half maps" if halfmaps else "re-search"
     moved_all, checked_all = ctx.comm.sum_floats(len(rows), checked)
@@ -125,7 +127,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         )
         yield LogEvent(message=message, **stamp)
         return
-    branch.pose_table.reset_rows(rows, rotations)
+    branch.pose_table.reset_rows(rows, rotations, shifts)
     later = ""
     if last:
         branch.extra_epochs += 1
@@ -145,8 +147,8 @@ def research_poses(
 ) -> tuple[int, int]:
     """Move each of this rank's images whose best grid rotation beats its pose on the coarse disc
     (under the other half's map with ``halfmaps``); returns ``(moved, checked)``."""
-    rows, rotations = better_poses(ctx, branch, nside, halfmaps=halfmaps)
-    branch.pose_table.reset_rows(rows, rotations)
+    rows, rotations, shifts = better_poses(ctx, branch, nside, halfmaps=halfmaps)
+    branch.pose_table.reset_rows(rows, rotations, shifts)
     return len(rows), len(_checked_rows(ctx, branch))
 
 
@@ -158,10 +160,11 @@ def _checked_rows(ctx: StepContext, branch: Branch) -> Tensor:
 @torch.no_grad()
 def better_poses(
     ctx: StepContext, branch: Branch, nside: int, *, halfmaps: bool = False
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows (on the device) of this rank's images whose best grid rotation beats their pose on the
-    coarse disc and lies in another basin, and those rotations ``(n, 3, 3)``; nothing is changed.
-    With ``halfmaps``, judged under the other half's map instead (:func:`_cross_checked`)."""
+    coarse disc and lies in another basin, those rotations ``(n, 3, 3)`` and None (their shifts
+    stay); nothing is changed. With ``halfmaps``, judged under the other half's map instead
+    (:func:`_cross_checked`), with their refined shifts ``(n, 2)`` when shifts are estimated."""
     table, feed = branch.pose_table, ctx.feed
     radius = max(2.0, RESCUE_RADIUS_FRACTION * max_disc_radius(feed.box_size))
     disc = FourierDisc.make(feed.box_size, radius, device=feed.device)
@@ -190,8 +193,8 @@ def better_poses(
         found_rows.append(on_device[better])
         found_rotations.append(grid[best_at[better]])
     if not found_rows:
-        return torch.zeros(0, dtype=torch.long, device=feed.device), grid[:0]
-    return torch.cat(found_rows), torch.cat(found_rotations)
+        return torch.zeros(0, dtype=torch.long, device=feed.device), grid[:0], None
+    return torch.cat(found_rows), torch.cat(found_rotations), None
 
 
 def _halves(ctx: StepContext, branch: Branch) -> list[Tensor]:
@@ -234,14 +237,16 @@ def _cross_checked(
 ) -> tuple[Tensor, Tensor]:
     """:func:`better_poses` under the other half's map: the best grid rotation in another basin
     (coarse disc) and the image's own pose, each refined by ``rescue_halfmap_steps`` pose steps on
-    the run's current disc; the rows whose refined candidate fits better, and those rotations."""
+    the run's current disc (with its shift when shifts are estimated); the rows whose refined
+    candidate fits better, those rotations, and their shifts (None when not estimated)."""
     table, feed, cfg = branch.pose_table, ctx.feed, ctx.config
     fine = feed.disc(branch.schedule_epoch)
     halves = _halves(ctx, branch)
     maps = half_maps(ctx, branch, fine, halves)
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=cfg.contrast)
     min_jump = math.cos(math.radians(2 * _HEALPIX_SPACING_DEG / cfg.rescue_nside))
-    found_rows, found_rotations = [], []
+    shift_lr = cfg.shift_lr_angstrom if table.estimate_shifts else None
+    found_rows, found_rotations, found_shifts = [], [], []
     for rows, other in zip(halves, reversed(maps), strict=True):
         slices = grid_slices(other, grid, coarse)
         for start in range(0, len(rows), _CHUNK):
@@ -255,15 +260,19 @@ def _cross_checked(
             candidate = grid[losses.masked_fill(cos >= min_jump, math.inf).argmin(1)]
             _, observed, ctf = feed.batch(idx, fine)
             pair = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-            refined, final = refine_rotations(
+            refined, refined_shifts, final = refine_poses(
                 other, torch.cat([own, candidate]), fine, pair(observed), ctf_values=pair(ctf),
                 shifts_angstrom=pair(shifts), steps=cfg.rescue_halfmap_steps, lr=cfg.pose_lr, render=render,
+                shift_lr=shift_lr,
             )  # fmt: skip
             n = len(idx)
             better = final[n:] < final[:n]
             found_rows.append(on_device[better])
             found_rotations.append(refined[n:][better])
-    return torch.cat(found_rows), torch.cat(found_rotations)
+            if refined_shifts is not None:
+                found_shifts.append(refined_shifts[n:][better])
+    shifts = torch.cat(found_shifts) if found_shifts else None
+    return torch.cat(found_rows), torch.cat(found_rotations), shifts
 
 
 def refine_rotations(
@@ -279,31 +288,66 @@ def refine_rotations(
     render: dict,
     betas: tuple[float, float] = (0.9, 0.9),
 ) -> tuple[Tensor, Tensor]:
-    """Each rotation's best pose along ``steps`` row-wise Adam steps under ``volume`` (the rate
-    decaying geometrically from ``lr`` to a twentieth, so the last steps settle), and its L2 loss;
-    ``render`` holds ``pixel_size_angstrom`` and ``contrast``."""
+    """:func:`refine_poses` with the shifts held: each rotation's best pose and its L2 loss."""
+    refined, _, losses = refine_poses(
+        volume, rotations, disc, observed, ctf_values=ctf_values, shifts_angstrom=shifts_angstrom,
+        steps=steps, lr=lr, render=render, betas=betas,
+    )  # fmt: skip
+    return refined, losses
+
+
+def refine_poses(
+    volume: Tensor,
+    rotations: Tensor,
+    disc: FourierDisc,
+    observed: Tensor,
+    *,
+    ctf_values: Tensor | None,
+    shifts_angstrom: Tensor | None,
+    steps: int,
+    lr: float,
+    render: dict,
+    shift_lr: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.9),
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Each pose's best along ``steps`` row-wise Adam steps under ``volume`` (the rates decaying
+    geometrically to a twentieth, so the last steps settle): its rotation, its shift (refined too
+    at ``shift_lr`` Å when given with ``shifts_angstrom``, else None) and its L2 loss; ``render``
+    holds ``pixel_size_angstrom`` and ``contrast``."""
     n = len(rotations)
-    adam = RowAdam(n, 3, lr, betas, device=rotations.device)
-    rows = torch.arange(n, device=rotations.device)
-    omega = torch.zeros(n, 3, device=rotations.device)
-    best_loss = torch.full((n,), math.inf, device=rotations.device)
+    device = rotations.device
+    rows = torch.arange(n, device=device)
+    adam = RowAdam(n, 3, lr, betas, device=device)
+    omega = torch.zeros(n, 3, device=device)
+    best_loss = torch.full((n,), math.inf, device=device)
     best_omega = torch.zeros_like(omega)
+    move_shifts = shift_lr is not None and shifts_angstrom is not None
+    shift = shifts_angstrom.detach().clone() if move_shifts else shifts_angstrom
+    best_shift = shift.clone() if move_shifts else None
+    shift_adam = RowAdam(n, 2, shift_lr, betas, device=device) if move_shifts else None
     decay = (1 / 20) ** (1 / max(1, steps - 1))
     for step in range(steps + 1):
         with torch.enable_grad():
             omega.requires_grad_(True)
+            if move_shifts:
+                shift.requires_grad_(True)
             posed = so3.exp_so3(omega) @ rotations
             losses = pose_losses(
                 volume, posed, disc, observed, LossKind.L2, ctf_values=ctf_values,
-                shifts_angstrom=shifts_angstrom, **render,
+                shifts_angstrom=shift, **render,
             )  # fmt: skip
             if step < steps:
                 losses.sum().backward()
         improved = losses.detach() < best_loss
         best_loss = torch.where(improved, losses.detach(), best_loss)
         best_omega[improved] = omega.detach()[improved]
+        if move_shifts:
+            best_shift[improved] = shift.detach()[improved]
         if step < steps:
             adam.lr = lr * decay**step
             omega = adam.step(rows, omega.detach(), omega.grad)
+            if move_shifts:
+                shift_adam.lr = shift_lr * decay**step
+                shift = shift_adam.step(rows, shift.detach(), shift.grad)
     u, _, vt = torch.linalg.svd(so3.exp_so3(best_omega) @ rotations)
-    return u @ vt, best_loss
+    return u @ vt, best_shift, best_loss

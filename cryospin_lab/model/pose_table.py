@@ -115,12 +115,17 @@ class PoseTable:
             self.rotations[rows] = u @ vt
             self.shifts_angstrom[rows] = shifts.detach()
 
-    def reset_rows(self, rows: Tensor, rotations: Tensor) -> None:
-        """New base rotations for ``rows`` (a pose found elsewhere), their rotation moments restarted."""
+    def reset_rows(self, rows: Tensor, rotations: Tensor, shifts_angstrom: Tensor | None = None) -> None:
+        """New base rotations (and shifts, if given) for ``rows`` (a pose found elsewhere), their
+        moments restarted."""
         with torch.no_grad():
             self.rotations[rows] = rotations.to(self.rotations)
-            adam = self.rotation_adam
-            adam.exp_avg[rows], adam.exp_avg_sq[rows], adam.steps[rows] = 0.0, 0.0, 0.0
+            adams = [self.rotation_adam]
+            if shifts_angstrom is not None:
+                self.shifts_angstrom[rows] = shifts_angstrom.to(self.shifts_angstrom)
+                adams.append(self.shift_adam)
+            for adam in adams:
+                adam.exp_avg[rows], adam.exp_avg_sq[rows], adam.steps[rows] = 0.0, 0.0, 0.0
 
     def state_dict(self) -> dict:
         return {

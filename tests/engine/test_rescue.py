@@ -215,8 +215,8 @@ def test_half_maps_judge_only_the_re_search_after_an_idle_one(tiny_stack, tiny_g
 
     def spy(ctx, branch, nside, *, halfmaps=False):
         kinds.append(halfmaps)
-        rows, rotations = real(ctx, branch, nside, halfmaps=halfmaps)
-        return rows[:0], rotations[:0]  # nobody moves: every re-search is idle
+        rows, rotations, _ = real(ctx, branch, nside, halfmaps=halfmaps)
+        return rows[:0], rotations[:0], None  # nobody moves: every re-search is idle
 
     monkeypatch.setattr(rescue, "better_poses", spy)
     monkeypatch.setattr(rescue, "RESCUE_EXTEND_MIN_SET", 64)
@@ -250,7 +250,7 @@ def test_half_maps_judge_every_fifth_re_search_while_images_still_move(
     def spy(ctx, branch, nside, *, halfmaps=False):
         kinds.append(halfmaps)
         rows = torch.arange(20)  # a third of the images "move" (to where they are): never idle
-        return rows, branch.pose_table.rotations[rows].clone()
+        return rows, branch.pose_table.rotations[rows].clone(), None
 
     monkeypatch.setattr(rescue, "better_poses", spy)
     monkeypatch.setattr(rescue, "HALF_MAP_MIN_SET", 64)
@@ -259,3 +259,30 @@ def test_half_maps_judge_every_fifth_re_search_while_images_still_move(
         branch.epoch = epoch
         list(rescue_events(trainer.step_context, branch, trainer._stamp(branch)))
     assert kinds == [False] * 4 + [True] + [False] * 4 + [True] + [False]
+
+
+def test_refined_poses_bring_a_wrong_shift_back_to_the_true_one(tiny_stack, tiny_ground_truth):
+    """``refine_poses`` with ``shift_lr`` (the half-map re-search when shifts are estimated): images
+    at their true rotations (the set is centred: true shifts zero) with shifts set 1.5 pixels off
+    in random directions come back towards zero; without ``shift_lr`` the shifts are held."""
+    trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth)
+    rows = torch.arange(len(tiny_stack))
+    disc = trainer.feed.disc(branch.epoch)
+    _, observed, ctf = trainer.feed.batch(rows, disc)
+    apix = trainer.pixel_size_angstrom
+    angle = torch.rand(len(rows), generator=torch.Generator().manual_seed(4)) * 2 * math.pi
+    start = 1.5 * apix * torch.stack([angle.cos(), angle.sin()], dim=1)
+    render = dict(pixel_size_angstrom=apix, contrast=trainer.config.contrast)
+    common = dict(ctf_values=ctf, shifts_angstrom=start, steps=20, lr=0.01, render=render)
+    volume = branch.volume.hartley().detach()
+    truth = trainer.true_rotations.float()
+
+    rotations, shifts, _ = rescue.refine_poses(volume, truth, disc, observed, shift_lr=0.5, **common)
+    _, held, _ = rescue.refine_poses(volume, truth, disc, observed, **common)
+
+    assert held is None
+    error = shifts.norm(dim=1) / apix  # pixels from the true (zero) shift
+    assert float(error.median()) < 0.5, error
+    # the rotations stay in their basin (within a grid spacing at nside 4, 15°) while the shifts move
+    angles = so3.geodesic_angle_deg(rotations.double(), truth.double())
+    assert float(angles.max()) < 15.0 and float(angles.median()) < 5.0, angles
