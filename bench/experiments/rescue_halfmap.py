@@ -33,7 +33,7 @@ from _checkpoint import restored_trainer
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
-from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_rotations
+from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_poses
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import backproject_hartley
@@ -113,7 +113,7 @@ def main() -> int:
                 _, observed, ctf = feed.batch(idx, fine)
                 starts = torch.cat([rotations[idx], *candidates, oracle[idx]])
                 k = len(starts) // len(idx)
-                refined, final = refine_rotations(
+                refined, _, final = refine_poses(
                     other_map, starts, fine, observed.repeat(k, 1), ctf_values=ctf.repeat(k, 1),
                     shifts_angstrom=None, steps=n_steps, lr=config.pose_lr, render=render,
                 )  # fmt: skip

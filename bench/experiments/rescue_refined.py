@@ -31,7 +31,7 @@ from _checkpoint import restored_trainer
 from cryospin_lab.analysis import metrics
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
-from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_rotations
+from cryospin_lab.engine.rescue import RESCUE_RADIUS_FRACTION, refine_poses
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import LossKind, image_losses, render_hartley
@@ -108,7 +108,7 @@ def main() -> int:
         repeat = 2 + top_k
         ctf_r = ctf.repeat(repeat, *([1] * (ctf.ndim - 1))) if ctf is not None else None
         sh_r = own_shifts.repeat(repeat, 1) if own_shifts is not None else None
-        refined, final = refine_rotations(
+        refined, _, final = refine_poses(
             volume, starts, fine, observed.repeat(repeat, *([1] * (observed.ndim - 1))), ctf_values=ctf_r,
             shifts_angstrom=sh_r, steps=n_steps, lr=config.pose_lr, render=render,
         )  # fmt: skip

@@ -62,7 +62,6 @@ __all__ = [
     "better_poses",
     "half_maps",
     "refine_poses",
-    "refine_rotations",
     "rescue_events",
     "research_poses",
 ]
@@ -273,27 +272,6 @@ def _cross_checked(
                 found_shifts.append(refined_shifts[n:][better])
     shifts = torch.cat(found_shifts) if found_shifts else None
     return torch.cat(found_rows), torch.cat(found_rotations), shifts
-
-
-def refine_rotations(
-    volume: Tensor,
-    rotations: Tensor,
-    disc: FourierDisc,
-    observed: Tensor,
-    *,
-    ctf_values: Tensor | None,
-    shifts_angstrom: Tensor | None,
-    steps: int,
-    lr: float,
-    render: dict,
-    betas: tuple[float, float] = (0.9, 0.9),
-) -> tuple[Tensor, Tensor]:
-    """:func:`refine_poses` with the shifts held: each rotation's best pose and its L2 loss."""
-    refined, _, losses = refine_poses(
-        volume, rotations, disc, observed, ctf_values=ctf_values, shifts_angstrom=shifts_angstrom,
-        steps=steps, lr=lr, render=render, betas=betas,
-    )  # fmt: skip
-    return refined, losses
 
 
 def refine_poses(
