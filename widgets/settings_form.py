@@ -73,6 +73,9 @@ class SettingsForm:
             value=0, min=0, max=1024, description="box size (0: native)", style=_STYLE
         )
         self.fields = {name: _field(item) for name, item in SETTINGS.items() if name != "switch"}
+        # the form gives every setting, so it follows the settings' rule itself: estimating shifts
+        # makes the rotation heads read pooled features (engine.config.apply_settings)
+        self.fields["estimate_shifts"].observe(self._shifts_toggled, names="value")
         switch = SETTINGS["switch"]
         self.switch_rule = w.Dropdown(
             options=["auto", "never", "at epoch"], value=switch.default, description="switch", style=_STYLE,
@@ -99,6 +102,9 @@ class SettingsForm:
             selected_index=None,
         )  # fmt: skip
         self.widget.set_title(0, "settings for a new run")
+
+    def _shifts_toggled(self, change) -> None:
+        self.fields["rotation_features"].value = "pooled" if change["new"] else "grid"
 
     def values(self) -> dict[str, Any]:
         """The form as keywords for ``Reconstruction`` (every setting, the particles and the box)."""

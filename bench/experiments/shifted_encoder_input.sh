@@ -16,25 +16,36 @@
 #           (centring_accuracy.py's alignment to a rotational average, low-pass 8, one round), the
 #           renderer uses that centre plus the head's shift
 #   ac      --estimate-shifts; the encoder also gets the autocorrelation of each blurred channel
+#   gap     the rotation heads read the backbone's features averaged over positions (which do not move
+#           with the particle); separate shift heads read them per position
+# est and gap estimate shifts on shifted sets only, so they also run on centred sets (controls).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 data=$1 out=$2 seed=$3 arm=$4
 name=${arm}_$(basename "$data" | cut -d_ -f1)_s$seed
 patch=$root/bench/experiments/shifted_oracles.patch
 [ "$arm" = ac ] && patch=$root/bench/experiments/encoder_autocorrelation.patch
+[ "$arm" = gap ] && patch=$root/bench/experiments/encoder_pooled_rotations.patch
+estimate=()  # shifts are estimated on the shifted sets only (their folders end in _outliers0.1)
+[[ $(basename "$data") == *_outliers* ]] && estimate=(--estimate-shifts)
 wt=$out/worktree-$(basename "$patch" .patch)
+mkdir -p "$out"
+exec 9>"$out/.worktree.lock"  # runs started side by side make the worktree once
+flock 9
 if [ ! -d "$wt" ]; then
     git -C "$root" worktree add --detach "$wt" 5d7633e >/dev/null
     git -C "$wt" apply "$patch"
 fi
+flock -u 9
 args=(--switch never --epochs 14 --stuck-restarts 0 --threads 1 --no-progress --seed "$seed")
 case $arm in
-    est) args+=(--estimate-shifts) ;;
+    est) args+=("${estimate[@]}") ;;
     oracle) export CRYOSPIN_ORACLE_SHIFTS=1 ;;
     both) export CRYOSPIN_ORACLE_SHIFTS=1 CRYOSPIN_ORACLE_CENTRE=1 ;;
     jit05) export CRYOSPIN_ORACLE_SHIFTS=1 CRYOSPIN_ORACLE_CENTRE=1 CRYOSPIN_ORACLE_JITTER_PX=0.5 ;;
     jit1) export CRYOSPIN_ORACLE_SHIFTS=1 CRYOSPIN_ORACLE_CENTRE=1 CRYOSPIN_ORACLE_JITTER_PX=1.0 ;;
     self) export CRYOSPIN_SELF_CENTRE=1; args+=(--estimate-shifts) ;;
+    gap) export CRYOSPIN_GAP=1; args+=("${estimate[@]}") ;;
     pre)
         centres=$out/centres_$(basename "$data").pt
         "$root/.venv/bin/python" - "$data" "$centres" "$root" <<'PY'

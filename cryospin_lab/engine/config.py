@@ -202,6 +202,12 @@ _ENCODER = {
     "max_shift_angstrom": setting(
         0.0, "bound of estimated shifts in Å", NON_NEGATIVE, default_help="10% of the box"
     ),
+    "rotation_features": setting(
+        "grid",
+        "what the rotation heads read: grid (each position) or pooled (averaged over positions)",
+        one_of("grid", "pooled"),
+        default_help="pooled when estimating shifts, else grid",
+    ),
 }
 
 
@@ -262,7 +268,10 @@ def apply_settings(
     Each value is checked as a user's input (ValueError naming it, with
     ``prefix``); ``box_size`` sets the encoder's input size. Estimating shifts
     with a bound of 0 (the default) takes 10% of the box
-    (``box_size * pixel_size_angstrom``), which covers typical picking errors.
+    (``box_size * pixel_size_angstrom``), which covers typical picking errors;
+    turning it on here without ``rotation_features`` also makes the rotation
+    heads read the features averaged over positions (``"pooled"``), which an
+    off-centre particle does not move (a ``config`` passed in keeps its own).
     """
     unknown = sorted(set(values) - set(SETTINGS))
     if unknown:
@@ -276,6 +285,8 @@ def apply_settings(
     bound = encoder.get("max_shift_angstrom", config.encoder.max_shift_angstrom)
     if estimate and bound == 0 and box_size is not None and pixel_size_angstrom:
         encoder["max_shift_angstrom"] = 0.1 * box_size * pixel_size_angstrom
+    if encoder.get("estimate_shifts") and "rotation_features" not in values:
+        encoder["rotation_features"] = "pooled"  # docs/decisions.md#pooled-rotations
     return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, **encoder), **top)
 
 

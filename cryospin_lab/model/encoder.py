@@ -3,7 +3,9 @@
 A fixed Gaussian pyramid turns each image into ``n_scales`` channels (the
 reference code's input), a shared VGG-style backbone (3x3 conv + BatchNorm +
 ReLU blocks with pooling) maps them to one feature vector, and ``n_heads``
-small MLPs each turn it into a 6-D rotation (and optionally a 2-D shift).
+small MLPs each turn it into a 6-D rotation (and optionally a 2-D shift). With
+``rotation_features="pooled"`` the rotation heads read the features averaged over
+positions and separate heads read the shifts from the positions.
 
 Two presets (``EncoderConfig.preset``):
 
@@ -134,9 +136,18 @@ class MultiHeadEncoder(nn.Module):
         layers.append(nn.AdaptiveAvgPool2d(min(size, 4)))
         layers.append(nn.Flatten())
         self.backbone = nn.Sequential(*layers)
+        self.n_channels = c_in
         n_features = c_in * min(size, 4) ** 2
-        n_out = 6 + (2 if config.estimate_shifts else 0)
-        self.heads = nn.ModuleList([self._make_head(n_features, n_out) for _ in range(config.n_heads)])
+        self.shift_heads = None
+        if config.rotation_features == "pooled":
+            self.heads = nn.ModuleList([self._make_head(c_in, 6) for _ in range(config.n_heads)])
+            if config.estimate_shifts:
+                self.shift_heads = nn.ModuleList(
+                    [self._make_head(n_features, 2) for _ in range(config.n_heads)]
+                )
+        else:
+            n_out = 6 + (2 if config.estimate_shifts else 0)
+            self.heads = nn.ModuleList([self._make_head(n_features, n_out) for _ in range(config.n_heads)])
 
     def _make_head(self, n_in: int, n_out: int) -> nn.Sequential:
         layers: list[nn.Module] = []
@@ -149,8 +160,15 @@ class MultiHeadEncoder(nn.Module):
     def forward(self, images: Tensor) -> PoseCandidates:
         pyramid = self.pyramid(images)
         with torch.autocast(images.device.type, torch.bfloat16, enabled=self.config.autocast == "bf16"):
-            features = self.backbone(pyramid)
-            outputs = torch.stack([head(features) for head in self.heads], dim=1)  # (B, H, 6 or 8)
+            features = self.backbone(pyramid)  # (B, C * g * g): the g x g grid of positions
+            if self.config.rotation_features == "pooled":
+                pooled = features.view(len(features), self.n_channels, -1).mean(dim=-1)
+                outputs = torch.stack([head(pooled) for head in self.heads], dim=1)  # (B, H, 6)
+                if self.shift_heads is not None:
+                    shifts = torch.stack([head(features) for head in self.shift_heads], dim=1)
+                    outputs = torch.cat([outputs, shifts], dim=-1)  # (B, H, 8)
+            else:
+                outputs = torch.stack([head(features) for head in self.heads], dim=1)  # (B, H, 6 or 8)
         outputs = outputs.float()
         rotations = rotations_from_6d(outputs[..., :6])
         shifts = None

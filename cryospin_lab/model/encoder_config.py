@@ -28,10 +28,20 @@ class EncoderConfig:
     # rotations, the volume and the losses stay float32); "off" (default): float32 throughout
     # (docs/decisions.md#encoder-autocast-off).
     autocast: str = "off"
+    # What the rotation heads read: "grid" (default), the last feature map position by position (up
+    # to 4x4); or "pooled", its average over positions, which an off-centre particle does not change,
+    # with the shifts read from the positions by heads of their own. The run settings choose "pooled"
+    # when shifts are estimated: off-centre particles kept "grid" on the low-resolution plateau, and
+    # centred ones start more surely with "grid" (docs/decisions.md#pooled-rotations).
+    rotation_features: str = "grid"
 
     def __post_init__(self) -> None:
         if self.autocast not in ("off", "bf16"):
             raise ValueError(f"EncoderConfig.autocast must be 'off' or 'bf16', got {self.autocast!r}")
+        if self.rotation_features not in ("grid", "pooled"):
+            raise ValueError(
+                f"EncoderConfig.rotation_features must be 'grid' or 'pooled', got {self.rotation_features!r}"
+            )
 
     def first_stride(self) -> int:
         """Stride of the first 3x3 conv: ``stem_stride`` if set, else 2 for ``light`` at D >= 64, else 1."""

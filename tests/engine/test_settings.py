@@ -58,6 +58,7 @@ OTHER = {
     "preset": "paper",
     "estimate_shifts": None,
     "max_shift_angstrom": "6.5",
+    "rotation_features": "pooled",
 }
 
 
@@ -133,6 +134,20 @@ def test_shift_bound_defaults_to_a_tenth_of_the_box():
         pixel_size_angstrom=3,
     )
     assert given.encoder.max_shift_angstrom == 5.0
+
+
+def test_estimating_shifts_pools_the_rotation_features_unless_told():
+    def features(values, config=None):
+        config = apply_settings(config or TrainingConfig(), values, box_size=64, pixel_size_angstrom=3.0)
+        return config.encoder.rotation_features
+
+    assert features({}) == "grid"
+    assert features({"estimate_shifts": True}) == "pooled"
+    assert features({"estimate_shifts": True, "rotation_features": "grid"}) == "grid"
+    assert features({"rotation_features": "pooled"}) == "pooled"
+    # a config built by hand (or a checkpoint's, on resume) keeps what it says
+    own = TrainingConfig(encoder=EncoderConfig(estimate_shifts=True, max_shift_angstrom=9.0))
+    assert features({"n_heads": 3}, own) == "grid"
 
 
 def test_resume_keeps_the_run_and_takes_the_machine():

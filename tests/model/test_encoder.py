@@ -8,6 +8,8 @@ learns is the training tests' business).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -71,3 +73,32 @@ def test_stem_stride_override_and_validation():
         EncoderConfig(stem_stride=-1).first_stride()
     with pytest.raises(ValueError, match="too small"):
         MultiHeadEncoder(EncoderConfig(box_size=16))
+
+
+def test_pooled_rotation_heads_read_only_the_position_average():
+    """With rotation_features="pooled" the rotations depend on the features averaged over the grid's
+    positions (which an off-centre particle moves across); the shift heads read the positions, and
+    with "grid" (the default) the rotations read them too."""
+    torch.manual_seed(0)
+    config = EncoderConfig(box_size=64, n_heads=3, estimate_shifts=True, max_shift_angstrom=20.0)
+    encoder = MultiHeadEncoder(dataclasses.replace(config, rotation_features="pooled")).eval()
+    grid = encoder.backbone(encoder.pyramid(torch.randn(2, 64, 64)))  # (2, C * 2 * 2)
+    moved = grid.view(2, encoder.n_channels, 4).roll(1, dims=-1).reshape(2, -1)  # positions permuted
+
+    def outputs(features):
+        encoder.backbone.forward = lambda _: features
+        try:
+            return encoder(torch.zeros(2, 64, 64))
+        finally:
+            del encoder.backbone.forward
+
+    before, after = outputs(grid), outputs(moved)
+    torch.testing.assert_close(after.rotations, before.rotations)
+    assert (after.shifts_angstrom - before.shifts_angstrom).abs().max() > 1e-3
+    grid_head = MultiHeadEncoder(config).eval().heads[0]  # the default, "grid"
+    assert (grid_head(grid)[:, :6] - grid_head(moved)[:, :6]).abs().max() > 1e-3
+
+
+def test_rotation_features_is_checked():
+    with pytest.raises(ValueError, match="rotation_features"):
+        EncoderConfig(rotation_features="mean")

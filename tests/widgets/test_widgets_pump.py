@@ -309,6 +309,19 @@ def test_start_builds_a_new_run_from_the_form(tiny_set, tmp_path):
     bench.close()
 
 
+def test_the_form_pools_rotation_features_when_shifts_are_estimated(tmp_path):
+    """The form passes every setting, so it applies the settings' rule itself (apply_settings: with
+    estimate_shifts and no rotation_features given, "pooled"); the user may still choose "grid"."""
+    form = ControlsPanel(factory=Reconstruction, extra_settings=dict(out_dir=tmp_path)).settings
+    assert form.values()["rotation_features"] == "grid"
+    form.fields["estimate_shifts"].value = True
+    assert form.values()["rotation_features"] == "pooled"
+    form.fields["rotation_features"].value = "grid"
+    assert form.values()["estimate_shifts"] and form.values()["rotation_features"] == "grid"
+    form.fields["estimate_shifts"].value = False
+    assert form.values()["rotation_features"] == "grid"
+
+
 def test_a_bad_setting_is_shown_not_raised(tmp_path):
     panel = ControlsPanel(factory=Reconstruction, extra_settings=dict(out_dir=tmp_path))
     panel.settings.dataset.value = str(tmp_path / "missing.star")
