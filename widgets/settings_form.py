@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from cryospin_lab.engine.config import SETTINGS, setting_value
+from cryospin_lab.engine.config import SETTINGS, default_rotation_features, setting_value
 from cryospin_lab.engine.settings import Setting
 from cryospin_lab.simulate.molecules import MOLECULES
 
@@ -73,8 +73,8 @@ class SettingsForm:
             value=0, min=0, max=1024, description="box size (0: native)", style=_STYLE
         )
         self.fields = {name: _field(item) for name, item in SETTINGS.items() if name != "switch"}
-        # the form gives every setting, so it follows the settings' rule itself: estimating shifts
-        # makes the rotation heads read pooled features (engine.config.apply_settings)
+        # the form gives every setting, so apply_settings never chooses rotation_features for it:
+        # the dropdown follows the shifts box by the same rule
         self.fields["estimate_shifts"].observe(self._shifts_toggled, names="value")
         switch = SETTINGS["switch"]
         self.switch_rule = w.Dropdown(
@@ -104,7 +104,7 @@ class SettingsForm:
         self.widget.set_title(0, "settings for a new run")
 
     def _shifts_toggled(self, change) -> None:
-        self.fields["rotation_features"].value = "pooled" if change["new"] else "grid"
+        self.fields["rotation_features"].value = default_rotation_features(change["new"])
 
     def values(self) -> dict[str, Any]:
         """The form as keywords for ``Reconstruction`` (every setting, the particles and the box)."""

@@ -42,6 +42,7 @@ __all__ = [
     "TrainingConfig",
     "apply_settings",
     "check_resume",
+    "default_rotation_features",
     "parse_switch_rule",
     "resolve_device",
     "setting_value",
@@ -255,6 +256,13 @@ SETTINGS: dict[str, Setting] = {}
 SETTINGS.update((s.name, s) for s in _settings())
 
 
+def default_rotation_features(estimate_shifts: bool) -> str:
+    """What the rotation heads read when a run's settings do not say: ``"pooled"`` with estimated
+    shifts (an off-centre particle does not move the average over positions), else ``"grid"``
+    (docs/decisions.md#pooled-rotations)."""
+    return "pooled" if estimate_shifts else "grid"
+
+
 def apply_settings(
     config: TrainingConfig,
     values: dict[str, Any],
@@ -286,7 +294,7 @@ def apply_settings(
     if estimate and bound == 0 and box_size is not None and pixel_size_angstrom:
         encoder["max_shift_angstrom"] = 0.1 * box_size * pixel_size_angstrom
     if encoder.get("estimate_shifts") and "rotation_features" not in values:
-        encoder["rotation_features"] = "pooled"  # docs/decisions.md#pooled-rotations
+        encoder["rotation_features"] = default_rotation_features(estimate_shifts=True)
     return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, **encoder), **top)
 
 
