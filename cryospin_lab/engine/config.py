@@ -131,6 +131,9 @@ class TrainingConfig:
     stuck_min_gain: float = setting(
         0.04, "stuck: the map explains less than this share more than its spherical average", FRACTION
     )
+    # with estimated shifts the gain at the check is 0.4-0.8 % on the stuck ribosome, 1.5 % or more
+    # on every other suite start (docs/decisions.md#stuck-start-shifted)
+    stuck_min_gain_shifted: float = setting(0.011, "the same threshold when shifts are estimated", FRACTION)
     stuck_restarts: int = setting(2, "at most this many restarts of a stuck start", NON_NEGATIVE_INT)
     # every direct epoch: images left in a wrong basin at the switch find theirs (docs/decisions.md#rescue)
     rescue_every: int = setting(

@@ -28,7 +28,7 @@ from cryospin_lab.engine.events import Event, LogEvent, Phase, PhaseChangeEvent
 from cryospin_lab.engine.steps import StepContext, encoder_candidates
 from cryospin_lab.physics.render import image_losses, render_hartley
 
-__all__ = ["PROBE_IMAGES", "restart", "restart_reason", "spherical_average", "structure_gain"]
+__all__ = ["PROBE_IMAGES", "min_gain", "restart", "restart_reason", "spherical_average", "structure_gain"]
 
 PROBE_IMAGES = 512  # enough for the gain to vary by well under a percent between probe sets
 
@@ -69,18 +69,25 @@ def structure_gain(ctx: StepContext, branch: Branch) -> float:
     return (ball_loss - best_loss) / ball_loss
 
 
+def min_gain(config: TrainingConfig) -> float:
+    """The gain under which a start counts as stuck: ``stuck_min_gain`` (4 %), or
+    ``stuck_min_gain_shifted`` (1.1 %) when shifts are estimated, because a shifted start's map
+    lines up with fewer images while the shift heads learn, so its gain runs lower."""
+    return config.stuck_min_gain_shifted if config.encoder.estimate_shifts else config.stuck_min_gain
+
+
 def restart_reason(branch: Branch, gain: float, config: TrainingConfig) -> str | None:
     """Why ``branch`` restarts now (its structure gain after epoch ``stuck_check_epoch`` of its attempt
-    is under ``stuck_min_gain``, and it has restarts left), else None."""
-    cfg = config
+    is under :func:`min_gain`, and it has restarts left), else None."""
+    cfg, threshold = config, min_gain(config)
     if not cfg.stuck_check_epoch or branch.schedule_epoch != cfg.stuck_check_epoch:
         return None
-    if branch.pending_switch is not None or not gain < cfg.stuck_min_gain:
+    if branch.pending_switch is not None or not gain < threshold:
         return None
     return (
         f"stuck start: after epoch {branch.schedule_epoch} of attempt {branch.attempt} the map explains "
         f"the images only {100 * gain:.1f} % better than its own spherical average (under "
-        f"{100 * cfg.stuck_min_gain:.0f} %)"
+        f"{100 * threshold:.3g} %)"
     )
 
 

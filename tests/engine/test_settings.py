@@ -39,6 +39,7 @@ OTHER = {
     "stall_tolerance": "0.001",
     "stuck_check_epoch": "3",
     "stuck_min_gain": "0.05",
+    "stuck_min_gain_shifted": "0.02",
     "stuck_restarts": "1",
     "rescue_every": "2",
     "rescue_nside": "2",

@@ -10,12 +10,14 @@ restart, the run's end moved by the stuck attempt's epochs.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cryospin_lab.engine import stuck
 from cryospin_lab.engine.branch import Branch
+from cryospin_lab.engine.config import EncoderConfig
 from cryospin_lab.engine.events import EpochEvent, LogEvent, Phase, PhaseChangeEvent
 from cryospin_lab.engine.run_state import read_run
 from cryospin_lab.engine.trainer import Trainer
@@ -125,3 +127,22 @@ def test_a_restart_starts_from_the_initialisation_of_a_new_seed(tiny_stack):
     assert all(torch.equal(value, fresh[name]) for name, value in restarted.encoder.state_dict().items())
     assert torch.equal(restarted.volume.mantissa, second.volume.mantissa)
     assert not torch.equal(restarted.volume.mantissa, first.volume.mantissa)
+
+
+def test_a_shifted_start_is_judged_by_its_own_lower_threshold():
+    # a gain of 2 %: stuck for centred data (under 4 %), not with estimated shifts (over 1.1 %)
+    at_check = SimpleNamespace(schedule_epoch=4, pending_switch=None, attempt=1)
+    centred = tiny_config(stuck_check_epoch=4)
+    shifted = tiny_config(
+        stuck_check_epoch=4,
+        encoder=EncoderConfig(
+            box_size=centred.encoder.box_size, estimate_shifts=True, max_shift_angstrom=5.0
+        ),
+    )
+    assert stuck.min_gain(centred) == centred.stuck_min_gain
+    assert stuck.min_gain(shifted) == shifted.stuck_min_gain_shifted < centred.stuck_min_gain
+    assert "under 4 %" in stuck.restart_reason(at_check, 0.02, centred)
+    assert stuck.restart_reason(at_check, 0.02, shifted) is None
+    assert "under 1.1 %" in stuck.restart_reason(at_check, 0.005, shifted)
+    at_check.schedule_epoch = 3  # judged once, after the check epoch only
+    assert stuck.restart_reason(at_check, 0.005, shifted) is None
