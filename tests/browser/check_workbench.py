@@ -25,6 +25,8 @@ JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
    from the kernel's stored widget state; once more if the first shows "model not found", said
    with a ``[WARN]`` line) and checks that the loss, FSC and
    pose-error figures still show the run's data, not the empty initial state;
+   then, in the form for a new run, a missing particle file must be named in a message
+   and a chosen molecule simulated and run (``new_run_form.py``);
 5. opens a notebook that replays a recorded 2-epoch run twice side by side
    (``replay(run, run)``), checks both show epoch 2, then moves the slider with
    the keyboard and checks both go back to epoch 1.
@@ -67,6 +69,7 @@ from browser_kit import (
     wait_http,
     wait_until,
 )
+from new_run_form import check_new_run_form
 from playwright.sync_api import Page, sync_playwright
 
 from cryospin_lab.engine.distributed import free_port
@@ -292,6 +295,7 @@ def check_lab(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Check
             area = page.locator(".jp-OutputArea-output").filter(has=page.locator(".widget-tab"))
             shot(area, shots, f"lab_04_reloaded_{name.replace(' ', '_')}")
         print(f"       figures before reload {before_reload}, after {len(plots(page))}", flush=True)
+        check_new_run_form(page, bench, shots, checks)
         ui_errors = page.evaluate("() => /UI errors \\(/.test(document.body.innerText)")
         checks("lab: no 'UI errors' box (no panel raised)", not ui_errors)
         print(
