@@ -140,6 +140,14 @@ class TrainingConfig:
         1, "direct stage: re-search every pose on a grid after this many epochs; 0: off", NON_NEGATIVE_INT
     )
     rescue_nside: int = setting(4, "HEALPix nside of that grid (6 nside in-plane angles)", int_range(1, 16))
+    # a stranded image's shift was fitted to its wrong pose: fewer stranded images on shifted sets
+    # (docs/decisions.md#rescue-shift-search)
+    rescue_shift_step_px: float = setting(
+        2.0,
+        "with estimated shifts, the re-search tries each image's shift and the 8 around it this "
+        "many pixels away; 0: off",
+        NON_NEGATIVE,
+    )
     # a re-search that moves almost nothing is followed by few moves (docs/decisions.md#rescue-idle)
     rescue_idle_every: int = setting(
         5,

@@ -40,7 +40,7 @@ from cryospin_lab.analysis.pose_posterior import healpix_rotations
 from cryospin_lab.engine.branch import Branch
 from cryospin_lab.engine.events import Event, LogEvent, Phase
 from cryospin_lab.engine.steps import StepContext
-from cryospin_lab.model.pose_table import RowAdam
+from cryospin_lab.model.pose_table import PoseTable, RowAdam
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.projection import FourierDisc, max_disc_radius
 from cryospin_lab.physics.render import (
@@ -162,8 +162,11 @@ def better_poses(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows (on the device) of this rank's images whose best grid rotation beats their pose on the
     coarse disc and lies in another basin, those rotations ``(n, 3, 3)`` and None (their shifts
-    stay); nothing is changed. With ``halfmaps``, judged under the other half's map instead
-    (:func:`_cross_checked`), with their refined shifts ``(n, 2)`` when shifts are estimated."""
+    stay); nothing is changed. With estimated shifts and ``rescue_shift_step_px`` > 0 (2 px), the
+    grid is scored at each image's shift and the 8 around it, and the moved images' best shifts
+    ``(n, 2)`` come too: a stranded image's shift was fitted to its wrong pose. With
+    ``halfmaps``, judged under the other half's map instead (:func:`_cross_checked`), with their
+    refined shifts ``(n, 2)`` when shifts are estimated."""
     table, feed = branch.pose_table, ctx.feed
     radius = max(2.0, RESCUE_RADIUS_FRACTION * max_disc_radius(feed.box_size))
     disc = FourierDisc.make(feed.box_size, radius, device=feed.device)
@@ -175,25 +178,56 @@ def better_poses(
     rows = ctx.comm.local(branch.rows(torch.arange(len(table))))
     render = dict(pixel_size_angstrom=ctx.pixel_size_angstrom, contrast=ctx.config.contrast)
     min_jump_deg = 2 * _HEALPIX_SPACING_DEG / nside
-    found_rows, found_rotations = [], []
+    offsets = _shift_offsets(ctx, table)
+    found_rows, found_rotations, found_shifts = [], [], []
     for start in range(0, len(rows), _CHUNK):
         idx = rows[start : start + _CHUNK]
         _, observed, ctf = feed.batch(idx, disc)
         on_device = idx.to(feed.device)
         shifts = table.shifts_angstrom[on_device] if table.estimate_shifts else None
-        best, best_at = grid_losses(
-            slices, observed, disc, ctf_values=ctf, shifts_angstrom=shifts, **render
-        ).min(1)
-        own = render_hartley(
-            volume_ht, table.rotations[on_device], disc, ctf_values=ctf, shifts_angstrom=shifts, **render
-        )
+        own_loss = image_losses(
+            render_hartley(
+                volume_ht, table.rotations[on_device], disc, ctf_values=ctf, shifts_angstrom=shifts, **render
+            ),
+            observed, disc, LossKind.L2,
+        )  # fmt: skip
+        if offsets is None:
+            best, best_at = grid_losses(
+                slices, observed, disc, ctf_values=ctf, shifts_angstrom=shifts, **render
+            ).min(1)
+            new_shifts = shifts
+        else:  # the best rotation at each of the 9 shifts, then the best of those
+            bound = ctx.config.encoder.max_shift_angstrom
+            tried = (shifts[:, None, :] + offsets).clamp(-bound, bound)  # (B, 9, 2)
+            scored = [
+                grid_losses(
+                    slices, observed, disc, ctf_values=ctf, shifts_angstrom=tried[:, k], **render
+                ).min(1)
+                for k in range(len(offsets))
+            ]
+            losses, at = torch.stack([v for v, _ in scored], 1), torch.stack([i for _, i in scored], 1)
+            pick, n = losses.argmin(1), torch.arange(len(idx), device=losses.device)
+            best, best_at, new_shifts = losses[n, pick], at[n, pick], tried[n, pick]
         jump = so3.geodesic_angle_deg(grid[best_at], table.rotations[on_device])
-        better = (best < image_losses(own, observed, disc, LossKind.L2)) & (jump > min_jump_deg)
+        better = (best < own_loss) & (jump > min_jump_deg)
         found_rows.append(on_device[better])
         found_rotations.append(grid[best_at[better]])
+        if offsets is not None:
+            found_shifts.append(new_shifts[better])
     if not found_rows:
         return torch.zeros(0, dtype=torch.long, device=feed.device), grid[:0], None
-    return torch.cat(found_rows), torch.cat(found_rotations), None
+    shifts_out = torch.cat(found_shifts) if offsets is not None else None
+    return torch.cat(found_rows), torch.cat(found_rotations), shifts_out
+
+
+def _shift_offsets(ctx: StepContext, table: PoseTable) -> Tensor | None:
+    """``(9, 2)`` shift offsets (Å) the plain re-search tries around each image's shift: 0 and
+    ``rescue_shift_step_px`` pixels in x and y; None without shift estimation or with a step of 0."""
+    step = ctx.config.rescue_shift_step_px
+    if not table.estimate_shifts or step <= 0:
+        return None
+    g = torch.tensor([-step, 0.0, step]) * ctx.pixel_size_angstrom
+    return torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2).to(table.shifts_angstrom)
 
 
 def _halves(ctx: StepContext, branch: Branch) -> list[Tensor]:

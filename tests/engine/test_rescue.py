@@ -17,7 +17,7 @@ import torch
 
 from cryospin_lab.engine import rescue
 from cryospin_lab.engine.commands import Command
-from cryospin_lab.engine.config import TrainingConfig
+from cryospin_lab.engine.config import EncoderConfig, TrainingConfig
 from cryospin_lab.engine.rescue import rescue_events, research_poses
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.particles import ParticleStack
@@ -286,3 +286,39 @@ def test_refined_poses_bring_a_wrong_shift_back_to_the_true_one(tiny_stack, tiny
     # the rotations stay in their basin (within a grid spacing at nside 4, 15°) while the shifts move
     angles = so3.geodesic_angle_deg(rotations.double(), truth.double())
     assert float(angles.max()) < 15.0 and float(angles.median()) < 5.0, angles
+
+
+@pytest.mark.parametrize("step_px", [2.0, 0.0])
+def test_the_re_search_finds_a_shift_two_pixels_off(tiny_stack, tiny_ground_truth, step_px):
+    """With estimated shifts the plain re-search scores the grid at each image's shift and the 8 around
+    it ``rescue_shift_step_px`` away: images in a wrong basin *and* 2 pixels off along x or y (the set
+    is centred: true shifts zero) come back to their true basin with a zero shift; with a step of 0
+    their shifts are kept."""
+    encoder = EncoderConfig(
+        box_size=tiny_stack.box_size, n_heads=3, estimate_shifts=True, max_shift_angstrom=8.0
+    )
+    trainer, branch = direct_branch_with_the_true_map(
+        tiny_stack, tiny_ground_truth, encoder=encoder, rescue_shift_step_px=step_px
+    )
+    truth = trainer.true_rotations.float()
+    n = len(truth)
+    wrong = torch.zeros(n, dtype=torch.bool)
+    wrong[torch.randperm(n, generator=torch.Generator().manual_seed(2))[: n // 4]] = True
+    axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(3)), dim=1)
+    start = torch.where(wrong[:, None, None], so3.exp_so3(axes * math.radians(120.0)).float() @ truth, truth)
+    apix = trainer.pixel_size_angstrom
+    steps = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]]) * apix
+    off = torch.where(wrong[:, None], steps[torch.arange(n) % 4], torch.zeros(2))
+    branch.pose_table.rotations = start.clone()
+    branch.pose_table.shifts_angstrom = off.clone()
+
+    research_poses(trainer.step_context, branch, nside=4)
+
+    after, shifts = branch.pose_table.rotations, branch.pose_table.shifts_angstrom
+    error = so3.geodesic_angle_deg(after.double(), truth.double())
+    assert torch.equal(after[~wrong], start[~wrong]) and torch.equal(shifts[~wrong], off[~wrong])
+    if step_px:
+        assert float(error[wrong].max()) < 15.0, error[wrong]  # within a grid spacing of the truth
+        assert float(shifts[wrong].abs().max()) < 1e-4 * apix, shifts[wrong]
+    else:
+        assert torch.equal(shifts, off)  # the grid was scored at the wrong shifts, which stay

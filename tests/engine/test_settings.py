@@ -43,6 +43,7 @@ OTHER = {
     "stuck_restarts": "1",
     "rescue_every": "2",
     "rescue_nside": "2",
+    "rescue_shift_step_px": "1.5",
     "rescue_idle_every": "3",
     "rescue_extra_epochs": "4",
     "rescue_halfmap_steps": "3",
