@@ -25,6 +25,13 @@ from cryospin_lab._cache import default_cache_dir
 MOLECULE = "1s3x"
 N_SIMULATED = 200  # seconds to simulate; the form's lowest is 100
 MISSING = "/nonexistent/cryospin_missing_particles.star"
+# a MutationObserver keeps the first text that holds the phrase, however briefly it was shown
+SEEN_JS = """(phrase) => { window.cryospinSeen = null;
+  window.cryospinObserver = new MutationObserver((records) => { for (const r of records) {
+    const text = r.target.textContent || '';
+    if (window.cryospinSeen === null && text.includes(phrase)) {
+      window.cryospinSeen = text.slice(text.indexOf(phrase), text.indexOf(phrase) + 120); } } });
+  window.cryospinObserver.observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
 
 
 def _field(bench: Locator, label: str) -> Locator:
@@ -79,12 +86,17 @@ def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks) 
     count.fill(str(N_SIMULATED))
     count.press("Enter")
     page.wait_for_timeout(500)  # the kernel receives the fields before the click
+    # the progress line shows for the simulation's few seconds only: record it when it appears
+    page.evaluate(SEEN_JS, f"simulating {MOLECULE}")
     _start(bench)
     clicked = time.monotonic()
-    progress = wait_until(page, "(m) => document.body.innerText.includes('simulating ' + m)", 30, MOLECULE)
-    lines = page.evaluate("() => document.body.innerText").splitlines()
-    said = next((line for line in lines if f"simulating {MOLECULE}" in line), "no progress line")
-    checks("lab: choosing a molecule shows the simulation's progress", progress, said[:200])
+    progress = wait_until(page, "() => window.cryospinSeen !== null", 30)
+    said = page.evaluate("() => { window.cryospinObserver.disconnect(); return window.cryospinSeen; }")
+    checks(
+        "lab: choosing a molecule shows the simulation's progress",
+        progress,
+        (said or "no progress line")[:200],
+    )
     # the workbench binds the new run (its header names the simulated set; the run's own messages
     # replace the form's) and its status line counts the new run's epochs
     header = f"particles.star: {N_SIMULATED} particles"
