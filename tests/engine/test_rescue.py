@@ -52,15 +52,23 @@ def direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth, n_epochs=2, *
     return trainer, branch
 
 
-def test_wrong_basins_are_left_and_right_poses_kept(tiny_stack, tiny_ground_truth):
-    trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth)
-    truth = trainer.true_rotations.float()
+def a_quarter_turned(truth):
+    """A random quarter of the ``(n, 3, 3)`` rotations turned by 120° about random axes (a wrong
+    basin local steps cannot leave): the mask of those and the rotations."""
     n = len(truth)
     wrong = torch.zeros(n, dtype=torch.bool)
     wrong[torch.randperm(n, generator=torch.Generator().manual_seed(2))[: n // 4]] = True
     axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(3)), dim=1)
-    turn = so3.exp_so3(axes * math.radians(120.0)).float()
-    start = torch.where(wrong[:, None, None], turn @ truth, truth)
+    return wrong, torch.where(
+        wrong[:, None, None], so3.exp_so3(axes * math.radians(120.0)).float() @ truth, truth
+    )
+
+
+def test_wrong_basins_are_left_and_right_poses_kept(tiny_stack, tiny_ground_truth):
+    trainer, branch = direct_branch_with_the_true_map(tiny_stack, tiny_ground_truth)
+    truth = trainer.true_rotations.float()
+    n = len(truth)
+    wrong, start = a_quarter_turned(truth)
     branch.pose_table.rotations = start.clone()
 
     moved, checked = research_poses(trainer.step_context, branch, nside=4)
@@ -96,10 +104,7 @@ def test_under_the_other_half_s_map_wrong_basins_are_left_too(set_of_1000):
     )
     truth = trainer.true_rotations.float()
     n = len(truth)
-    wrong = torch.zeros(n, dtype=torch.bool)
-    wrong[torch.randperm(n, generator=torch.Generator().manual_seed(2))[: n // 4]] = True
-    axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(3)), dim=1)
-    start = torch.where(wrong[:, None, None], so3.exp_so3(axes * math.radians(120.0)).float() @ truth, truth)
+    wrong, start = a_quarter_turned(truth)
     branch.pose_table.rotations = start.clone()
 
     moved, checked = research_poses(trainer.step_context, branch, nside=4, halfmaps=True)
@@ -302,10 +307,7 @@ def test_the_re_search_finds_a_shift_two_pixels_off(tiny_stack, tiny_ground_trut
     )
     truth = trainer.true_rotations.float()
     n = len(truth)
-    wrong = torch.zeros(n, dtype=torch.bool)
-    wrong[torch.randperm(n, generator=torch.Generator().manual_seed(2))[: n // 4]] = True
-    axes = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(3)), dim=1)
-    start = torch.where(wrong[:, None, None], so3.exp_so3(axes * math.radians(120.0)).float() @ truth, truth)
+    wrong, start = a_quarter_turned(truth)
     apix = trainer.pixel_size_angstrom
     steps = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [0.0, -2.0]]) * apix
     off = torch.where(wrong[:, None], steps[torch.arange(n) % 4], torch.zeros(2))
