@@ -73,6 +73,8 @@ class Branch:
         # error during the amortized stage and for the auto switch rule.
         self.best_rotations = torch.eye(3).repeat(n, 1, 1)
         self.best_heads = torch.full((n,), -1, dtype=torch.long)
+        # and its shift (Å) when shifts are estimated: what an amortized run's poses.star says
+        self.best_shifts = torch.zeros(n, 2) if cfg.encoder.estimate_shifts else None
         self.previous_best = self.best_rotations.clone()
         self.head_wins = torch.zeros(n_heads, dtype=torch.long)
         self.epoch_loss_sum, self.epoch_images, self.epoch_gap_sum = 0.0, 0, 0.0
@@ -97,6 +99,7 @@ class Branch:
             "pose_table": None if self.pose_table is None else self.pose_table.state_dict(),
             "best_rotations": self.best_rotations,
             "best_heads": self.best_heads,
+            "best_shifts": self.best_shifts,
             "previous_best": self.previous_best,
             "gap_history": list(self.gap_history),
             "loss_history": list(self.loss_history),
@@ -120,6 +123,8 @@ class Branch:
         (self.epoch_gap_sum,) = comm.sum_floats(self.epoch_gap_sum)
         self.best_rotations = comm.merge_rows(self.best_rotations)
         self.best_heads = comm.merge_rows(self.best_heads)
+        if self.best_shifts is not None:
+            self.best_shifts = comm.merge_rows(self.best_shifts)
         table = self.pose_table
         if table is not None:
             table.rotations = comm.merge_rows(table.rotations)
@@ -162,9 +167,12 @@ class Branch:
         return self.best_rotations if self.pose_table is None else self.pose_table.rotations.cpu()
 
     def current_shifts(self) -> Tensor | None:
-        """Every image's shift ``(N, 2)`` in Å on the CPU when the pose table estimates them, else None."""
+        """Every image's shift ``(N, 2)`` in Å on the CPU when shifts are estimated, else None: the pose
+        table's (direct stage), else each image's best candidate's when it was last seen in training."""
         table = self.pose_table
-        return table.shifts_angstrom.cpu() if table is not None and table.estimate_shifts else None
+        if table is None:
+            return self.best_shifts
+        return table.shifts_angstrom.cpu() if table.estimate_shifts else None
 
     @torch.no_grad()
     def volume_real(self) -> Tensor:
@@ -219,6 +227,8 @@ class Branch:
             branch.pose_table.load_state_dict(saved)
         branch.best_rotations = state["best_rotations"].clone()
         branch.best_heads = state["best_heads"].clone()
+        if branch.best_shifts is not None and state.get("best_shifts") is not None:
+            branch.best_shifts = state["best_shifts"].clone()
         branch.previous_best = state["previous_best"].clone()
         branch.gap_history = [float(g) for g in state.get("gap_history", [])]
         branch.loss_history = [float(g) for g in state.get("loss_history", [])]
@@ -249,6 +259,8 @@ class Branch:
         child.decoder_opt = _copied_optimizer(parent.decoder_opt, child.volume)
         for attr in ("best_rotations", "best_heads", "previous_best", "head_wins"):
             setattr(child, attr, getattr(parent, attr).clone())
+        if parent.best_shifts is not None:
+            child.best_shifts = parent.best_shifts.clone()
         child.gap_history = list(parent.gap_history)
         child.loss_history = list(parent.loss_history)
         child.batch_iter = None  # the epoch in progress restarts for both children

@@ -47,9 +47,10 @@ def pose_error_event(
     symmetry: NearSymmetry | None = None,
 ) -> tuple[PoseErrorEvent, metrics.PoseError]:
     """The branch's pose error against the true poses (also modulo the true map's ``symmetry``), and
-    the mean shift error once shifts are estimated in the direct stage (the map's own translation
-    removed); also the :class:`~cryospin_lab.analysis.metrics.PoseError`, modulo the symmetry when
-    there is one (its global rotation aligns the map as well: the truth is near-symmetric)."""
+    the mean shift error when shifts are estimated (in the amortized stage each image's best
+    candidate's; the map's own translation removed); also the
+    :class:`~cryospin_lab.analysis.metrics.PoseError`, modulo the symmetry when there is one (its
+    global rotation aligns the map as well: the truth is near-symmetric)."""
     rotations = branch.rows(branch.current_rotations())
     truth = branch.rows(true_rotations)
     pose = metrics.pose_error(truth, rotations)

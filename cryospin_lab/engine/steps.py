@@ -148,6 +148,8 @@ def amortized_step(ctx: StepContext, branch: Branch, indices: Tensor) -> float:
         rows = torch.arange(len(indices), device=best_heads.device)
         branch.best_rotations[indices] = candidates.rotations[rows, best_heads].detach().float().cpu()
         branch.best_heads[indices] = best_heads.cpu()
+        if candidates.shifts_angstrom is not None:
+            branch.best_shifts[indices] = candidates.shifts_angstrom[rows, best_heads].detach().float().cpu()
         branch.head_wins += torch.bincount(best_heads.cpu(), minlength=ctx.config.encoder.n_heads)
         branch.epoch_gap_sum += float((all_losses.mean(dim=1) - all_losses.min(dim=1).values).sum())
     return float(total)
