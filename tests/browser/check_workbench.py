@@ -36,7 +36,8 @@ requested): waits until the preheated run has progressed (``CHECK_VOILA_WAIT_S``
 60 s), then opens the page, which builds every view from the stored state, and
 checks that the panels show the run so far (status line with an epoch done, loss
 curve, FSC, pose error, head shares) and
-that the 3-D view has a canvas. Screenshots of each step go to ``SHOTS_DIR``.
+that the 3-D view has a canvas; once the run has ended, the same new-run form step as in
+JupyterLab (missing file, simulated molecule). Screenshots of each step go to ``SHOTS_DIR``.
 Exits with status 1 if any check failed.
 """
 
@@ -350,6 +351,11 @@ def check_replay(page: Page, port: int, shots: Path, checks: Checks) -> None:
 # ----------------------------------------------------------------------------- Voila
 
 
+# the status line (browser_kit.status_text) says the run has ended
+ENDED_JS = """() => Array.from(document.querySelectorAll('.widget-html-content'))
+    .some(el => /^(finished|stopped)( ·|$)/.test(el.innerText.trim()))"""
+
+
 def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
     port = free_port()
     argv = [
@@ -401,6 +407,10 @@ def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Che
             f"       browser console errors: {len(errors)}"
             + (f", first: {errors[0][:300]}" if errors else "")
         )
+        ended = wait_until(page, ENDED_JS, 120)
+        checks("voila: the preheated run ends", ended, status_text(page))
+        if ended:
+            check_new_run_form(page, page.locator("body"), shots, checks, where="voila")
         (shots / "voila_console_errors.json").write_text(json.dumps(errors, indent=1))
     finally:
         browser.close()

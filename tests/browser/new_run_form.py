@@ -1,4 +1,5 @@
-"""The browser check's step for the form "settings for a new run" (``check_workbench.py`` calls it).
+"""The browser check's step for the form "settings for a new run" (``check_workbench.py`` calls it,
+in JupyterLab and in Voila).
 
 After the first run has ended, as a user would:
 
@@ -53,15 +54,17 @@ def _start(bench: Locator) -> None:
     bench.locator("button.jupyter-button").filter(has_text=start).click(force=True)
 
 
-def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks) -> None:
-    """Drive the form of the workbench shown in ``bench`` (its output area) after its run ended."""
-    title = bench.get_by_text("settings for a new run", exact=True)
+def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks, where: str = "lab") -> None:
+    """Drive the form of the workbench shown in ``bench`` (its output area, or Voila's page) after its
+    run ended; ``where`` ("lab" or "voila") begins each check's name and screenshot's file name."""
+    # the accordion's title (Voila's page also shows the notebook's text, which names it in italics)
+    title = bench.get_by_text("settings for a new run", exact=True).and_(bench.locator("span"))
     title.scroll_into_view_if_needed()
     title.click()
     particles = _field(bench, "particles")
     ok = wait_until(page, "() => /simulate a molecule/.test(document.body.innerText)", 10)
     found = particles.count()
-    checks("lab: the new-run form opens", ok and found == 1, f"{found} particles field(s)")
+    checks(f"{where}: the new-run form opens", ok and found == 1, f"{found} particles field(s)")
     if found != 1:
         return
 
@@ -72,11 +75,11 @@ def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks) 
     text = page.evaluate("() => document.body.innerText")
     named = [line for line in text.splitlines() if "not found" in line and MISSING in line]
     checks(
-        "lab: a missing particle file is named in a message, no traceback",
+        f"{where}: a missing particle file is named in a message, no traceback",
         shown and bool(named) and "Traceback" not in text,
         named[0][:200] if named else "no message naming the file",
     )
-    shot(bench, shots, "lab_05_form_missing_file")
+    shot(bench, shots, f"{where}_05_form_missing_file")
 
     _forget_simulated_set()
     select = _field(bench, "simulate a molecule")
@@ -93,7 +96,7 @@ def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks) 
     progress = wait_until(page, "() => window.cryospinSeen !== null", 30)
     said = page.evaluate("() => { window.cryospinObserver.disconnect(); return window.cryospinSeen; }")
     checks(
-        "lab: choosing a molecule shows the simulation's progress",
+        f"{where}: choosing a molecule shows the simulation's progress",
         progress,
         (said or "no progress line")[:200],
     )
@@ -108,9 +111,9 @@ def check_new_run_form(page: Page, bench: Locator, shots: Path, checks: Checks) 
         header,
     )
     checks(
-        "lab: the simulated molecule's run starts and finishes an epoch",
+        f"{where}: the simulated molecule's run starts and finishes an epoch",
         started,
         f"{status_text(page)!r} {time.monotonic() - clicked:.1f} s after the click",
     )
-    shot(bench, shots, "lab_05_form_simulated_molecule")
+    shot(bench, shots, f"{where}_05_form_simulated_molecule")
     _forget_simulated_set()
