@@ -85,6 +85,7 @@ class Branch:
         self.last_rescue_epoch, self.rescue_idle = 0, False
         self.last_halfmap_epoch = 0  # the last re-search under the half maps (rescue.py)
         self.extra_epochs = 0  # epochs added past n_epochs while the re-search moved images (rescue.py)
+        self.stuck = False  # its last attempt was judged stuck with no restart left (stuck.py)
 
     def state_dict(self) -> dict:
         return {
@@ -113,6 +114,7 @@ class Branch:
             "rescue_idle": self.rescue_idle,
             "last_halfmap_epoch": self.last_halfmap_epoch,
             "extra_epochs": self.extra_epochs,
+            "stuck": self.stuck,
         }
 
     def merge_ranks(self, comm: Comm) -> None:
@@ -238,6 +240,7 @@ class Branch:
         branch.rescue_idle = bool(state.get("rescue_idle", False))
         branch.last_halfmap_epoch = int(state.get("last_halfmap_epoch", branch.last_rescue_epoch))
         branch.extra_epochs = int(state.get("extra_epochs", 0))
+        branch.stuck = bool(state.get("stuck", False))
         return branch
 
     def fork(self, suffix: str = "") -> tuple[Branch, Branch]:

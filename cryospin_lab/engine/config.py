@@ -163,6 +163,13 @@ class TrainingConfig:
         "1,000 images or more); 0: never",
         NON_NEGATIVE_INT,
     )
+    # a start still stuck after its restarts switches with a blob for a map; the direct stage's
+    # re-search then finds the structure, slowly (docs/decisions.md#stuck-extra-epochs)
+    rescue_extra_epochs_stuck: int = setting(
+        40,
+        "the same limit after a start judged stuck with no restart left",
+        NON_NEGATIVE_INT,
+    )
     # under its own map a stranded image's wrong pose fits as well as the true one; under the other
     # half's it does not: fewer stranded images on all six suite molecules (docs/decisions.md#rescue-halfmaps)
     rescue_halfmap_steps: int = setting(

@@ -11,7 +11,8 @@ refine it. Nearer grid points are the image's own basin, which local steps
 already explore; so correct images stay put. Once a re-search moves almost
 nothing, the next comes ``rescue_idle_every`` epochs later. A run whose
 re-search still moves images after its last epoch has not settled: it goes on
-one epoch at a time (``rescue_extra_epochs``).
+one epoch at a time (``rescue_extra_epochs``; ``rescue_extra_epochs_stuck`` after a start
+that stayed stuck through its restarts).
 
 With ``rescue_halfmap_steps`` > 0 (5 by default), on sets of ``HALF_MAP_MIN_SET``
 (1,000) images or more, every ``HALF_MAP_EVERY`` (5) epochs and after an idle
@@ -38,6 +39,7 @@ from torch import Tensor
 from cryospin_lab.analysis.pose_grid import grid_losses, grid_slices
 from cryospin_lab.analysis.pose_posterior import healpix_rotations
 from cryospin_lab.engine.branch import Branch
+from cryospin_lab.engine.config import TrainingConfig
 from cryospin_lab.engine.events import Event, LogEvent, Phase
 from cryospin_lab.engine.steps import StepContext
 from cryospin_lab.model.pose_table import PoseTable, RowAdam
@@ -77,6 +79,14 @@ _CHUNK = 512  # images scored at once (memory: chunk x grid size floats)
 _HEALPIX_SPACING_DEG = 58.6  # mean spacing of HEALPix pixel centres at nside 1 (sqrt(4 pi / 12) rad)
 
 
+def extra_epochs_allowed(branch: Branch, config: TrainingConfig) -> int:
+    """How many epochs past ``n_epochs`` a still-moving re-search may add: ``rescue_extra_epochs``
+    (10), or ``rescue_extra_epochs_stuck`` (40) when the branch's last attempt was judged stuck with
+    no restart left, whose direct stage starts from a blob and finds the structure over tens of
+    epochs."""
+    return config.rescue_extra_epochs_stuck if branch.stuck else config.rescue_extra_epochs
+
+
 def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool = True) -> Iterator[Event]:
     """After a direct epoch: the re-search and its report, when due.
 
@@ -101,7 +111,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         and (branch.rescue_idle or since_halfmaps >= HALF_MAP_EVERY)
     )
     if last:
-        spent = branch.extra_epochs >= cfg.rescue_extra_epochs
+        spent = branch.extra_epochs >= extra_epochs_allowed(branch, cfg)
         settled = branch.rescue_idle and not halfmaps
         if not extend or settled or spent or len(branch.pose_table) < RESCUE_EXTEND_MIN_SET:
             return
@@ -133,7 +143,7 @@ def rescue_events(ctx: StepContext, branch: Branch, stamp: dict, *, extend: bool
         end = branch.last_epoch(cfg.n_epochs)
         later = (
             f"; still moving after the last epoch, so the run goes on to epoch {end} "
-            f"({branch.extra_epochs} of at most {cfg.rescue_extra_epochs} extra)"
+            f"({branch.extra_epochs} of at most {extra_epochs_allowed(branch, cfg)} extra)"
         )
     elif branch.rescue_idle and cfg.rescue_idle_every > cfg.rescue_every:
         later = f"; the next in {cfg.rescue_idle_every} epochs"

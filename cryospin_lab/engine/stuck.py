@@ -100,6 +100,7 @@ def restart(
     cfg = ctx.config
     if gold_standard or branch.attempt > cfg.stuck_restarts:
         left = "gold-standard halves are not restarted" if gold_standard else "no restart left"
+        branch.stuck = True
         yield LogEvent(
             message=f"{why}; {left} (stuck_restarts={cfg.stuck_restarts})", level="warning", **stamp
         )

@@ -206,6 +206,15 @@ def test_a_re_search_still_moving_after_the_last_epoch_adds_one(tiny_stack, tiny
     assert after_epoch(2 + cfg.rescue_extra_epochs) == []  # the extra epochs are spent
     assert torch.equal(branch.pose_table.rotations, wrong)
 
+    # a start that stayed stuck through its restarts may add rescue_extra_epochs_stuck instead
+    assert TrainingConfig().rescue_extra_epochs_stuck == 40
+    branch.stuck = True
+    (message,) = after_epoch(2 + cfg.rescue_extra_epochs)
+    assert message.endswith(f"(11 of at most {cfg.rescue_extra_epochs_stuck} extra)"), message
+    branch.pose_table.rotations, branch.rescue_idle = wrong.clone(), False
+    branch.extra_epochs = cfg.rescue_extra_epochs_stuck
+    assert after_epoch(2 + cfg.rescue_extra_epochs_stuck) == []
+
 
 def test_half_maps_judge_only_the_re_search_after_an_idle_one(tiny_stack, tiny_ground_truth, monkeypatch):
     """With ``rescue_halfmap_steps``: the re-searches run under the run's map while they move

@@ -46,6 +46,7 @@ OTHER = {
     "rescue_shift_step_px": "1.5",
     "rescue_idle_every": "3",
     "rescue_extra_epochs": "4",
+    "rescue_extra_epochs_stuck": "12",
     "rescue_halfmap_steps": "3",
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",

@@ -100,6 +100,7 @@ def test_a_stuck_start_restarts_from_a_new_seed_and_the_run_ends_later(tiny_stac
     warnings = [e.message for e in of_type(events, LogEvent) if e.level == "warning"]
     assert any("ends after epoch 4" in m for m in warnings)
     assert any("no restart left" in m for m in warnings)  # attempt 2 is stuck too, after its epoch 1
+    assert trainer.branch().stuck  # which gives its direct stage rescue_extra_epochs_stuck
     # the switch ("2") counts from the restart: after epoch 1 + 2
     switch = [e for e in of_type(events, PhaseChangeEvent) if e.new is Phase.DIRECT]
     assert [e.epoch for e in switch] == [3]
@@ -110,6 +111,8 @@ def test_a_stuck_start_restarts_from_a_new_seed_and_the_run_ends_later(tiny_stac
     resumed = Trainer(tiny_stack, config)
     resumed.restore(saved)
     assert (resumed.branch().attempt, resumed.branch().schedule_epoch) == (2, 1)
+    assert resumed.branch().stuck  # kept across a resume
+    assert not read_run(tmp_path / "checkpoints" / "epoch_0001.pt").branches[0]["stuck"]  # it restarted
 
 
 def test_a_restart_starts_from_the_initialisation_of_a_new_seed(tiny_stack):
