@@ -38,15 +38,19 @@ def main(run: Path, data: Path, epoch: int, n_epochs: int) -> None:
     config = dataclasses.replace(saved.config, device="cpu", threads=1, n_epochs=n_epochs, checkpoint_every=0)
     trainer = Trainer(stack, config, ground_truth_map=truth)
     trainer.restore(saved)
+    line: list[str] = []  # one line per epoch: its resolution, pose error and the re-search's report
     for event in trainer.events():
         if isinstance(event, ResolutionEvent):
-            print(f"epoch {event.epoch}: {event.resolution_angstrom:.1f} Å", end="", flush=True)
+            if line:
+                print("  ".join(line), flush=True)
+            line = [f"epoch {event.epoch}: {event.resolution_angstrom:.1f} Å"]
         elif isinstance(event, PoseErrorEvent):
             shift = event.shift_error_angstrom
             shift = "" if shift is None else f", shift error {shift:.2f} Å (mean)"
-            print(f", pose error {event.mean_deg:.1f}° / {event.median_deg:.1f}°{shift}", flush=True)
+            line.append(f"pose error {event.mean_deg:.1f}° / {event.median_deg:.1f}°{shift}")
         elif isinstance(event, LogEvent):
-            print(f"  {event.message}", flush=True)
+            line.append(event.message)
+    print("  ".join(line), flush=True)
     pose = metrics.pose_error(trainer.true_rotations, trainer.branch().current_rotations())
     print(f"end: {100 * np.mean(np.asarray(pose.errors_deg) > 20.0):.1f} % of the images more than 20° off")
 
