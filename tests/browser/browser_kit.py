@@ -108,14 +108,18 @@ def page_state(page: Page) -> str:
         return f"page not readable: {str(err).splitlines()[0]}"
 
 
+# the workbench's status line ("running · main: amortized · epoch 1/3 done · ..."), '' if absent
+STATUS_JS = """() => { const state = /^(created|running|paused|finished|stopped|failed)( ·|$)/;
+    const hit = Array.from(document.querySelectorAll('.widget-html-content'))
+        .find(el => state.test(el.innerText.trim()));
+    return hit ? hit.innerText.trim() : ''; }"""
+# whether that line says the run has ended
+ENDED_JS = f"() => /^(finished|stopped)( ·|$)/.test(({STATUS_JS})())"
+
+
 def status_text(page: Page) -> str:
-    """The workbench's status line ("running · main: amortized · epoch 1/3 done · ..."), '' if absent."""
-    return page.evaluate(
-        """() => { const state = /^(created|running|paused|finished|stopped|failed)( ·|$)/;
-        const hit = Array.from(document.querySelectorAll('.widget-html-content'))
-            .find(el => state.test(el.innerText.trim()));
-        return hit ? hit.innerText.trim() : ''; }"""
-    )
+    """The workbench's status line (:data:`STATUS_JS`)."""
+    return page.evaluate(STATUS_JS)
 
 
 def button_label(page: Page, prefix_re: str) -> str:

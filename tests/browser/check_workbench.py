@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 from browser_kit import (
+    ENDED_JS,
     KERNEL_IDLE_JS,
     NOT_FOUND_JS,
     Checks,
@@ -349,11 +350,6 @@ def check_replay(page: Page, port: int, shots: Path, checks: Checks) -> None:
 
 
 # ----------------------------------------------------------------------------- Voila
-
-
-# the status line (browser_kit.status_text) says the run has ended
-ENDED_JS = """() => Array.from(document.querySelectorAll('.widget-html-content'))
-    .some(el => /^(finished|stopped)( ·|$)/.test(el.innerText.trim()))"""
 
 
 def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
