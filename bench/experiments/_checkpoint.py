@@ -12,15 +12,16 @@ from cryospin_lab.io.particles import ParticleStack
 
 
 def restored_trainer(
-    run_dir: Path, data_dir: Path, epoch: int, *, threads: int, ground_truth: bool = True
+    run_dir: Path, data_dir: Path, epoch: int, *, threads: int, ground_truth: bool = True, **settings
 ) -> tuple[Trainer, ParticleStack]:
     """The trainer of ``run_dir`` at its checkpoint of ``epoch`` on the CPU with ``threads``
-    threads (with the set's ``ground_truth.mrc`` as its truth, unless ``ground_truth`` is false),
-    and the particle stack of ``data_dir``."""
+    threads (with the set's ``ground_truth.mrc`` as its truth, unless ``ground_truth`` is false)
+    and any other ``TrainingConfig`` field in ``settings`` changed, and the particle stack of
+    ``data_dir``."""
     stack = ParticleStack(data_dir / "particles.star")
     truth = load_ground_truth(data_dir / "ground_truth.mrc", stack) if ground_truth else None
     saved = read_run(run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    config = dataclasses.replace(saved.config, device="cpu", threads=threads)
+    config = dataclasses.replace(saved.config, device="cpu", threads=threads, **settings)
     trainer = Trainer(stack, config, ground_truth_map=truth)
     trainer.restore(saved)
     return trainer, stack

@@ -15,29 +15,23 @@ a larger limit (``rescue_extra_epochs_stuck``) gives, computation for computatio
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cryospin_lab.analysis import metrics
-from cryospin_lab.engine.events import LogEvent, PoseErrorEvent, ResolutionEvent
-from cryospin_lab.engine.run_state import read_run
-from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.maps import load_ground_truth
-from cryospin_lab.io.particles import ParticleStack
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checkpoint import restored_trainer  # noqa: E402
+
+from cryospin_lab.analysis import metrics  # noqa: E402
+from cryospin_lab.engine.events import LogEvent, PoseErrorEvent, ResolutionEvent  # noqa: E402
 
 
 def main(run: Path, data: Path, epoch: int, n_epochs: int) -> None:
     torch.set_num_threads(1)
-    stack = ParticleStack(data / "particles.star")
-    truth = load_ground_truth(data / "ground_truth.mrc", stack)
-    saved = read_run(run / "checkpoints" / f"epoch_{epoch:04d}.pt")
-    config = dataclasses.replace(saved.config, device="cpu", threads=1, n_epochs=n_epochs, checkpoint_every=0)
-    trainer = Trainer(stack, config, ground_truth_map=truth)
-    trainer.restore(saved)
+    trainer, _ = restored_trainer(run, data, epoch, threads=1, n_epochs=n_epochs, checkpoint_every=0)
     line: list[str] = []  # one line per epoch: its resolution, pose error and the re-search's report
     for event in trainer.events():
         if isinstance(event, ResolutionEvent):

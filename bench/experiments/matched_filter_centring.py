@@ -21,16 +21,14 @@ import mrcfile
 import numpy as np
 import torch
 
+from cryospin_lab.engine.stuck import spherical_average
 from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.physics.ctf import ctf_images
+from cryospin_lab.physics.fourier import fft_center, ifft_center
 from cryospin_lab.physics.projection import project_real
 
 UPSAMPLE = 2
 SEARCH_PX = 7.5
-
-
-def centred_fft(x: torch.Tensor) -> torch.Tensor:
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1))), dim=(-2, -1))
 
 
 def found_shifts(images_f: torch.Tensor, template_f: torch.Tensor, radius: int, sign: int) -> np.ndarray:
@@ -43,8 +41,7 @@ def found_shifts(images_f: torch.Tensor, template_f: torch.Tensor, radius: int, 
     padded = torch.zeros(n, big, big, dtype=product.dtype)
     o = big // 2 - d // 2
     padded[:, o : o + d, o : o + d] = product
-    cc = sign * torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(padded, dim=(-2, -1))), dim=(-2, -1))
-    cc = cc.real
+    cc = sign * ifft_center(padded).real
     grid = (torch.arange(big) - big // 2) / UPSAMPLE
     outside = (grid[:, None] ** 2 + grid[None, :] ** 2) > SEARCH_PX**2
     best = cc.masked_fill(outside, -torch.inf).flatten(1).argmax(1)
@@ -57,16 +54,14 @@ def main(data: str, n: int) -> None:
     batch, meta = stack.get_batch(np.arange(n)), stack.metadata
     apix, d = float(meta.pixel_size_angstrom), batch.images.shape[-1]
     truth = torch.from_numpy(mrcfile.read(f"{data}/ground_truth.mrc").astype(np.float32))
-    g = torch.arange(d) - d // 2
-    r3 = (g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2).float().sqrt().round().long()
-    blob = (torch.bincount(r3.flatten(), truth.flatten()) / torch.bincount(r3.flatten()))[r3]
+    blob = spherical_average(truth)  # shells of integer radius, as for a Hartley volume
     true_px = meta.shifts_angstrom[:n].numpy() / apix
     zero = np.median(np.linalg.norm(true_px, axis=1))
     ctf = ctf_images(batch.ctf, d, apix).float()
-    images_f = centred_fft(batch.images)
+    images_f = fft_center(batch.images)
     for name, volume in (("true projection", truth), ("spherical average", blob)):
         projections = project_real(volume, meta.rotations[:n].float(), pixel_size_angstrom=apix)
-        template_f = centred_fft(projections) * ctf
+        template_f = fft_center(projections) * ctf
         for radius in (6, 10, 13, 20, 31):
             errors = sorted(
                 np.median(np.linalg.norm(found_shifts(images_f, template_f, radius, s) - true_px, axis=1))
