@@ -11,6 +11,20 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+]
+
 # Data held by every plotly figure under `root` (a CSS selector): per figure, its title and the
 # length of x (or z) of each trace, read from plotly.js's own `el.data` (what is drawn).
 PLOTS_JS = """(root) => Array.from(document.querySelectorAll(root + ' .js-plotly-plot')).map(el => ({

@@ -36,9 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from browser_kit import CHROMIUM, CHROMIUM_ARGS
 from check_workbench import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     KERNEL_IDLE_JS,
     LAUNCH_CELL,
     ROOT,

@@ -31,7 +31,7 @@ JupyterLab (on a temporary root holding copies of ``notebooks/*.ipynb``, with
    (``replay(run, run)``), checks both show epoch 2, then moves the slider with
    the keyboard and checks both go back to epoch 1.
 
-Voila (``--preheat_kernel``: Voila runs the notebook before any page is
+Voila (``voila_page.py``; ``--preheat_kernel``: Voila runs the notebook before any page is
 requested): waits until the preheated run has progressed (``CHECK_VOILA_WAIT_S``,
 60 s), then opens the page, which builds every view from the stored state, and
 checks that the panels show the run so far (status line with an epoch done, loss
@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -55,13 +54,13 @@ import time
 from pathlib import Path
 
 from browser_kit import (
-    ENDED_JS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
     KERNEL_IDLE_JS,
     NOT_FOUND_JS,
     Checks,
     button_label,
     dismiss_news,
-    has_data,
     page_state,
     plots,
     shot,
@@ -73,23 +72,11 @@ from browser_kit import (
 )
 from new_run_form import check_new_run_form
 from playwright.sync_api import Page, sync_playwright
+from voila_page import check_voila
 
 from cryospin_lab.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-]
 SWITCH_LABEL = "Switch to direct optimisation now"
 # The quick run (3 epochs of 500 images) can end before the page has caught up on a busy 2-core
 # machine; JupyterLab's copy of the notebook runs longer, so that Switch is clicked mid-run.
@@ -347,70 +334,6 @@ def check_replay(page: Page, port: int, shots: Path, checks: Checks) -> None:
     back = wait_until(page, "() => /after epoch 1 · after epoch 1/.test(document.body.innerText)", 30)
     checks("replay: the slider moves both runs to epoch 1", back)
     shot(page, shots, "replay_02_epoch_1")
-
-
-# ----------------------------------------------------------------------------- Voila
-
-
-def check_voila(pw, workdir: Path, shots: Path, env: dict[str, str], checks: Checks) -> None:
-    port = free_port()
-    argv = [
-        str(Path(sys.executable).with_name("voila")),
-        str(workdir / "workbench.ipynb"),
-        "--no-browser",
-        f"--port={port}",
-        "--Voila.ip=127.0.0.1",
-        "--preheat_kernel=True",
-        "--pool_size=1",
-    ]
-    server = start_server(argv, shots / "voila.log", env)
-    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", 90)
-        # The preheated kernel runs the notebook (and starts the run) before any page is asked for.
-        # Wait until the run has progressed: 3 epochs of 500 images take ~30 s on 2 busy cores
-        # (the first one ends ~25 s after the server is up).
-        wait_s = float(os.environ.get("CHECK_VOILA_WAIT_S", "60"))
-        print(f"       waiting {wait_s:.0f} s for the preheated run before opening the page", flush=True)
-        time.sleep(wait_s)
-        # Tall: Voila scrolls inside its own container, which a full-page screenshot does not unroll.
-        page = browser.new_page(viewport={"width": 1400, "height": 5200})
-        errors: list[str] = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        opened = time.monotonic()
-        page.goto(f"http://127.0.0.1:{port}/", timeout=180_000)
-        ok = wait_until(
-            page,
-            """() => Array.from(document.querySelectorAll('button.jupyter-button'))
-                .some(b => /^(New run|Start)$/.test(b.innerText.trim()))""",
-            180,
-        )
-        checks("voila: workbench rendered", ok, f"{time.monotonic() - opened:.1f} s after opening")
-        page.wait_for_timeout(4000)
-        status = status_text(page)
-        progressed = re.search(r"epoch [1-9]\d*/3 done", status) is not None
-        checks("voila: status line shows the run's progress (an epoch done)", progressed, status)
-        figures = plots(page)
-        for part in ("training loss", "Fourier shell", "pose error", "winner share"):
-            ok, detail = has_data(figures, part)
-            checks(f"voila: a figure titled ~{part!r} shows the run's data on first view", ok, detail)
-        titles = [str(f["title"]) for f in figures]
-        print(f"       figure titles: {titles}", flush=True)
-        canvases = page.evaluate("() => document.querySelectorAll('canvas').length")
-        checks("voila: the 3-D view has a canvas", canvases > 0, f"{canvases} canvas(es)")
-        shot(page, shots, "voila_01_page")
-        print(
-            f"       browser console errors: {len(errors)}"
-            + (f", first: {errors[0][:300]}" if errors else "")
-        )
-        ended = wait_until(page, ENDED_JS, 120)
-        checks("voila: the preheated run ends", ended, status_text(page))
-        if ended:
-            check_new_run_form(page, page.locator("body"), shots, checks, where="voila")
-        (shots / "voila_console_errors.json").write_text(json.dumps(errors, indent=1))
-    finally:
-        browser.close()
-        stop_server(server)
 
 
 def record_tiny_run(folder: Path, env: dict[str, str]) -> None:
