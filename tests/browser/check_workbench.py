@@ -317,13 +317,32 @@ def replay_notebook(run_dir: Path) -> str:
     )
 
 
+# The current widget is the notebook of this name (its path's end).
+CURRENT_NOTEBOOK_JS = """(name) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    return !!(w && w.context && w.context.path.endsWith(name)); }"""
+# A cell of the current notebook runs or has run: its prompt shows "[*]" or a number.
+CELLS_STARTED_JS = """() => { const w = window.jupyterapp.shell.currentWidget;
+    return !!w && Array.from(w.node.querySelectorAll('.jp-InputPrompt'))
+        .some(p => /\\[(\\*|\\d+)\\]/.test(p.innerText)); }"""
+
+
 def check_replay(page: Page, port: int, shots: Path, checks: Checks) -> None:
     """``replay(run, run)``: both workbenches at the last epoch, then the slider moves both back."""
     page.goto(f"http://127.0.0.1:{port}/lab/tree/replay.ipynb", timeout=120_000)
-    idle = wait_until(page, KERNEL_IDLE_JS, 120)
-    checks("replay: notebook open, kernel idle", idle)
+    # JupyterLab restores the workspace's other tabs beside it: replay.ipynb must be the current
+    # widget before run-all, or the command runs nothing (seen: its cell stayed "[ ]:").
+    current = wait_until(page, CURRENT_NOTEBOOK_JS, 60, "replay.ipynb")
+    if not current:
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:open', {path: 'replay.ipynb'})")
+        current = wait_until(page, CURRENT_NOTEBOOK_JS, 30, "replay.ipynb")
+    idle = current and wait_until(page, KERNEL_IDLE_JS, 120)
+    checks("replay: notebook open and current, kernel idle", idle)
     dismiss_news(page)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    for attempt in range(3):  # re-issued if no cell has started within 10 s (said with [WARN])
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        if wait_until(page, CELLS_STARTED_JS, 10):
+            break
+        print(f"[WARN] replay: run-all started no cell (try {attempt + 1} of 3)", flush=True)
     last = wait_until(page, "() => /after epoch 2 · after epoch 2/.test(document.body.innerText)", 120)
     checks("replay: two recorded runs shown at their last epoch", last)
     shot(page, shots, "replay_01_last_epoch")
