@@ -36,15 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from browser_kit import CHROMIUM, CHROMIUM_ARGS
-from check_workbench import (
+from browser_kit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
     KERNEL_IDLE_JS,
-    LAUNCH_CELL,
-    ROOT,
-    SWITCH_LABEL,
     button_label,
     dismiss_news,
-    lab_argv,
     shot,
     start_server,
     status_text,
@@ -52,6 +49,7 @@ from check_workbench import (
     wait_http,
     wait_until,
 )
+from check_workbench import LAUNCH_CELL, ROOT, SWITCH_LABEL, lab_argv
 from playwright.sync_api import sync_playwright
 
 from cryospin_lab.engine.distributed import free_port
