@@ -6,6 +6,7 @@ Usage::
     python bench/experiments/mate_sync.py RUN_DIR DATA_DIR EPOCH continue [ROUNDS [POWER]]
     python bench/experiments/mate_sync.py RUN_DIR DATA_DIR EPOCH base
     python bench/experiments/mate_sync.py RUN_DIR DATA_DIR EPOCH sides
+    python bench/experiments/mate_sync.py RUN_DIR DATA_DIR EPOCH split
 
 ``RUN_DIR`` is a ``cryospin-lab reconstruct`` folder of a simulated set ``DATA_DIR`` (e.g. from
 ``bench/suite.py``) with ``checkpoints/epoch_EPOCH.pt`` (a direct-stage epoch or the switch).
@@ -27,7 +28,9 @@ the checkpoint, the rounds applied once after the first direct epoch's re-search
 changed side get their mate pose), then to the run's end; ``base``: the same continuation without
 them. ``POWER`` (a sixth argument) > 0: that many power iterations of the linear vote (each image's
 vote its margin, not its sign) from random votes before the rounds; -1: the rounds start from the
-side the truth says (an oracle). ``sides``: where the images on their mate sit. One thread. An
+side the truth says (an oracle). ``sides``: where the images on their mate sit; ``split``: the two
+sides' shares among the images
+with a right pose modulo the two-fold (any epoch, amortized too). One thread. An
 experiment, not in the engine.
 """
 
@@ -246,6 +249,24 @@ def sides(trainer) -> None:
         print(f"estimated-pose cells nside {nside} x {n_in} in-plane: purity {pure / len(mate):.3f}")
 
 
+def split(trainer) -> None:
+    """The two sides' shares among the images within 20° of their true pose modulo the two-fold:
+    each such image's ``R_est^T R_true`` is the global rotation or its product with the two-fold,
+    180° apart, so the side is the angle to the first such image's (under or over 90°)."""
+    from cryospin_lab.physics import so3
+
+    rot, truth = trainer.branch().current_rotations().double(), trainer.true_rotations.double()
+    q = molecule("hsp90").symmetry_rotations()
+    ok = torch.as_tensor(np.asarray(metrics.pose_error(truth, rot, symmetry_rotations=q).errors_deg) < 20)
+    d = (rot.transpose(1, 2) @ truth)[ok]
+    near = so3.geodesic_angle_deg(d, d[:1].expand_as(d)).numpy() < 90
+    print(
+        f"epoch {trainer.branch().epoch}: {100 * ok.float().mean():.1f} % within 20° modulo the two-fold; "
+        f"their sides {100 * near.mean():.1f} / {100 * (1 - near.mean()):.1f} %",
+        flush=True,
+    )
+
+
 def main() -> int:
     run_dir, data_dir, epoch, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     rounds = int(sys.argv[5]) if len(sys.argv) > 5 else 6
@@ -255,6 +276,9 @@ def main() -> int:
     trainer, _ = restored_trainer(run_dir, data_dir, epoch, threads=1)
     name = data_dir.name.split("_")[0]
     log = lambda m: print(m, flush=True)  # noqa: E731
+    if mode == "split":
+        split(trainer)
+        return 0
     if mode == "sides":
         sides(trainer)
         return 0
