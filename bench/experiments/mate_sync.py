@@ -28,7 +28,8 @@ the checkpoint, the rounds applied once after the first direct epoch's re-search
 changed side get their mate pose), then to the run's end; ``base``: the same continuation without
 them. ``POWER`` (a sixth argument) > 0: that many power iterations of the linear vote (each image's
 vote its margin, not its sign) from random votes before the rounds; -1: the rounds start from the
-side the truth says (an oracle). ``sides``: where the images on their mate sit; ``split``: the two
+side the truth says (an oracle); a seventh argument ``fsc``: the votes' maps weighted per shell by
+the half maps' FSC (``fsc_weighted``). ``sides``: where the images on their mate sit; ``split``: the two
 sides' shares among the images
 with a right pose modulo the two-fold (any epoch, amortized too). One thread. An
 experiment, not in the engine.
@@ -154,7 +155,24 @@ def spectral_sides(trainer, rot, mate, shifts, disc, halves, iters: int, log) ->
     return ~flip if int(flip.sum()) > n // 2 else flip
 
 
-def synchronise(trainer, rounds: int, log=print, power: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fsc_weighted(maps: list) -> torch.Tensor:
+    """The other half's map for a vote, each shell scaled by ``sqrt(2 FSC / (1 + FSC))`` of the two
+    half maps (0 where the FSC is not positive): the noise-dominated shells stop deciding votes.
+    Hartley coefficients give the Fourier FSC (sums over shells symmetric under k -> -k)."""
+    from cryospin_lab.physics import fourier
+
+    a, b = maps
+    shells = fourier.radial_index_3d(a.shape[-1]).flatten()
+    n = int(shells.max()) + 1
+    total = lambda v: torch.zeros(n, dtype=torch.float64).index_add_(0, shells, v.flatten().double())  # noqa: E731
+    fsc = total(a * b) / (total(a * a) * total(b * b)).sqrt().clamp(min=1e-300)
+    weight = (2 * fsc.clamp(min=0) / (1 + fsc.clamp(min=0))).sqrt().float()
+    return weight[shells].reshape(a.shape)
+
+
+def synchronise(
+    trainer, rounds: int, log=print, power: int = 0, weighted: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The rounds on the branch's current poses (after ``power`` power iterations when > 0): the
     images to move and their mate rotations (None when the map has no near-symmetry)."""
     branch = trainer.branch()
@@ -189,7 +207,8 @@ def synchronise(trainer, rounds: int, log=print, power: int = 0) -> tuple[torch.
             rows = halves[h]
             current = torch.where(flip[:, None, None], mate, rot)
             other = torch.where(flip[:, None, None], rot, mate)
-            margin = side_margins(trainer, maps[1 - h], rows, current, other, shifts, disc)
+            vote_map = maps[1 - h] * fsc_weighted(maps) if weighted else maps[1 - h]
+            margin = side_margins(trainer, vote_map, rows, current, other, shifts, disc)
             change = rows[margin < 0]
             flip[change] = ~flip[change]
             moved += len(change)
@@ -271,6 +290,7 @@ def main() -> int:
     run_dir, data_dir, epoch, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     rounds = int(sys.argv[5]) if len(sys.argv) > 5 else 6
     power = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    weighted = len(sys.argv) > 7 and sys.argv[7] == "fsc"
     torch.set_num_threads(1)
     print(f"# {' '.join(sys.argv)}", flush=True)
     trainer, _ = restored_trainer(run_dir, data_dir, epoch, threads=1)
@@ -283,7 +303,7 @@ def main() -> int:
         sides(trainer)
         return 0
     if mode == "sync":
-        synchronise(trainer, rounds, log, power)
+        synchronise(trainer, rounds, log, power, weighted)
         return 0
     done = mode == "base"
     resolution = None
@@ -295,7 +315,7 @@ def main() -> int:
             print(f"after epoch {event.epoch}: {event.message}", flush=True)
             if not done:
                 done = True
-                found = synchronise(trainer, rounds, log, power)
+                found = synchronise(trainer, rounds, log, power, weighted)
                 if found is not None:
                     trainer.branch().pose_table.reset_rows(*found)
                     log(f"moved {len(found[0])} images to their mate")
