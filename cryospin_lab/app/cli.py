@@ -258,8 +258,11 @@ def add_setting_args(parser: argparse.ArgumentParser, names: list[str] | None = 
     group = parser.add_argument_group("run settings")
     for item in SETTINGS.values() if names is None else [SETTINGS[name] for name in names]:
         help_text = f"{item.help} (default {item.default_text()})".replace("%", "%%")
-        if item.type is bool:
-            group.add_argument(item.flag, dest=item.name, action="store_const", const=True, help=help_text)
+        if item.type is bool:  # the flag sets the value other than the default (--no-NAME: False)
+            if item.default:
+                help_text = f"{item.help} (default True; this sets False)"
+            kind = dict(action="store_const", const=not item.default)
+            group.add_argument(item.flag, dest=item.name, **kind, help=help_text)
             continue
         choices = (item.input_check or item.check).choices
         metavar = {int: "N", float: "X", tuple: "A,B"}.get(item.type, "TEXT")

@@ -179,6 +179,14 @@ class TrainingConfig:
         "(sets of 1,000 images or more); 0: off",
         NON_NEGATIVE_INT,
     )
+    # the trained volume goes on fitting noise once the poses settle; a map made from the final
+    # poses does not: finer on every suite run tried (docs/decisions.md#final-backprojection)
+    final_backprojection: bool = setting(
+        True,
+        "direct stage: after the last epoch the map is rebuilt from every image at its final pose "
+        "(CTF-weighted back-projection); False: the trained volume stays",
+        BOOL,
+    )
     volume_init_mantissa: float = setting(
         0.1, "std of the initial mantissa (exponent: data envelope)", POSITIVE
     )
@@ -253,7 +261,7 @@ def _setting(name, path, hint, default, spec) -> Setting:
         default=default,
         help=spec.help,
         check=spec.check,
-        flag=spec.flag or "--" + name.replace("_", "-"),
+        flag=spec.flag or ("--no-" if kind is bool and default else "--") + name.replace("_", "-"),
         on_resume=spec.on_resume,
         input_check=spec.input_check,
         default_help=spec.default_help,

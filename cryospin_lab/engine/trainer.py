@@ -50,6 +50,7 @@ from cryospin_lab.engine.events import (
     VolumeEvent,
 )
 from cryospin_lab.engine.feed import ParticleFeed
+from cryospin_lab.engine.final_map import final_map_events
 from cryospin_lab.engine.gold_standard import HALF_NAMES, GoldStandard, GoldStandardResult
 from cryospin_lab.engine.rescue import rescue_events
 from cryospin_lab.engine.run_state import SavedRun, bytes_needed, read_run, run_payload
@@ -175,12 +176,8 @@ class Trainer:
                     if branch.finished(self.config.n_epochs):
                         self.branches.remove(branch)
                         self.finished.append(branch)
-                        yield PhaseChangeEvent(
-                            previous=branch.phase,
-                            new=Phase.FINISHED,
-                            reason="finished",
-                            **self._stamp(branch),
-                        )
+                        done = dict(previous=branch.phase, new=Phase.FINISHED, reason="finished")
+                        yield PhaseChangeEvent(**done, **self._stamp(branch))
                     continue
                 yield from self._step(branch, indices)
         last = self.finished[-1] if self.finished else None
@@ -287,6 +284,7 @@ class Trainer:
                 branch, why, stamp, self.step_context, self.device, self.gold_standard is not None
             )
         yield from rescue_events(self.step_context, branch, stamp, extend=self.gold_standard is None)
+        yield from final_map_events(self.step_context, branch, self.reporter, stamp)
         if self.gold_standard is not None:
             halves = [self.branch(name) for name in HALF_NAMES]
             yield from self.gold_standard.epoch_events(*halves, self._stamp(halves[0]))

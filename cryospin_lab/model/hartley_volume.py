@@ -80,6 +80,21 @@ class HartleyVolume(torch.nn.Module):
         """Same as :meth:`hartley`."""
         return self.hartley()
 
+    @torch.no_grad()
+    def set_hartley(self, h: Tensor, *, eps: float | None = None) -> None:
+        """Make :meth:`hartley` equal ``h`` ``(D, D, D)``, in place (an optimiser holding the
+        parameters keeps them), split as in :meth:`from_real`: ``exponent = log(|h| + eps)``."""
+        if h.shape != self.mantissa.shape:
+            raise ValueError(f"set_hartley: expected {tuple(self.mantissa.shape)}, got {tuple(h.shape)}")
+        if not torch.isfinite(h).all():
+            raise ValueError("set_hartley: h contains NaN or Inf values")
+        h = h.to(self.mantissa)
+        if eps is None:
+            eps = max(1e-6 * float(h.abs().max()), 1e-30)
+        exponent = torch.log(h.abs() + eps)
+        self.mantissa.copy_(h / torch.exp(exponent))
+        self.exponent.copy_(exponent)
+
     def to_real(self) -> Tensor:
         """The real-space ``(D, D, D)`` density: ``ifht_center(H)`` (centre at ``D // 2``)."""
         return fourier.ifht_center(self.hartley(), ndim=3)
@@ -103,11 +118,6 @@ class HartleyVolume(torch.nn.Module):
         if not torch.isfinite(volume_real).all():
             raise ValueError("HartleyVolume.from_real: volume_real contains NaN or Inf values")
         h = fourier.fht_center(volume_real.to(dtype), ndim=3)
-        if eps is None:
-            eps = max(1e-6 * float(h.abs().max()), 1e-30)
-        exponent = torch.log(h.abs() + eps)
         volume = cls(h.shape[-1], dtype=dtype, device=h.device)
-        with torch.no_grad():
-            volume.mantissa.copy_(h / torch.exp(exponent))
-            volume.exponent.copy_(exponent)
+        volume.set_hartley(h, eps=eps)
         return volume

@@ -48,6 +48,7 @@ OTHER = {
     "rescue_extra_epochs": "4",
     "rescue_extra_epochs_stuck": "12",
     "rescue_halfmap_steps": "3",
+    "final_backprojection": None,  # a flag: --no-final-backprojection
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",
@@ -95,7 +96,7 @@ def test_every_setting_is_a_command_line_option_that_reaches_the_config(tmp_path
     config = apply_settings(TrainingConfig(), given, box_size=32, pixel_size_angstrom=2.0)
     for name, text in OTHER.items():
         value = field_value(config, SETTINGS[name].path)
-        expected = True if text is None else SETTINGS[name].parse(text)
+        expected = (not SETTINGS[name].default) if text is None else SETTINGS[name].parse(text)
         assert value == expected and value != SETTINGS[name].default, name
 
 
@@ -189,11 +190,11 @@ def test_the_workbench_form_offers_every_setting():
         if name == "switch":
             form.switch_rule.value, form.switch_epoch.value = "at epoch", int(text)
         elif text is None:
-            form.fields[name].value = True
+            form.fields[name].value = not SETTINGS[name].default
         else:
             value = SETTINGS[name].parse(text)
             form.fields[name].value = text if SETTINGS[name].type is tuple else value
     config = config_of(form.values())
     for name, text in OTHER.items():
-        expected = True if text is None else SETTINGS[name].parse(text)
+        expected = (not SETTINGS[name].default) if text is None else SETTINGS[name].parse(text)
         assert field_value(config, SETTINGS[name].path) == expected, name
