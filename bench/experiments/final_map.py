@@ -5,20 +5,21 @@ Usage::
     python bench/experiments/final_map.py RUN_DIR DATA_DIR EPOCH [EPOCH ...] [--floor X]
 
 For each checkpoint of a ``cryospin-lab reconstruct`` folder of a simulated set (e.g. a
-``bench/suite.py`` run): the FSC at 0.5 against the true map (aligned as the run's epoch report
-does, ``engine.epoch_report.resolution_event``) of
+``bench/suite.py`` run): the FSC at 0.5 against the true map of
 
-- ``trained``: the run's volume (what ``map.mrc`` holds today);
+- ``trained``: the run's volume (what ``map.mrc`` held before ``final_backprojection``);
 - ``back-projection``: every image back-projected at its pose (and shift), CTF-weighted, over the
   summed CTF weight plus ``HALF_MAP_REGULARISER`` (0.1) of its mean (``engine.rescue.half_maps``'
   estimate on the whole set);
 - ``fsc-weighted``: the mean of the two half maps (every other image) with each shell scaled by
   ``sqrt(2 FSC / (1 + FSC))`` of the halves (the usual noise weighting);
 
-and the half maps' own FSC at 0.143 (truth-free). Asks whether the direct stage's volume, which
-goes on fitting noise once the poses settle (docs/decisions.md#early-switch), ends coarser than a
-map made from the same poses. ``--floor X``: the back-projections' Wiener term as that share of the
-mean weight instead of 0.1. One thread.
+each aligned as the run's epoch report does (the poses' global rotation modulo the true map's
+near-symmetry) and, in brackets, by a map search alone; and the half maps' own FSC at 0.143
+(truth-free). Asks whether the direct stage's volume, which goes on fitting noise once the poses
+settle (docs/decisions.md#early-switch), ends coarser than a map made from the same poses.
+``--floor X``: the back-projections' Wiener term as that share of the mean weight instead of 0.1.
+One thread.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from _checkpoint import restored_trainer
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.engine import rescue
-from cryospin_lab.engine.epoch_report import resolution_event
+from cryospin_lab.engine.epoch_report import pose_error_event, resolution_event
 from cryospin_lab.engine.rescue import half_maps
 from cryospin_lab.physics import fourier
 
@@ -65,18 +66,23 @@ def main() -> int:
         pixel = trainer.pixel_size_angstrom
         halves_res = metrics.compute_fsc(real(halves[0]), real(halves[1]), pixel).resolution_angstrom(0.143)
         weighted = (halves[0] + halves[1]) / 2 * shell_weight(*halves)
-        pose = metrics.pose_error(trainer.true_rotations, branch.current_rotations())
+        # aligned as the run's report does (the poses' global rotation modulo the true map's
+        # near-symmetry, or a map search while their median error is above 30°), and by a map search
         stamp = dict(epoch=epoch, branch=branch.name, phase=branch.phase, step=0, time_s=0.0)
-        translate = ctx.config.encoder.estimate_shifts
+        symmetry = trainer.reporter._truth_symmetry()
+        _, pose = pose_error_event(branch, trainer.true_rotations, trainer.true_shifts, stamp, symmetry)
+        truth, translate = trainer.ground_truth_map, ctx.config.encoder.estimate_shifts
         line = []
         for name, volume in (
             ("trained", branch.volume_real()),
             ("back-projection", real(whole)),
             ("fsc-weighted", real(weighted)),
         ):
-            truth = trainer.ground_truth_map
-            event = resolution_event(volume, truth, pixel, pose, stamp, translate=translate)
-            line.append(f"{name} {event.resolution_angstrom:.2f} Å")
+            report = resolution_event(volume, truth, pixel, pose, stamp, translate=translate)
+            search = resolution_event(volume, truth, pixel, None, stamp, translate=translate)
+            line.append(
+                f"{name} {report.resolution_angstrom:.2f} Å ({search.resolution_angstrom:.2f} by map search)"
+            )
         print(f"epoch {epoch}: " + ", ".join(line) + f"; half maps {halves_res:.2f} Å at 0.143", flush=True)
     return 0
 

@@ -260,7 +260,7 @@ def add_setting_args(parser: argparse.ArgumentParser, names: list[str] | None = 
         help_text = f"{item.help} (default {item.default_text()})".replace("%", "%%")
         if item.type is bool:  # the flag sets the value other than the default (--no-NAME: False)
             if item.default:
-                help_text = f"{item.help} (default True; this sets False)"
+                help_text = f"{item.help} (default True; this sets False)".replace("%", "%%")
             kind = dict(action="store_const", const=not item.default)
             group.add_argument(item.flag, dest=item.name, **kind, help=help_text)
             continue

@@ -179,12 +179,12 @@ class TrainingConfig:
         "(sets of 1,000 images or more); 0: off",
         NON_NEGATIVE_INT,
     )
-    # the trained volume goes on fitting noise once the poses settle; a map made from the final
-    # poses does not: finer on every suite run tried (docs/decisions.md#final-backprojection)
-    final_backprojection: bool = setting(
+    # the trained volume lags the poses while they move and fits noise once they settle; a map made
+    # from the poses does neither: finer maps, fewer stranded images (docs/decisions.md#rebuild-map)
+    rebuild_map: bool = setting(
         True,
-        "direct stage: after the last epoch the map is rebuilt from every image at its final pose "
-        "(CTF-weighted back-projection); False: the trained volume stays",
+        "direct stage: after each epoch the map is rebuilt from every image at its pose "
+        "(CTF-weighted back-projection); False: the trained volume throughout",
         BOOL,
     )
     volume_init_mantissa: float = setting(

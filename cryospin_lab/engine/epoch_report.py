@@ -188,22 +188,6 @@ class EpochReporter:
             volume=volume_real.numpy(), voxel_size_angstrom=self.ctx.pixel_size_angstrom, **stamp
         )
 
-    def map_events(self, branch: Branch, stamp: dict) -> Iterator[Event]:
-        """The map's part of :meth:`events` again (its FSC against the truth, its snapshot), for a
-        map replaced after the epoch's report (engine/final_map.py); rank 0 only."""
-        if not self.ctx.comm.is_main:
-            return
-        volume_real = branch.volume_real()
-        if self.ground_truth_map is not None:
-            pose = None
-            if self.true_rotations is not None:  # the alignment, as in events(); the event is out already
-                symmetry = self._truth_symmetry()
-                _, pose = pose_error_event(branch, self.true_rotations, self.true_shifts, stamp, symmetry)
-            yield self._resolution(volume_real, pose, stamp)
-        yield VolumeEvent(
-            volume=volume_real.numpy(), voxel_size_angstrom=self.ctx.pixel_size_angstrom, **stamp
-        )
-
     def _resolution(
         self, volume_real: Tensor, pose: metrics.PoseError | None, stamp: dict
     ) -> ResolutionEvent:

@@ -50,8 +50,8 @@ from cryospin_lab.engine.events import (
     VolumeEvent,
 )
 from cryospin_lab.engine.feed import ParticleFeed
-from cryospin_lab.engine.final_map import final_map_events
 from cryospin_lab.engine.gold_standard import HALF_NAMES, GoldStandard, GoldStandardResult
+from cryospin_lab.engine.rebuild import rebuild_due, rebuild_map
 from cryospin_lab.engine.rescue import rescue_events
 from cryospin_lab.engine.run_state import SavedRun, bytes_needed, read_run, run_payload
 from cryospin_lab.engine.steps import NanGuard, StepContext
@@ -277,6 +277,8 @@ class Trainer:
             stalled = stall_message(branch.loss_history, cfg)
             if stalled is not None:
                 yield LogEvent(message=stalled, level="warning", **stamp)
+        if rebuild_due(branch, cfg):  # the map from the poses, before the report and the re-search
+            rebuild_map(self.step_context, branch)
         yield from self.reporter.events(branch, stamp)
         self._last_volume_time = time.perf_counter()
         if amortized and (why := restart_reason(branch, gain, cfg)) is not None:
@@ -284,7 +286,6 @@ class Trainer:
                 branch, why, stamp, self.step_context, self.device, self.gold_standard is not None
             )
         yield from rescue_events(self.step_context, branch, stamp, extend=self.gold_standard is None)
-        yield from final_map_events(self.step_context, branch, self.reporter, stamp)
         if self.gold_standard is not None:
             halves = [self.branch(name) for name in HALF_NAMES]
             yield from self.gold_standard.epoch_events(*halves, self._stamp(halves[0]))

@@ -48,7 +48,7 @@ OTHER = {
     "rescue_extra_epochs": "4",
     "rescue_extra_epochs_stuck": "12",
     "rescue_halfmap_steps": "3",
-    "final_backprojection": None,  # a flag: --no-final-backprojection
+    "rebuild_map": None,  # a flag: --no-rebuild-map
     "volume_init_mantissa": "0.2",
     "n_tracked": "2",
     "volume_interval_s": "1.5",

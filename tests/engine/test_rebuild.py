@@ -1,4 +1,4 @@
-"""The run's last step rebuilds its map from every image at its final pose (engine/final_map.py).
+"""The direct stage's map is rebuilt from every image at its pose (engine/rebuild.py).
 
 The reference is the simulated set's own true map: a back-projection of clean-ish images (SNR 10)
 at their true poses must come out as that map (up to its Wiener filter), with its sign and
@@ -14,17 +14,14 @@ import torch
 
 from cryospin_lab.analysis import metrics
 from cryospin_lab.engine.commands import Command
-from cryospin_lab.engine.events import LogEvent, Phase, PhaseChangeEvent, ResolutionEvent
-from cryospin_lab.engine.final_map import rebuild_map
+from cryospin_lab.engine.rebuild import rebuild_due, rebuild_map
 from cryospin_lab.engine.trainer import Trainer
 from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.simulate.simulator import simulate_particles
 
-from helpers import of_type, tiny_config
+from helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-FINAL = "final map: rebuilt"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,8 @@ def set_of_600(data_dir, tmp_path_factory):
 
 
 def direct_trainer(stack, **settings) -> Trainer:
-    trainer = Trainer(stack, tiny_config(switch="never", radius_start_fraction=1.0, **settings))
+    config = tiny_config(switch="never", radius_start_fraction=1.0, **settings)
+    trainer = Trainer(stack, config)
     trainer.apply_command(Command.SWITCH_NOW)
     events = trainer.events()
     next(events), next(events)  # the switch's announcement and phase change
@@ -63,8 +61,8 @@ def test_the_map_from_the_true_poses_is_the_true_map(set_of_600):
 
     rebuilt = branch.volume_real()
     assert correlation(rebuilt, truth_map) > 0.9  # same sign, same frame, no alignment
-    fsc = metrics.compute_fsc(rebuilt, truth_map, trainer.pixel_size_angstrom)
     nyquist = 2 * trainer.pixel_size_angstrom
+    fsc = metrics.compute_fsc(rebuilt, truth_map, trainer.pixel_size_angstrom)
     assert fsc.resolution_angstrom(0.5) < 1.4 * nyquist
     # other images' poses give a blob: each image is tied to its own pose
     branch.pose_table.rotations = trainer.true_rotations.float().roll(1, 0).clone()
@@ -73,25 +71,30 @@ def test_the_map_from_the_true_poses_is_the_true_map(set_of_600):
     assert shuffled.resolution_angstrom(0.5) > 3 * nyquist
 
 
-def test_a_run_ending_in_the_direct_stage_hands_back_the_rebuilt_map(tiny_stack, tiny_ground_truth):
-    trainer = Trainer(tiny_stack, tiny_config(switch=1, n_epochs=2), ground_truth_map=tiny_ground_truth)
-    events = list(trainer.events())
+def test_rebuilt_after_every_direct_epoch_only(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch="never"))
+    branch, cfg = trainer.branch(), trainer.config
+    assert cfg.rebuild_map  # the shipped default
+    assert not rebuild_due(branch, cfg)  # amortized: the encoder's poses are not a map's yet
+    trainer.apply_command(Command.SWITCH_NOW)
+    events = trainer.events()
+    next(events), next(events)  # the switch
+    assert rebuild_due(branch, cfg)
+    assert not rebuild_due(branch, tiny_config(rebuild_map=False))
 
-    finals = [e for e in of_type(events, LogEvent) if e.message.startswith(FINAL)]
-    assert len(finals) == 1 and finals[0].epoch == 2
-    done = next(e for e in of_type(events, PhaseChangeEvent) if e.new is Phase.FINISHED)
-    at = events.index(finals[0])
-    assert at < events.index(done)
-    # the last epoch's FSC is reported again for the new map, after the line
-    assert any(isinstance(e, ResolutionEvent) and e.epoch == 2 for e in events[at:])
-    # the map handed back is the back-projection at the final poses, not the trained volume
-    branch = trainer.branch()
+
+def test_a_run_ending_in_the_direct_stage_hands_back_the_rebuilt_map(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch=1, n_epochs=2))
+    list(trainer.events())
     handed_back = trainer.volume_real().clone()
-    rebuild_map(trainer.step_context, branch)
+    # the map of the images at their final poses (the last re-search moved none: the run ended)
+    rebuild_map(trainer.step_context, trainer.branch())
     torch.testing.assert_close(trainer.volume_real(), handed_back)
 
 
-@pytest.mark.parametrize("settings", [dict(switch=1, final_backprojection=False), dict(switch="never")])
-def test_no_rebuild_when_turned_off_or_never_switched(tiny_stack, settings):
-    events = list(Trainer(tiny_stack, tiny_config(n_epochs=2, **settings)).events())
-    assert not [e for e in of_type(events, LogEvent) if e.message.startswith(FINAL)]
+def test_the_trained_volume_when_turned_off(tiny_stack):
+    trainer = Trainer(tiny_stack, tiny_config(switch=1, n_epochs=2, rebuild_map=False))
+    list(trainer.events())
+    trained = trainer.volume_real().clone()
+    rebuild_map(trainer.step_context, trainer.branch())
+    assert not torch.allclose(trainer.volume_real(), trained, atol=1e-6)
