@@ -7,7 +7,7 @@ Usage::
 For each checkpoint of a ``cryospin-lab reconstruct`` folder of a simulated set (e.g. a
 ``bench/suite.py`` run): the FSC at 0.5 against the true map of
 
-- ``trained``: the run's volume (what ``map.mrc`` held before ``final_backprojection``);
+- ``trained``: the run's volume (what ``map.mrc`` held before ``rebuild_map``);
 - ``back-projection``: every image back-projected at its pose (and shift), CTF-weighted, over the
   summed CTF weight plus ``HALF_MAP_REGULARISER`` (0.1) of its mean (``engine.rescue.half_maps``'
   estimate on the whole set);
