@@ -49,6 +49,7 @@ from cryospin_lab.physics.ctf import CTFParams, compute_ctf
 __all__ = [
     "FourierDisc",
     "slice_volume",
+    "slice_volume_adjoint",
     "grid_sample_slices",
     "shift_slices",
     "project_hartley",
@@ -216,6 +217,26 @@ def slice_volume(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:
         samples = slice_kernel.slice_planes(volume_ht, planes, freqs, center=d // 2)
         return samples.reshape(*batch_shape, n_freqs)
     return grid_sample_slices(volume_ht, rotations, freqs)
+
+
+def slice_volume_adjoint(size: int, rotations: Tensor, freqs: Tensor, values: Tensor) -> Tensor:
+    """The adjoint of :func:`slice_volume` for a ``(size, size, size)`` volume: ``values``
+    ``(..., M)`` (one per sample of each rotation's slice) spread on their trilinear corners.
+
+    On the CPU the kernel's scatter alone (:func:`~cryospin_lab.physics.slice_kernel.scatter_planes`);
+    elsewhere autograd through :func:`grid_sample_slices` of an empty volume. Either way the exact
+    transpose of the slicer that renders, which the back-projection needs.
+    """
+    dtype = values.dtype
+    if slice_kernel.serves(values):
+        planes = rotations.reshape(-1, 3, 3)[:, :2, :].reshape(-1, 6)
+        flat = values.reshape(-1, freqs.shape[0]).contiguous()
+        return slice_kernel.scatter_planes(flat, planes, freqs, center=size // 2, size=size)
+    with torch.enable_grad():
+        volume = torch.zeros(size, size, size, dtype=dtype, device=values.device, requires_grad=True)
+        samples = grid_sample_slices(volume, rotations.to(dtype=dtype, device=values.device), freqs)
+        (grad,) = torch.autograd.grad(samples, volume, grad_outputs=values)
+    return grad
 
 
 def grid_sample_slices(volume_ht: Tensor, rotations: Tensor, freqs: Tensor) -> Tensor:

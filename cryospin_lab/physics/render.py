@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cryospin_lab.physics import fourier, slice_kernel
-from cryospin_lab.physics.projection import FourierDisc, project_hartley
+from cryospin_lab.physics.projection import FourierDisc, project_hartley, shift_slices, slice_volume_adjoint
 
 __all__ = [
     "LossKind",
@@ -219,16 +219,20 @@ def backproject_hartley(
     volumes.
 
     ``sum A^T y / sum A^T (c CTF)`` is the CTF-weighted back-projection of the images (the usual
-    gridding estimate of the least-squares volume): a map in one pass, without training. The
-    adjoint comes from autograd through the renderer, so it matches :func:`render_hartley`
-    exactly, slicer and shifts included.
+    gridding estimate of the least-squares volume): a map in one pass, without training. Each
+    sample's value is ``A``'s per-sample part transposed (``c CTF y``, moved back by the shift
+    through autograd), then :func:`~cryospin_lab.physics.projection.slice_volume_adjoint` spreads
+    it on the volume: the exact transpose of the renderer, slicer and shifts included, without
+    rendering empty volumes (docs/decisions.md#backprojection-adjoint).
     """
-    device = observed_ht.device
-    with torch.enable_grad():
-        sums = torch.zeros(2, *shape, device=device, requires_grad=True)
-        kwargs = dict(pixel_size_angstrom=pixel_size_angstrom, ctf_values=ctf_values, contrast=contrast)
-        weights = torch.full_like(observed_ht, contrast) if ctf_values is None else contrast * ctf_values
-        data = render_hartley(sums[0], rotations, disc, shifts_angstrom=shifts_angstrom, **kwargs)
-        unit = render_hartley(sums[1], rotations, disc, **kwargs)  # a shift changes no weight
-        ((data * observed_ht).sum() + (unit * weights).sum()).backward()
-    return sums.grad[0], sums.grad[1]
+    weights = torch.full_like(observed_ht, contrast) if ctf_values is None else contrast * ctf_values
+    weights = weights.to(observed_ht.dtype)
+    values = weights * observed_ht
+    if shifts_angstrom is not None:
+        with torch.enable_grad():
+            unshifted = torch.zeros_like(observed_ht, requires_grad=True)
+            moved = shift_slices(unshifted, disc, shifts_angstrom, pixel_size_angstrom)
+            (values,) = torch.autograd.grad(moved, unshifted, grad_outputs=values)
+    size, freqs = shape[0], disc.freqs.to(observed_ht.device)
+    data = slice_volume_adjoint(size, rotations, freqs, values)
+    return data, slice_volume_adjoint(size, rotations, freqs, weights * weights)

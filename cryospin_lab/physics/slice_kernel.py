@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cryospin_lab._cache import default_cache_dir
 
-__all__ = ["available", "plane_l2_losses", "serves", "slice_planes", "unavailable_reason"]
+__all__ = ["available", "plane_l2_losses", "scatter_planes", "serves", "slice_planes", "unavailable_reason"]
 
 # Reassociation (no finite-math assumption: NaNs must still show) lets the compiler vectorise the
 # rotation gradient's sums; -march=native gives it the gather instructions (AVX2/AVX-512), 2-3x
@@ -283,3 +283,18 @@ def plane_l2_losses(
         volume.contiguous(), planes.to(dtype).contiguous(), freqs.to(dtype).contiguous(), float(center),
         weights.to(dtype).contiguous(), observed.to(dtype).contiguous(),
     )  # fmt: skip
+
+
+def scatter_planes(values: Tensor, planes: Tensor, freqs: Tensor, center: float, size: int) -> Tensor:
+    """The adjoint of :func:`slice_planes`: ``(size, size, size)`` volume of the ``(N, M)`` ``values``
+    spread on the trilinear corners of their samples, with no forward pass and no autograd graph.
+
+    The same sums as the volume gradient of ``(slice_planes(v, ...) * values).sum()``, in one
+    kernel call instead of a forward slice of an empty volume and a backward: the back-projection
+    of the half maps and the rebuilt map (docs/decisions.md#backprojection-adjoint).
+    """
+    dtype = values.dtype
+    padded = values.new_zeros(size + 2, size + 2, size + 2)  # read only for its size and dtype
+    planes, freqs = planes.to(dtype).contiguous(), freqs.to(dtype).contiguous()
+    grad_volume, _ = _backward(padded, planes, freqs, float(center), values, True, False)
+    return grad_volume

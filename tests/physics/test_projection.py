@@ -33,6 +33,7 @@ from cryospin_lab.physics.projection import (
     project_real,
     shift_slices,
     slice_volume,
+    slice_volume_adjoint,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -136,6 +137,26 @@ def test_slice_volume_matches_scipy_trilinear(box_size, slicer):
     ours = slice_volume(volume, rotations.reshape(5, 1, 3, 3), disc.freqs)
     assert ours.shape == (5, 1, disc.n_freqs)
     np.testing.assert_allclose(ours[:, 0].numpy(), _scipy_slice(volume, rotations, disc.freqs), atol=1e-10)
+
+
+@pytest.mark.parametrize("box_size", [12, 13])
+def test_slice_volume_adjoint_is_the_transpose_of_scipy_s_trilinear_slices(box_size, slicer):
+    """<slice(v), y> = <v, slice^T y>, with the slices from scipy and for each basis volume:
+    the adjoint spreads each value on exactly the corners scipy's interpolation reads."""
+    generator = torch.Generator().manual_seed(3)
+    rotations = so3.random_rotations(4, generator=generator, dtype=torch.float64)
+    disc = FourierDisc.make(box_size)
+    values = torch.randn(4, disc.n_freqs, dtype=torch.float64, generator=generator)
+    adjoint = slice_volume_adjoint(box_size, rotations, disc.freqs, values)
+    volume = torch.randn(box_size, box_size, box_size, dtype=torch.float64, generator=generator)
+    expected = float((_scipy_slice(volume, rotations, disc.freqs) * values.numpy()).sum())
+    assert float((volume * adjoint).sum()) == pytest.approx(expected, rel=1e-10)
+    corner = torch.zeros_like(volume)
+    corner[box_size // 2 + 1, box_size // 2, box_size // 2 - 1] = 1.0  # one voxel: one entry of A^T y
+    expected = float((_scipy_slice(corner, rotations, disc.freqs) * values.numpy()).sum())
+    assert float(adjoint[box_size // 2 + 1, box_size // 2, box_size // 2 - 1]) == pytest.approx(
+        expected, rel=1e-10
+    )
 
 
 def test_slice_volume_gradcheck_volume_and_rotations(slicer):

@@ -124,8 +124,12 @@ def test_pose_losses_kernel_gradcheck():
         slice_kernel.plane_l2_losses(volume.requires_grad_(True), planes, freqs, 4, weights, observed)
 
 
-def test_back_projection_is_the_renderer_s_adjoint():
-    """<A v, y> = <v, A^T y> for random v and y, with CTF and shifts (A: render_hartley)."""
+@pytest.mark.parametrize("path", ["c_kernel", "grid_sample"])
+def test_back_projection_is_the_renderer_s_adjoint(path, monkeypatch):
+    """<A v, y> = <v, A^T y> for random v and y, with CTF and shifts (A: render_hartley), on
+    each slicer path (the back-projection scatters without rendering)."""
+    if path == "grid_sample":
+        monkeypatch.setattr(slice_kernel, "available", lambda: False)
     d, b = 12, 5
     generator = torch.Generator().manual_seed(4)
     disc = FourierDisc.make(d)
