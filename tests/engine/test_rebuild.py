@@ -7,8 +7,6 @@ orientation; a wrong contrast, a transposed pose or other images' poses would no
 
 from __future__ import annotations
 
-import mrcfile
-import numpy as np
 import pytest
 import torch
 
@@ -16,10 +14,8 @@ from cryospin_lab.analysis import metrics
 from cryospin_lab.engine.commands import Command
 from cryospin_lab.engine.rebuild import rebuild_due, rebuild_map
 from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.particles import ParticleStack
-from cryospin_lab.simulate.simulator import simulate_particles
 
-from helpers import tiny_config
+from helpers import simulated_1ake, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,13 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def set_of_600(data_dir, tmp_path_factory):
     """The tiny set's molecule (1AKE, D=32) with 600 images at SNR 10: enough views for a map."""
-    simulation = simulate_particles(
-        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz", out_dir=tmp_path_factory.mktemp("ake600"),
-        box_size=32, pixel_size_angstrom=2.5, n_particles=600, snr=10, seed=4, progress=False,
-    )  # fmt: skip
-    with mrcfile.open(simulation.ground_truth_path, permissive=True) as mrc:
-        truth_map = torch.from_numpy(np.array(mrc.data, dtype=np.float32))
-    return ParticleStack(simulation.star_path), truth_map
+    return simulated_1ake(data_dir, tmp_path_factory.mktemp("ake600"), n_particles=600, seed=4)
 
 
 def direct_trainer(stack, **settings) -> Trainer:

